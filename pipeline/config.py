@@ -1,0 +1,244 @@
+"""Experiment configuration: a typed schema, YAML loading, dotted overrides, validation, flattening.
+
+A config is a tree of dataclasses. ``load_config(path, overrides)`` reads a YAML file (or the bundled default),
+applies ``section.key=value`` overrides, checks every value and returns an ``ExperimentConfig``. Every mistake a
+user can make ends in one ``ConfigError`` whose message names the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.yaml"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits (scikit-learn's bundled 8x8 images)
+    root: str = ""  # source folder for datasets read from disk; unused for digits
+    cache_dir: str = ".cache/data"  # where .beton files and their manifests are written
+    image_size: int = 32  # side of the stored and the trained images
+    test_fraction: float = 0.25  # held-out share of the bundled digits (seeded, stratified split)
+    split_seed: int = 0
+    crop_scale_min: float = 0.2  # RandomResizedCrop scale range (min, 1.0)
+    horizontal_flip: bool = True
+    color_jitter_strength: float = 0.4  # brightness/contrast/saturation magnitude; 0 disables
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    loader_threads: int = 1  # FFCV compiled-pipeline threads per worker
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "small_cnn"  # small_cnn | resnet18 | resnet50 | ...
+    cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (ResNets only)
+    width: int = 64  # channels of small_cnn's first block
+    head_hidden_dim: int = 512
+    embedding_dim: int = 128
+
+
+@dataclass
+class LossConfig:
+    name: str = "varcon"  # varcon | supcon | cross_entropy
+    tau1: float = 0.1
+    eps: float = 0.02
+    detach_target: bool = False
+    supcon_temperature: float = 0.1
+    supcon_base_temperature: float = 0.07
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    global_batch_size: int = 256  # images per step summed over all workers (each image gives two views)
+    lr: float = 0.5  # learning rate for the global batch, used as is (never rescaled)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.1
+    every_epochs: int = 1  # kNN monitor frequency
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = ".cache/ray_results"  # Ray Train run storage (checkpoints); shared on a cluster
+    run_name: str = ""  # default: derived from experiment name
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/.cache/mlflow/mlflow.db
+    experiment: str = "varcon"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "digits-varcon"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+DATASETS = ("digits",)
+ENCODERS = ("small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+LOSSES = ("varcon", "supcon", "cross_entropy")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read YAML ``path`` (default: configs/digits.yaml), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({exc}): fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    config = _build(ExperimentConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, not {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        values = value if isinstance(value, list) else [value]
+        return [_coerce(v, item_kind, name) for v in values]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{name} must be of type {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Check value ranges and cross-field constraints; raise ``ConfigError`` naming the fix."""
+    d, m, lo, o, r = config.data, config.model, config.loss, config.optim, config.ray
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(d.dataset in DATASETS, f"data.dataset={d.dataset!r} is unknown: use one of {', '.join(DATASETS)}")
+    need(m.encoder in ENCODERS, f"model.encoder={m.encoder!r} is unknown: use one of {', '.join(ENCODERS)}")
+    need(lo.name in LOSSES, f"loss.name={lo.name!r} is unknown: use one of {', '.join(LOSSES)}")
+    need(d.image_size >= 8, "data.image_size must be at least 8")
+    need(0.0 < d.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
+    need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min must lie in (0, 1]")
+    for key in ("color_jitter_prob", "grayscale_prob"):
+        need(0.0 <= getattr(d, key) <= 1.0, f"data.{key} must lie in [0, 1]")
+    need(d.color_jitter_strength >= 0, "data.color_jitter_strength must be >= 0")
+    need(d.loader_threads >= 1, "data.loader_threads must be >= 1")
+    need(m.embedding_dim >= 2 and m.head_hidden_dim >= 1 and m.width >= 1, "model dimensions must be positive")
+    need(lo.tau1 > 0, f"loss.tau1={lo.tau1} must be > 0 (the paper uses 0.1)")
+    need(lo.eps >= 0, f"loss.eps={lo.eps} must be >= 0 (the paper uses 0.02)")
+    need(lo.eps < lo.tau1, f"loss.eps={lo.eps} must be smaller than loss.tau1={lo.tau1}")
+    need(lo.supcon_temperature > 0 and lo.supcon_base_temperature > 0, "SupCon temperatures must be > 0")
+    need(o.epochs >= 1, f"optim.epochs={o.epochs} must be >= 1")
+    need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    need(o.momentum >= 0 and o.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
+    need(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs must be >= 0 and smaller than optim.epochs")
+    need(r.num_workers >= 1, f"ray.num_workers={r.num_workers} must be >= 1")
+    need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
+    need(
+        o.global_batch_size >= 1 and o.global_batch_size % r.num_workers == 0,
+        f"optim.global_batch_size={o.global_batch_size} must be a positive multiple of ray.num_workers="
+        f"{r.num_workers}: change one of them",
+    )
+    need(all(k >= 1 for k in config.eval.knn_k) and config.eval.knn_k, "eval.knn_k must list positive integers")
+    need(config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0")
+    need(config.eval.every_epochs >= 1, "eval.every_epochs must be >= 1")
+
+
+def to_dict(config: ExperimentConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(raw: dict) -> ExperimentConfig:
+    config = _build(ExperimentConfig, raw, "")
+    validate(config)
+    return config
+
+
+def flatten(config: ExperimentConfig) -> dict[str, str]:
+    """``{"loss.tau1": "0.1", ...}``: the resolved config as MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = str(value)
+
+    walk(to_dict(config), "")
+    return flat

@@ -1,0 +1,84 @@
+"""FFCV loaders: two randomly cropped and flipped views per image for training, one plain view for evaluation.
+
+Both yield uint8 images ``[n, 3, S, S]``; colour augmentation and normalisation run batched on the training
+device afterwards (``pipeline.data.augment``). Under DDP (``distributed=True``) each rank reads a disjoint shard
+in a random order seeded by ``seed + epoch``, like PyTorch's ``DistributedSampler``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def _crop_view(image_size: int, crop_scale_min: float, flip: bool) -> list:
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    ops = [RandomResizedCropRGBImageDecoder((image_size, image_size), scale=(crop_scale_min, 1.0))]
+    if flip:
+        ops.append(RandomHorizontalFlip())
+    return ops + [ToTensor(), ToTorchImage()]
+
+
+def _label_pipeline() -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
+class TwoViewLoader:
+    """Iterates ``(view1, view2, labels)``: uint8 ``[n, 3, S, S]`` twice and int64 ``[n]``, n = batch_size.
+
+    Reuse one instance across epochs: FFCV compiles its pipeline on first use.
+    """
+
+    def __init__(self, path: str, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
+                 distributed: bool, seed: int, threads: int = 1) -> None:
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+
+        pipelines = {
+            "image": _crop_view(image_size, crop_scale_min, flip),
+            "label": _label_pipeline(),
+            "image_view2": PipelineSpec("image", transforms=_crop_view(image_size, crop_scale_min, flip)),
+        }
+        self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
+                             distributed=distributed, seed=seed, drop_last=True, pipelines=pipelines)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration uses (FFCV counts passes)."""
+        return self.loader.next_epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.loader.next_epoch = value
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for view1, labels, view2 in self.loader:
+            yield view1, view2, labels.long()
+
+
+class EvalLoader:
+    """Iterates ``(images, labels)`` in file order, every sample once, no augmentation."""
+
+    def __init__(self, path: str, batch_size: int, threads: int = 1) -> None:
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToTensor, ToTorchImage
+
+        pipelines = {"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()], "label": _label_pipeline()}
+        self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
+                             distributed=False, drop_last=False, pipelines=pipelines)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images, labels.long()

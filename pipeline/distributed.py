@@ -1,0 +1,56 @@
+"""Cross-worker helpers on ``torch.distributed`` (any backend; gloo on CPU). No Ray here.
+
+Gradient convention (the one place it is defined):
+    Every rank gathers the embeddings of the whole global batch, computes the same global loss L on them,
+    and back-propagates ``world_size * L`` through its *local* slice only (``gather_with_local_grad``).
+    DDP then averages parameter gradients over ranks, so each parameter receives
+        (1/W) * sum_r W * dL/dz_r * dz_r/dtheta = dL/dtheta,
+    exactly the gradient of one process computing L over the concatenated global batch. The learning rate
+    in the config therefore means the same thing for any worker count. (The reference code omits the factor
+    W, which shrinks gradients by the world size.) ``loss_scale_for_global_batch()`` returns W.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """``[n, ...]`` on each of W ranks -> ``[W*n, ...]`` in rank order; gradient flows to this rank's slice only.
+
+    Every rank must pass the same ``n`` (the loaders drop the last incomplete batch).
+    """
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def loss_scale_for_global_batch() -> int:
+    """Factor applied to the loss before backward so DDP's averaging yields the global-loss gradient."""
+    return world_size()
+
+
+def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average a dict of scalar tensors over ranks (one collective for the whole dict)."""
+    if not is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float() for k in keys])
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.unbind()))

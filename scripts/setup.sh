@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a Debian machine (root or sudo): the Debian packages FFCV compiles against, a virtual
+# environment in ./.venv, and the project installed with the exact, tested dependency set of constraints.txt.
+# A second run with nothing changed only checks and exits (seconds).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev)
+STAMP="$VENV/.varcon-installed"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  log "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# Re-install only when what defines the environment changed.
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  log "environment up to date ($VENV)"
+  exit 0
+fi
+log "installing the project and its pinned dependencies into $VENV (first time: a few minutes)"
+"$VENV/bin/python" -m pip install -q --upgrade "pip>=24" "setuptools>=77" wheel
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+"$VENV/bin/python" -m pip check
+echo "$want" > "$STAMP"
+log "done"
