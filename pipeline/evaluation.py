@@ -13,7 +13,8 @@ def extract_features(features_fn: Callable[[torch.Tensor], torch.Tensor], batche
     """Unit-normalised encoder features ``[N, F]`` and labels ``[N]`` of every sample in ``batches``."""
     feats, labels = [], []
     for images, y in batches:
-        feats.append(F.normalize(features_fn(preprocess(images.to(device))).float(), dim=1))
+        x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
+        feats.append(F.normalize(features_fn(x).float(), dim=1))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
 

@@ -8,15 +8,15 @@ from torch import nn
 
 
 def small_cnn(width: int) -> tuple[nn.Module, int]:
-    """A 4-block CNN for 32 px images: ``[N, 3, H, W] -> [N, 4*width]``."""
+    """Four conv blocks, each halving the resolution: ``[N, 3, H, W] -> [N, 8*width]``."""
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-    layers = [*block(3, width), *block(width, width), nn.MaxPool2d(2),
-              *block(width, 2 * width), nn.MaxPool2d(2), *block(2 * width, 4 * width),
+    layers = [*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+              *block(2 * width, 4 * width), nn.MaxPool2d(2), *block(4 * width, 8 * width),
               nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), 4 * width
+    return nn.Sequential(*layers), 8 * width
 
 
 def torchvision_resnet(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:

@@ -1,0 +1,165 @@
+"""The training engine in plain PyTorch: one step, one epoch, the epoch loop with evaluation. No Ray, no MLflow.
+
+Runs alone in one process (tests, the GPU benchmark) or once per worker under DDP; the caller provides
+``wrap_model`` (e.g. DDP preparation) and ``on_epoch_end`` (reporting, tracking).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline import distributed
+from pipeline.data.augment import ColorAugment
+from pipeline.data.ffcv_loader import EvalLoader, TwoViewLoader
+from pipeline.data.ffcv_writer import DatasetFiles
+from pipeline.evaluation import extract_features, knn_top1
+from pipeline.losses import build_loss
+from pipeline.models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    """SGD with momentum; no weight decay on biases and normalisation parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Per-step schedule: lr * (s+1)/warmup for s < warmup, then lr * 0.5 (1 + cos(pi * progress))."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, loss_fn: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, device: torch.device) -> dict[str, float]:
+    """One pass over ``batches`` of ``(view1, view2, labels)``; returns epoch means of the loss and its stats.
+
+    Each step: x = [aug(view1); aug(view2)] ``[2n, 3, S, S]``, z = model(x), the loss over the views of all
+    workers (gathered), backward of ``world_size * loss`` (see ``pipeline.distributed``). Metrics stay on the
+    device until the epoch ends: no host synchronisation per step.
+    """
+    model.train()
+    scale = distributed.loss_scale_for_global_batch()
+    totals: dict[str, torch.Tensor] = {}
+    steps, images = 0, 0
+    start = time.perf_counter()
+    for view1, view2, labels in batches:
+        labels = labels.to(device, non_blocking=True)
+        x = torch.cat([augment(view1), augment(view2)]).contiguous(memory_format=torch.channels_last)
+        y = torch.cat([labels, labels])
+        out = model(x)
+        loss, stats = loss_fn(distributed.gather_with_local_grad(out), distributed.gather_with_local_grad(y))
+        optimizer.zero_grad(set_to_none=True)
+        (loss * scale).backward()
+        optimizer.step()
+        scheduler.step()
+        for key, value in {"loss": loss.detach(), **stats}.items():
+            totals[key] = totals.get(key, 0) + value
+        steps += 1
+        images += labels.shape[0] * scale
+    if steps == 0:
+        raise ValueError("the training loader produced no batch: lower optim.global_batch_size or add data")
+    elapsed = time.perf_counter() - start
+    metrics = {f"train_{key}" if not key.startswith("train_") else key: (value / steps).item()
+               for key, value in totals.items()}
+    if not math.isfinite(metrics["train_loss"]):
+        raise NonFiniteLossError(f"training loss became {metrics['train_loss']}: lower optim.lr or check the data")
+    metrics.update(lr=optimizer.param_groups[0]["lr"], epoch_time_s=elapsed, images_per_s=images / elapsed)
+    return metrics
+
+
+@dataclass
+class Training:
+    """Everything one worker trains with, built from an ``ExperimentConfig``."""
+
+    model: nn.Module  # possibly wrapped (DDP); ``unwrap(model)`` gives the plain module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_augment: nn.Module
+    eval_preprocess: nn.Module
+    train_batches: TwoViewLoader
+    device: torch.device
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def build_training(config, files: DatasetFiles, device: torch.device,
+                   wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> Training:
+    """Data, model, loss, optimiser and schedule for this worker; the global batch is split evenly."""
+    world = distributed.world_size()
+    local_batch = config.optim.global_batch_size // world
+    d = config.data
+    train_batches = TwoViewLoader(files.train, local_batch, d.image_size, d.crop_scale_min, d.horizontal_flip,
+                                  distributed=world > 1, seed=config.seed, threads=d.loader_threads)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build_model(config, files.num_classes).to(device, memory_format=torch.channels_last)
+    model = wrap_model(model)
+    optimizer = build_optimizer(model, config.optim)
+    steps_per_epoch = len(train_batches)
+    scheduler = warmup_cosine(optimizer, config.optim.warmup_epochs * steps_per_epoch,
+                              config.optim.epochs * steps_per_epoch)
+    train_augment = ColorAugment(files.channel_mean, files.channel_std, d.color_jitter_strength,
+                                 d.color_jitter_prob, d.grayscale_prob).to(device)
+    eval_preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
+    loss_fn = build_loss(config.loss, files.num_classes)
+    return Training(model, loss_fn, optimizer, scheduler, train_augment, eval_preprocess, train_batches, device)
+
+
+class KnnMonitor:
+    """kNN top-1 of the encoder's features: train split as memory bank, test split as queries."""
+
+    def __init__(self, files: DatasetFiles, eval_config, batch_size: int, threads: int) -> None:
+        self.train = EvalLoader(files.train, batch_size, threads)
+        self.test = EvalLoader(files.test, batch_size, threads)
+        self.ks, self.temperature, self.num_classes = eval_config.knn_k, eval_config.knn_temperature, files.num_classes
+
+    def __call__(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
+        encoder = unwrap(model)
+        was_training = encoder.training
+        encoder.eval()
+        bank, bank_labels = extract_features(encoder.features, self.train, preprocess, device)
+        queries, query_labels = extract_features(encoder.features, self.test, preprocess, device)
+        encoder.train(was_training)
+        return {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k, self.temperature,
+                                           self.num_classes) for k in self.ks}
+
+
+def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callable[[int, dict], None],
+        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> Training:
+    """Train for ``config.optim.epochs`` epochs. ``on_epoch_end(epoch, metrics)`` runs on every rank after
+    every epoch; epoch 0 reports the randomly initialised encoder. The kNN monitor runs on rank 0 only.
+    """
+    training = build_training(config, files, device, wrap_model)
+    is_rank0 = distributed.rank() == 0
+    monitor = KnnMonitor(files, config.eval, batch_size=512, threads=config.data.loader_threads) if is_rank0 else None
+
+    def evaluate() -> dict[str, float]:
+        return monitor(training.model, training.eval_preprocess, device) if monitor else {}
+
+    on_epoch_end(0, evaluate())
+    for epoch in range(1, config.optim.epochs + 1):
+        metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
+                                  training.optimizer, training.scheduler, device)
+        if epoch % config.eval.every_epochs == 0 or epoch == config.optim.epochs:
+            metrics.update(evaluate())
+        on_epoch_end(epoch, metrics)
+    return training
