@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,17 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.yaml"
+
+
+def workdir() -> Path:
+    """Base of every relative path in a config (caches, stores): ``$VARCON_HOME``, else the current directory."""
+    return Path(os.environ.get("VARCON_HOME") or os.getcwd()).resolve()
+
+
+def resolve_path(path: str) -> Path:
+    """An absolute path: ``path`` itself, or ``path`` under ``workdir()``."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else workdir() / candidate
 
 
 class ConfigError(ValueError):

@@ -143,9 +143,9 @@ class KnnMonitor:
                                            self.num_classes) for k in self.ks}
 
 
-def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callable[[int, dict], None],
+def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callable[[int, dict, Training], None],
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> Training:
-    """Train for ``config.optim.epochs`` epochs. ``on_epoch_end(epoch, metrics)`` runs on every rank after
+    """Train for ``config.optim.epochs`` epochs. ``on_epoch_end(epoch, metrics, training)`` runs on every rank after
     every epoch; epoch 0 reports the randomly initialised encoder. The kNN monitor runs on rank 0 only.
     """
     training = build_training(config, files, device, wrap_model)
@@ -155,11 +155,11 @@ def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callabl
     def evaluate() -> dict[str, float]:
         return monitor(training.model, training.eval_preprocess, device) if monitor else {}
 
-    on_epoch_end(0, evaluate())
+    on_epoch_end(0, evaluate(), training)
     for epoch in range(1, config.optim.epochs + 1):
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
                                   training.optimizer, training.scheduler, device)
         if epoch % config.eval.every_epochs == 0 or epoch == config.optim.epochs:
             metrics.update(evaluate())
-        on_epoch_end(epoch, metrics)
+        on_epoch_end(epoch, metrics, training)
     return training

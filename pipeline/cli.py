@@ -1,0 +1,97 @@
+"""The ``varcon`` command line: ``varcon <command> [--config FILE] [section.key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import traceback
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+
+DESCRIPTION = """\
+VarCon training and tuning pipeline (Ray Train + Ray Tune + FFCV + MLflow).
+
+Every command takes an optional --config YAML file (default: the bundled digits demo, configs/digits.yaml)
+followed by dotted overrides, e.g.:
+  varcon train loss.tau1=0.07 optim.epochs=30 ray.num_workers=4
+Relative paths in a config resolve against $VARCON_HOME, else the current directory.
+"""
+
+COMMANDS = {
+    "prepare": "write the dataset's FFCV .beton files and manifests (cached; rewritten when settings change)",
+    "train": "train one model under Ray Train (DDP) and record it in MLflow",
+    "tune": "search tau1, eps, optimisation settings and temperature schedules with Ray Tune",
+    "ui": "serve the MLflow UI for the configured tracking store on 127.0.0.1:5000",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="varcon", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=None, metavar="FILE",
+                         help=f"experiment YAML (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
+        sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
+        sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser
+
+
+def _cmd_prepare(config) -> int:
+    from pipeline.train_job import prepare
+
+    files = prepare(config)
+    print(f"train: {files.train} ({files.num_train} samples)\ntest:  {files.test} ({files.num_test} samples)")
+    return 0
+
+
+def _cmd_train(config) -> int:
+    from pipeline.tracking import ui_command
+    from pipeline.train_job import train
+
+    outcome = train(config)
+    print(f"\n== {config.name}: {config.loss.name} on {config.data.dataset}, {config.optim.epochs} epochs, "
+          f"{config.ray.num_workers} Ray Train workers ==")
+    for key in sorted(k for k in outcome.final_metrics if k.startswith("knn_top1")):
+        before = outcome.initial_metrics.get(key)
+        init = f" (random init: {before:.2%})" if before is not None else ""
+        print(f"{key} on the held-out split: {outcome.final_metrics[key]:.2%}{init}")
+    print(f"MLflow run id: {outcome.run_id}")
+    if outcome.model_path:
+        print(f"final model: {outcome.model_path}")
+    print(f"open the UI:   {shlex.join(ui_command(outcome.tracking_uri))}   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def _cmd_tune(config) -> int:
+    print("varcon: error: `varcon tune` is not built yet (issue 7, Ray Tune sweeps); use `varcon train` for now",
+          file=sys.stderr)
+    return 2
+
+
+def _cmd_ui(config) -> int:
+    from pipeline.tracking import resolve_tracking_uri, ui_command
+
+    command = ui_command(resolve_tracking_uri(config.tracking.tracking_uri))
+    command[0] = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    print(f"serving {shlex.join(command[1:])} at http://127.0.0.1:5000 (Ctrl-C stops)")
+    os.execv(command[0], command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        return {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ui": _cmd_ui}[args.command](config)
+    except (ConfigError, FileNotFoundError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"varcon: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

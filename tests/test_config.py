@@ -1,0 +1,53 @@
+import pytest
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, flatten, from_dict, load_config, to_dict
+
+
+def test_default_config_is_the_digits_demo():
+    config = load_config()
+    assert config.data.dataset == "digits"
+    assert config.loss.name == "varcon" and config.ray.num_workers == 2
+
+
+def test_dotted_overrides_are_typed():
+    config = load_config(DEFAULT_CONFIG, ["loss.tau1=0.07", "optim.epochs=3", "data.horizontal_flip=true",
+                                          "eval.knn_k=[5, 10]"])
+    assert config.loss.tau1 == 0.07 and config.optim.epochs == 3
+    assert config.data.horizontal_flip is True and config.eval.knn_k == [5, 10]
+
+
+def test_round_trip_through_dict():
+    config = load_config(None, ["loss.eps=0.01"])
+    assert from_dict(to_dict(config)) == config
+
+
+def test_flatten_gives_dotted_string_params():
+    flat = flatten(load_config())
+    assert flat["loss.tau1"] == "0.1" and flat["ray.num_workers"] == "2"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["loss.tua1=0.1"], "did you mean loss.tau1"),
+    (["optim.epochs=abc"], "optim.epochs must be of type int"),
+    (["loss.tau1=0"], "loss.tau1=0.0 must be > 0"),
+    (["loss.eps=0.2"], "must be smaller than loss.tau1"),
+    (["optim.global_batch_size=127"], "multiple of ray.num_workers"),
+    (["optim.epochs=0"], "optim.epochs=0 must be >= 1"),
+    (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+    (["model.encoder=vgg"], "model.encoder='vgg' is unknown"),
+    (["no_equals_sign"], "must look like section.key=value"),
+])
+def test_bad_values_name_the_fix(overrides, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

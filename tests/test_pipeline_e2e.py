@@ -1,0 +1,39 @@
+"""The whole path at a small size: `varcon train` -> FFCV files -> Ray Train (2 gloo workers) -> MLflow."""
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import flatten, load_config
+from pipeline.data.ffcv_writer import read_manifest
+
+OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e"]
+
+
+def test_train_command_records_a_complete_mlflow_run(varcon_home, ray_session, capsys):
+    assert main(["train", *OVERRIDES]) == 0
+    summary = capsys.readouterr().out
+    assert "knn_top1_k20 on the held-out split" in summary and "mlflow ui --backend-store-uri" in summary
+
+    beton = varcon_home / ".cache" / "data" / "digits" / "train.beton"
+    assert beton.is_file() and read_manifest(beton)["num_samples"] == 1347
+
+    client = MlflowClient(f"sqlite:///{varcon_home / '.cache' / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("varcon")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id in summary
+
+    history = client.get_metric_history(run.info.run_id, "knn_top1_k20")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # random init, then each epoch
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert run.data.params == flatten(load_config(None, OVERRIDES))
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "dataset", "model"} <= artifacts
+    logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(varcon_home))))
+    assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
+
+
+def test_bad_override_exits_2_before_any_work(varcon_home, capsys):
+    assert main(["train", "loss.eps=0.5"]) == 2
+    assert "loss.eps=0.5 must be smaller than loss.tau1" in capsys.readouterr().err
+    assert not (varcon_home / ".cache").exists()
