@@ -75,10 +75,9 @@ def _cmd_ui(config) -> int:
     from pipeline.tracking import resolve_tracking_uri, ui_command
 
     command = ui_command(resolve_tracking_uri(config.tracking.tracking_uri))
-    command[0] = os.path.join(os.path.dirname(sys.executable), "mlflow")
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"serving {shlex.join(command[1:])} at http://127.0.0.1:5000 (Ctrl-C stops)")
-    os.execv(command[0], command)
+    os.execvp(command[0], command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ store by default); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point el
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,8 +33,10 @@ def resolve_tracking_uri(configured: str = "") -> str:
 
 
 def ui_command(tracking_uri: str) -> list[str]:
-    """The command that serves the MLflow UI for ``tracking_uri`` on 127.0.0.1."""
-    return ["mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", "5000",
+    """The command that serves the MLflow UI for ``tracking_uri`` on 127.0.0.1 (this environment's mlflow)."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    executable = os.path.relpath(mlflow) if mlflow.exists() else "mlflow"
+    return [executable, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", "5000",
             "--workers", "1"]
 
 
