@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.losses import SupConLoss, VarConLoss
 
@@ -130,3 +131,94 @@ def test_supcon_matches_naive_loop_with_temperature_scale():
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     torch.testing.assert_close(z_fast.grad.double(), z_slow.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_varcon_all_classes_present_and_absent_classes_do_not_matter():
+    z, labels = random_batch(30, 8, 10, 4)
+    labels[:10] = torch.arange(10)  # all ten classes present
+    tight, _ = VarConLoss(num_classes=10)(z.float(), labels)
+    padded, _ = VarConLoss(num_classes=50)(z.float(), labels)  # 40 absent classes masked out
+    expected = naive_varcon(z, labels.tolist(), 0.1, 0.02)
+    assert tight.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert padded.item() == pytest.approx(tight.item(), rel=1e-6)
+
+
+def test_detach_target_keeps_the_value_and_changes_the_gradient():
+    z, labels = random_batch(24, 8, 3, 9)
+    grads, values = [], []
+    for detach in (False, True):
+        zz = z.float().clone().requires_grad_()
+        loss, _ = VarConLoss(0.1, 0.05, detach_target=detach)(zz, labels)
+        loss.backward()
+        grads.append(zz.grad)
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1], rel=1e-7)
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_losses_stay_float32_under_autocast():
+    z, labels = random_batch(16, 8, 3, 2)
+    reference, _ = VarConLoss()(z.float(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = VarConLoss()(z.float(), labels)
+        sup, _ = SupConLoss()(z.float(), labels)
+    assert loss.dtype == sup.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+# Operators that make the host wait for the device: reading a value, or an output whose shape depends on data.
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "unique_dim",
+                 "unique_consecutive", "masked_select", "is_nonzero", "equal"}
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records every dispatched operator that would synchronise host and device on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in HOST_SYNC_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss_fn", [VarConLoss(num_classes=6), SupConLoss()], ids=["varcon", "supcon"])
+def test_losses_do_no_host_device_sync(loss_fn):
+    z, labels = random_batch(16, 8, 6, 1)
+    z = z.float().requires_grad_()
+    with HostSyncRecorder() as recorder:
+        loss, stats = loss_fn(z, labels)
+        loss.backward()
+    assert recorder.seen == []
+
+
+def test_the_sync_check_catches_an_inferred_class_count():
+    z, labels = random_batch(16, 8, 6, 1)
+    with HostSyncRecorder() as recorder:
+        VarConLoss()(z.float(), labels)  # num_classes=None reads labels.max() on the host
+    assert "_local_scalar_dense" in recorder.seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda():
+    z, labels = random_batch(64, 16, 10, 0)
+    z, labels = z.float().cuda().requires_grad_(), labels.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss_fn in (VarConLoss(num_classes=10), SupConLoss()):
+            loss, _ = loss_fn(z, labels)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cross_entropy_baseline_matches_torch():
+    from pipeline.losses import CrossEntropyLoss
+
+    logits, labels = torch.randn(12, 5), torch.randint(0, 5, (12,))
+    loss, stats = CrossEntropyLoss()(logits, labels)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert stats["train_top1"].item() == pytest.approx((logits.argmax(1) == labels).float().mean().item())

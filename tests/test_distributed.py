@@ -1,0 +1,92 @@
+"""The gradient convention of pipeline.distributed, proven with 2 gloo processes on CPU.
+
+Two DDP ranks, each holding half of a global batch, gather embeddings and labels, compute the loss and
+back-propagate ``world_size * loss``: the parameter gradients must equal those of one process computing the
+same loss over the concatenated batch.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pipeline import distributed
+from pipeline.losses import SupConLoss, VarConLoss
+
+WORLD, N_PER_RANK, D_IN, D_OUT = 2, 12, 10, 6
+
+
+def make_loss(name: str):
+    return VarConLoss(0.1, 0.02, num_classes=4) if name == "varcon" else SupConLoss(0.1, 0.07)
+
+
+def global_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(WORLD * N_PER_RANK, D_IN, generator=gen)
+    labels = torch.randint(0, 4, (WORLD * N_PER_RANK,), generator=gen)
+    return x, labels
+
+
+def make_model():
+    torch.manual_seed(1)
+    return torch.nn.Linear(D_IN, D_OUT)
+
+
+def single_process_gradient(loss_name: str) -> torch.Tensor:
+    x, labels = global_batch()
+    model = make_model()
+    loss, _ = make_loss(loss_name)(F.normalize(model(x), dim=1), labels)
+    loss.backward()
+    return model.weight.grad
+
+
+def _rank_main(rank: int, port: int, loss_name: str, scale_loss: bool, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        x, labels = global_batch()
+        local = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        z = F.normalize(model(x[local]), dim=1)
+        z_all = distributed.gather_with_local_grad(z)
+        labels_all = distributed.gather_with_local_grad(labels[local])
+        assert torch.equal(labels_all, labels)
+        loss, _ = make_loss(loss_name)(z_all, labels_all)
+        scale = distributed.loss_scale_for_global_batch() if scale_loss else 1
+        (loss * scale).backward()
+        results[rank] = model.module.weight.grad.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_gradients(loss_name: str, scale_loss: bool) -> list[torch.Tensor]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank_main, args=(port, loss_name, scale_loss, results), nprocs=WORLD, join=True)
+    return [results[r] for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("loss_name", ["varcon", "supcon"])
+def test_two_gloo_ranks_match_one_process_on_the_global_batch(loss_name):
+    expected = single_process_gradient(loss_name)
+    for grad in ddp_gradients(loss_name, scale_loss=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_without_the_world_size_factor_gradients_shrink():
+    """The reference code's convention: the same setup without the factor gives 1/world_size of the gradient."""
+    expected = single_process_gradient("varcon")
+    for grad in ddp_gradients("varcon", scale_loss=False):
+        torch.testing.assert_close(grad * WORLD, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_single_process_helpers_are_identities():
+    x = torch.randn(3, 2)
+    assert distributed.gather_with_local_grad(x) is x
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.loss_scale_for_global_batch() == 1
