@@ -7,11 +7,19 @@ For unit embeddings ``z`` ``[B, D]`` with labels ``y`` ``[B]`` over K possible c
     log p_i  = log_softmax_{r in R}(z_i . w_r / tau1)                                              [B, K]
     c_i      = p(y_i | z_i)                                                                        [B]
     tau2_i   = (tau1 - eps) + 2 eps c_i                    (confidence-adaptive temperature)         [B]
-    log q_i  = log_softmax_{r in R}(onehot(y_i)_r / tau2_i) (variational target, in log space)        [B, K]
+    q_i      = softmax_{r in R}(onehot(y_i)_r / tau2_i)    (variational target)                      [B, K]
     L        = mean_i [ KL(q_i || p_i) - log p(y_i | z_i) ]
 
-Classes absent from the batch are masked out, so the class set is never materialised with ``torch.unique`` and
-the loss causes no host-device synchronisation. Everything is computed in float32.
+The target has two distinct values per row, so it is evaluated in closed form, in log space (``exp(1/tau2)``
+would overflow float16 for tau2 < 0.09):
+
+    log q_iy = -log1p((C - 1) exp(-1/tau2_i)),   log q_ir = log q_iy - 1/tau2_i  for r != y_i
+    KL_i     = q_iy (log q_iy - log p_iy) + q_ir [(C - 1) log q_ir - (sum_{r in R} log p_ir - log p_iy)]
+
+and ``sum_{r in R} log p_ir = z_i . (sum_r w_r) / tau1 - C logsumexp_i`` needs no ``[B, K]`` pass. Only the
+logits and their logsumexp touch ``[B, K]``: cost O(B K D) with a small constant. Classes absent from the batch
+get a -inf logit and a zero centroid, so the class set is never built with ``torch.unique`` and the loss makes
+no host-device synchronisation. Everything is computed in float32.
 """
 from __future__ import annotations
 
@@ -51,25 +59,29 @@ class VarConLoss(torch.nn.Module):
             return self._loss(z.float(), labels.long())
 
     def _loss(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch, dim = z.shape
         num_classes = self.num_classes if self.num_classes is not None else int(labels.max()) + 1
-        classes = torch.arange(num_classes, device=labels.device)
-        onehot = (labels[:, None] == classes[None, :]).to(z.dtype)  # [B, K]; no range check, so no host sync
-        present = onehot.sum(0) > 0  # [K]
-        centroids = F.normalize(onehot.T @ z.detach(), dim=1)  # [K, D]; absent classes are zero rows
+        counts = z.new_zeros(num_classes).index_add_(0, labels, z.new_ones(batch))  # [K]
+        present = counts > 0
+        num_present = present.sum()  # C, kept on the device
+        centroids = F.normalize(z.new_zeros(num_classes, dim).index_add_(0, labels, z.detach()), dim=1)  # [K, D]
+        absent_bias = torch.zeros_like(counts).masked_fill(~present, float("-inf"))  # [K]
 
-        logits = (z @ centroids.T / self.tau1).masked_fill(~present, float("-inf"))  # [B, K]
-        log_p = F.log_softmax(logits, dim=1)
-        log_p_true = log_p.gather(1, labels[:, None]).squeeze(1)  # [B]
+        logits = torch.addmm(absent_bias, z, centroids.T, alpha=1.0 / self.tau1)  # [B, K]
+        log_norm = torch.logsumexp(logits, dim=1)  # [B]
+        log_p_true = (z * centroids[labels]).sum(1) / self.tau1 - log_norm  # log p(y_i | z_i)
+        sum_log_p = z @ centroids.sum(0) / self.tau1 - num_present * log_norm  # sum over r in R of log p_ir
+
         confidence = log_p_true.exp()
         tau2 = (self.tau1 - self.eps) + 2.0 * self.eps * confidence
         if self.detach_target:
             tau2 = tau2.detach()
-
-        target_logits = (onehot / tau2[:, None]).masked_fill(~present, float("-inf"))
-        log_q = F.log_softmax(target_logits, dim=1)  # [B, K]
-        # q * (log q - log p) over present classes only: absent entries are -inf - -inf and must not leak NaN.
-        log_ratio = torch.where(present, log_q - log_p, torch.zeros_like(log_p))
-        kl = (log_q.exp() * log_ratio).sum(1)  # [B]
+        inv_tau2 = 1.0 / tau2
+        log_q_true = -torch.log1p((num_present - 1) * torch.exp(-inv_tau2))
+        log_q_other = log_q_true - inv_tau2
+        q_true, q_other = log_q_true.exp(), log_q_other.exp()
+        kl = q_true * (log_q_true - log_p_true) + q_other * (
+            (num_present - 1) * log_q_other - (sum_log_p - log_p_true))
         nll = -log_p_true
         loss = (kl + nll).mean()
         stats = {
