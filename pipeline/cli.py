@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.data.sources import DataError
 
 DESCRIPTION = """\
 VarCon training and tuning pipeline (Ray Train + Ray Tune + FFCV + MLflow).
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ui": _cmd_ui}[args.command](config)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, DataError) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"varcon: error: {exc}", file=sys.stderr)

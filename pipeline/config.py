@@ -37,18 +37,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits (scikit-learn's bundled 8x8 images)
-    root: str = ""  # source folder for datasets read from disk; unused for digits
+    dataset: str = "digits"  # digits | synthetic | cifar10 | cifar100 | imagefolder
+    root: str = ""  # source folder (cifar: the python-pickle layout; imagefolder: train/ and val/ inside)
+    download: bool = False  # cifar only: fetch the dataset into root (needs internet; never implicit)
     cache_dir: str = ".cache/data"  # where .beton files and their manifests are written
-    image_size: int = 32  # side of the stored and the trained images
-    test_fraction: float = 0.25  # held-out share of the bundled digits (seeded, stratified split)
-    split_seed: int = 0
+    image_size: int = 32  # side of the trained images (and of generated sources)
+    test_fraction: float = 0.25  # digits: held-out share (seeded, stratified split)
+    split_seed: int = 0  # digits: split seed; synthetic: generator seed
+    num_classes: int = 10  # synthetic only
+    train_samples: int = 2000  # synthetic only
+    test_samples: int = 500  # synthetic only
+    write_mode: str = "raw"  # FFCV image storage: raw | jpg | smart | proportion
+    max_resolution: int = 0  # longest stored side; 0 = image_size
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5  # write_mode=proportion: share of images stored as JPEG
+    on_bad_image: str = "fail"  # imagefolder: fail | skip (and count) on an unreadable image
+    verify_hash: str = "auto"  # sha256 check of .beton files before training: auto (<= 1 GiB) | always | never
+    writer_workers: int = 0  # processes writing .beton files; 0 = all cores
+    eval_crop_ratio: float = 1.0  # evaluation centre crop (ImageNet: 0.875, i.e. 224 of 256)
     crop_scale_min: float = 0.2  # RandomResizedCrop scale range (min, 1.0)
     horizontal_flip: bool = True
-    color_jitter_strength: float = 0.4  # brightness/contrast/saturation magnitude; 0 disables
+    color_jitter_strength: float = 0.4  # brightness/contrast/saturation magnitude, hue = strength/4; 0 disables
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
-    loader_threads: int = 1  # FFCV compiled-pipeline threads per worker
+    loader: str = "ffcv"  # ffcv | torchvision (reads the source directly; the fallback without FFCV)
+    loader_threads: int = 1  # per training worker: FFCV pipeline threads, or torchvision DataLoader processes
 
 
 @dataclass
@@ -115,7 +128,8 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 ENCODERS = ("small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 LOSSES = ("varcon", "supcon", "cross_entropy")
 
@@ -204,12 +218,25 @@ def validate(config: ExperimentConfig) -> None:
     need(m.encoder in ENCODERS, f"model.encoder={m.encoder!r} is unknown: use one of {', '.join(ENCODERS)}")
     need(lo.name in LOSSES, f"loss.name={lo.name!r} is unknown: use one of {', '.join(LOSSES)}")
     need(d.image_size >= 8, "data.image_size must be at least 8")
+    need(d.dataset not in ("cifar10", "cifar100", "imagefolder") or bool(d.root) or d.download,
+         f"data.root is empty: set it to the folder holding the {d.dataset} data")
+    need(d.download is False or d.dataset in ("cifar10", "cifar100"), "data.download works for cifar10/cifar100 only")
+    need(d.write_mode in WRITE_MODES, f"data.write_mode={d.write_mode!r} is unknown: use one of {', '.join(WRITE_MODES)}")
+    need(d.on_bad_image in ("fail", "skip"), f"data.on_bad_image={d.on_bad_image!r} must be fail or skip")
+    need(d.verify_hash in ("auto", "always", "never"), f"data.verify_hash={d.verify_hash!r} must be auto, always or never")
+    need(d.num_classes >= 2 and d.train_samples >= 1 and d.test_samples >= 1,
+         "data.num_classes must be >= 2 and data.train_samples, data.test_samples >= 1")
+    need(d.max_resolution >= 0 and 1 <= d.jpeg_quality <= 100 and 0 <= d.compress_probability <= 1,
+         "data.max_resolution must be >= 0, data.jpeg_quality in [1, 100], data.compress_probability in [0, 1]")
+    need(0 < d.eval_crop_ratio <= 1, "data.eval_crop_ratio must lie in (0, 1]")
+    need(d.writer_workers >= 0, "data.writer_workers must be >= 0")
+    need(d.loader in ("ffcv", "torchvision"), f"data.loader={d.loader!r} must be ffcv or torchvision")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
     need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min must lie in (0, 1]")
     for key in ("color_jitter_prob", "grayscale_prob"):
         need(0.0 <= getattr(d, key) <= 1.0, f"data.{key} must lie in [0, 1]")
     need(d.color_jitter_strength >= 0, "data.color_jitter_strength must be >= 0")
-    need(d.loader_threads >= 1, "data.loader_threads must be >= 1")
+    need(d.loader_threads >= 0, "data.loader_threads must be >= 0")
     need(m.embedding_dim >= 2 and m.head_hidden_dim >= 1 and m.width >= 1, "model dimensions must be positive")
     need(lo.tau1 > 0, f"loss.tau1={lo.tau1} must be > 0 (the paper uses 0.1)")
     need(lo.eps >= 0, f"loss.eps={lo.eps} must be >= 0 (the paper uses 0.02)")

@@ -15,8 +15,8 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.data.augment import ColorAugment
-from pipeline.data.ffcv_loader import EvalLoader, TwoViewLoader
 from pipeline.data.ffcv_writer import DatasetFiles
+from pipeline.data.loaders import eval_loaders, train_loader
 from pipeline.evaluation import extract_features, knn_top1
 from pipeline.losses import build_loss
 from pipeline.models import build_model
@@ -94,7 +94,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_augment: nn.Module
     eval_preprocess: nn.Module
-    train_batches: TwoViewLoader
+    train_batches: Iterable  # TwoViewLoader or TorchvisionTwoViewLoader
     device: torch.device
 
 
@@ -108,8 +108,7 @@ def build_training(config, files: DatasetFiles, device: torch.device,
     world = distributed.world_size()
     local_batch = config.optim.global_batch_size // world
     d = config.data
-    train_batches = TwoViewLoader(files.train, local_batch, d.image_size, d.crop_scale_min, d.horizontal_flip,
-                                  distributed=world > 1, seed=config.seed, threads=d.loader_threads)
+    train_batches = train_loader(config, files, local_batch, distributed=world > 1)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, files.num_classes).to(device, memory_format=torch.channels_last)
     model = wrap_model(model)
@@ -127,10 +126,11 @@ def build_training(config, files: DatasetFiles, device: torch.device,
 class KnnMonitor:
     """kNN top-1 of the encoder's features: train split as memory bank, test split as queries."""
 
-    def __init__(self, files: DatasetFiles, eval_config, batch_size: int, threads: int) -> None:
-        self.train = EvalLoader(files.train, batch_size, threads)
-        self.test = EvalLoader(files.test, batch_size, threads)
-        self.ks, self.temperature, self.num_classes = eval_config.knn_k, eval_config.knn_temperature, files.num_classes
+    def __init__(self, config, files: DatasetFiles, batch_size: int = 512) -> None:
+        loaders = eval_loaders(config, files, batch_size)
+        self.train, self.test = loaders["train"], loaders["test"]
+        self.ks, self.temperature = config.eval.knn_k, config.eval.knn_temperature
+        self.num_classes = files.num_classes
 
     def __call__(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
         encoder = unwrap(model)
@@ -150,7 +150,7 @@ def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callabl
     """
     training = build_training(config, files, device, wrap_model)
     is_rank0 = distributed.rank() == 0
-    monitor = KnnMonitor(files, config.eval, batch_size=512, threads=config.data.loader_threads) if is_rank0 else None
+    monitor = KnnMonitor(config, files) if is_rank0 else None
 
     def evaluate() -> dict[str, float]:
         return monitor(training.model, training.eval_preprocess, device) if monitor else {}

@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ExperimentConfig, resolve_path, to_dict
-from pipeline.data.ffcv_writer import DatasetFiles, prepare_datasets
+from pipeline.data.ffcv_writer import DatasetFiles
+from pipeline.data.loaders import prepare_data
 from pipeline.tracking import TrackedRun, resolve_tracking_uri
 
 
@@ -22,7 +23,7 @@ class TrainOutcome:
 
 
 def prepare(config: ExperimentConfig, log=print) -> DatasetFiles:
-    return prepare_datasets(config.data, resolve_path(config.data.cache_dir), log=log)
+    return prepare_data(config.data, resolve_path(config.data.cache_dir), log=log)
 
 
 def train(config: ExperimentConfig, log=print) -> TrainOutcome:
@@ -33,7 +34,7 @@ def train(config: ExperimentConfig, log=print) -> TrainOutcome:
     tracked = TrackedRun.start(config, tracking_uri, tags={"varcon.loss": config.loss.name,
                                                            "varcon.dataset": config.data.dataset})
     tracked.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
-    for beton in (files.train, files.test):
+    for beton in filter(None, (files.train, files.test)):
         tracked.log_artifact(beton + ".manifest.json", "dataset")
     run_name = config.ray.run_name or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{tracked.run_id[:8]}"
     log(f"MLflow run {tracked.run_id} in {tracking_uri}; Ray Train run {run_name}")

@@ -1,15 +1,84 @@
-"""The digits source, the FFCV writer's cache and manifest, and the two-view loader."""
+"""Sources, the FFCV writer (cache, manifest, atomicity, corruption checks) and the loaders."""
 import json
+import os
+import pickle
+import socket
 
 import numpy as np
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.data import prepare_datasets
+from pipeline.config import DataConfig, load_config
+from pipeline.data import DataError, prepare_datasets, verify_beton
+from pipeline.data import ffcv_writer
 from pipeline.data.ffcv_loader import EvalLoader, TwoViewLoader
-from pipeline.data.ffcv_writer import read_manifest
-from pipeline.data.sources import digits
+from pipeline.data.ffcv_writer import manifest_path, read_manifest
+from pipeline.data.sources import digits, load_source
+from pipeline.data.torchvision_loader import TorchvisionEvalLoader, TorchvisionTwoViewLoader
 
+
+def all_batches(loader):
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+# ---------------------------------------------------------------- fixtures the tests generate
+
+def write_cifar(root, num_classes: int, train: int = 40, test: int = 20, bad_label: bool = False):
+    """A tiny CIFAR tree in the python-pickle layout; returns (train images, train labels)."""
+    rng = np.random.default_rng(num_classes)
+    folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    key = "labels" if num_classes == 10 else "fine_labels"
+
+    def batch(n):
+        labels = (np.arange(n) % num_classes).tolist()
+        if bad_label:
+            labels[0] = num_classes
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: labels}
+
+    def dump(name, obj):
+        with open(folder / name, "wb") as handle:
+            pickle.dump(obj, handle)
+
+    if num_classes == 10:
+        parts = [batch(train // 5) for _ in range(5)]
+        for i, part in enumerate(parts, 1):
+            dump(f"data_batch_{i}", part)
+        dump("test_batch", batch(test))
+        dump("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    else:
+        parts = [batch(train)]
+        dump("train", parts[0])
+        dump("test", batch(test))
+        dump("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    images = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.concatenate([p[key] for p in parts])
+
+
+def write_image_folder(root, classes=("cat", "dog", "eel"), per_class=4, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                suffix = ".png" if i % 2 else ".jpg"
+                Image.fromarray(pixels).save(folder / f"{i}{suffix}")
+    return root
+
+
+def data_config(**values) -> DataConfig:
+    config = DataConfig(writer_workers=1)
+    for key, value in values.items():
+        setattr(config, key, value)
+    return config
+
+
+# ---------------------------------------------------------------- sources
 
 def test_digits_split_is_seeded_stratified_and_upscaled():
     splits = digits(32, 0.25, split_seed=0)
@@ -20,37 +89,206 @@ def test_digits_split_is_seeded_stratified_and_upscaled():
     assert np.bincount(splits["test"].labels).min() >= 40  # every class held out
 
 
+def test_synthetic_source_is_deterministic_and_balanced():
+    config = data_config(dataset="synthetic", num_classes=5, train_samples=50, test_samples=20, image_size=16)
+    first, second = load_source(config), load_source(config)
+    np.testing.assert_array_equal(first["train"].images, second["train"].images)
+    assert first["train"].images.shape == (50, 16, 16, 3)
+    assert np.bincount(first["train"].labels).tolist() == [10] * 5
+    assert not np.array_equal(first["train"].images[0], first["train"].images[5])  # same class, new sample
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_pickles_round_trip_through_beton(tmp_path, num_classes):
+    images, labels = write_cifar(tmp_path / "src", num_classes)
+    config = data_config(dataset=f"cifar{num_classes}", root=str(tmp_path / "src"))
+    files = prepare_datasets(config, tmp_path / "cache", log=lambda *_: None)
+    assert (files.num_classes, files.num_train, files.num_test) == (num_classes, 40, 20)
+    read_images, read_labels = zip(*EvalLoader(files.train, 16, 32))
+    np.testing.assert_array_equal(torch.cat(read_labels).numpy(), labels)
+    np.testing.assert_array_equal(torch.cat(read_images).permute(0, 2, 3, 1).numpy(), images)
+
+
+def test_image_folder_round_trip_with_jpeg_storage(tmp_path):
+    root = write_image_folder(tmp_path / "src")
+    config = data_config(dataset="imagefolder", root=str(root), image_size=24, write_mode="jpg", max_resolution=32)
+    files = prepare_datasets(config, tmp_path / "cache", log=lambda *_: None)
+    manifest = read_manifest(files.train)
+    assert manifest["class_names"] == ["cat", "dog", "eel"] and manifest["num_samples"] == 12
+    assert manifest["settings"]["write_mode"] == "jpg" and manifest["fields"]["image"] == "RGBImageField"
+    images, labels = zip(*EvalLoader(files.test, 5, 24))
+    assert torch.cat(labels).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert torch.cat(images).shape == (12, 3, 24, 24)
+
+
+# ---------------------------------------------------------------- writer: cache, manifest, atomicity
+
 def test_beton_round_trip_counts_and_labels(digits_files):
     splits = digits(32, 0.25, split_seed=0)
     assert digits_files.num_train == len(splits["train"]) == 1347
     assert digits_files.num_test == len(splits["test"]) == 450
-    images, labels = zip(*EvalLoader(digits_files.test, batch_size=128))
+    images, labels = zip(*EvalLoader(digits_files.test, batch_size=128, image_size=32))
     np.testing.assert_array_equal(torch.cat(labels).numpy(), splits["test"].labels)
     np.testing.assert_array_equal(torch.cat(images).permute(0, 2, 3, 1).numpy(), splits["test"].images)
     manifest = read_manifest(digits_files.train)
     assert manifest["num_samples"] == 1347 and manifest["num_classes"] == 10 and len(manifest["sha256"]) == 64
+    assert manifest["size_bytes"] == os.path.getsize(digits_files.train)
 
 
 def test_prepare_reuses_cache_and_rewrites_on_changed_settings(tmp_path):
     data = load_config().data
     messages = []
-    first = prepare_datasets(data, tmp_path, log=messages.append)
+    prepare_datasets(data, tmp_path, log=messages.append)
     stamp = (tmp_path / "digits" / "train.beton").stat().st_mtime_ns
     prepare_datasets(data, tmp_path, log=messages.append)
     assert len(messages) == 2 and (tmp_path / "digits" / "train.beton").stat().st_mtime_ns == stamp
     data.split_seed = 1
-    second = prepare_datasets(data, tmp_path, log=messages.append)
+    prepare_datasets(data, tmp_path, log=messages.append)
     assert len(messages) == 4
     assert json.loads((tmp_path / "digits" / "train.beton.manifest.json").read_text())["settings"]["split_seed"] == 1
-    assert first.num_train == second.num_train
     assert not list(tmp_path.glob("digits/.*tmp*")), "no temporary files left behind"
 
 
+def test_changed_source_files_are_rewritten(tmp_path):
+    root = write_image_folder(tmp_path / "src")
+    config = data_config(dataset="imagefolder", root=str(root))
+    messages = []
+    prepare_datasets(config, tmp_path / "cache", log=messages.append)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cat" / "new.png")
+    files = prepare_datasets(config, tmp_path / "cache", log=messages.append)
+    assert files.num_train == 13 and len([m for m in messages if m.startswith("writing")]) == 4
+
+
+def test_interrupted_write_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ffcv_writer, "sha256_of", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_datasets(data_config(dataset="synthetic", train_samples=20, test_samples=10), tmp_path)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+# ---------------------------------------------------------------- corruption and bad input
+
+@pytest.fixture
+def small_files(tmp_path):
+    config = data_config(dataset="synthetic", train_samples=64, test_samples=16, verify_hash="always")
+    return config, prepare_datasets(config, tmp_path, log=lambda *_: None), tmp_path
+
+
+def test_truncated_beton_is_refused(small_files):
+    config, files, root = small_files
+    with open(files.train, "r+b") as handle:
+        handle.truncate(os.path.getsize(files.train) - 100)
+    with pytest.raises(DataError, match="truncated or altered"):
+        verify_beton(files.train)
+    with pytest.raises(DataError, match="truncated or altered"):
+        TwoViewLoader(files.train, 8, 32, 0.2, True, distributed=False, seed=0)
+
+
+def test_altered_beton_is_caught_by_its_hash(small_files):
+    config, files, root = small_files
+    size = os.path.getsize(files.train)
+    with open(files.train, "r+b") as handle:
+        handle.seek(size // 2)
+        byte = handle.read(1)
+        handle.seek(size // 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    verify_beton(files.train, check_hash="never")  # size and count still agree
+    with pytest.raises(DataError, match="sha256"):
+        verify_beton(files.train, check_hash="always")
+
+
+def test_manifest_mismatch_and_absence_are_refused(small_files):
+    config, files, root = small_files
+    manifest = json.loads(manifest_path(files.test).read_text())
+    manifest["num_samples"] += 1
+    manifest_path(files.test).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="holds 16 samples but its manifest says 17"):
+        verify_beton(files.test)
+    manifest_path(files.test).unlink()
+    with pytest.raises(DataError, match="run `varcon prepare`"):
+        verify_beton(files.test)
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda root: None, "is not a folder"),
+    (lambda root: (root / "train").mkdir(parents=True), "has no class folders"),
+    (lambda root: (root / "train" / "cat").mkdir(parents=True), "holds no images"),
+])
+def test_bad_image_folders_name_the_fix(tmp_path, setup, fragment):
+    root = tmp_path / "src"
+    setup(root)
+    with pytest.raises(DataError, match=fragment):
+        prepare_datasets(data_config(dataset="imagefolder", root=str(root)), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unreadable_image_fails_or_is_skipped_and_counted(tmp_path):
+    root = write_image_folder(tmp_path / "src")
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="unreadable image .*broken.jpg.*on_bad_image=skip"):
+        prepare_datasets(data_config(dataset="imagefolder", root=str(root)), tmp_path / "cache")
+    files = prepare_datasets(data_config(dataset="imagefolder", root=str(root), on_bad_image="skip"),
+                             tmp_path / "cache", log=lambda *_: None)
+    assert files.num_train == 12 and read_manifest(files.train)["skipped_unreadable"] == 1
+
+
+def test_cifar_labels_out_of_range_are_refused(tmp_path):
+    write_cifar(tmp_path / "src", 10, bad_label=True)
+    with pytest.raises(DataError, match=r"labels range over \[\d+, 10\] but there are 10 class names"):
+        load_source(data_config(dataset="cifar10", root=str(tmp_path / "src")))
+
+
+def test_missing_cifar_folder_suggests_download(tmp_path):
+    with pytest.raises(DataError, match="data.download=true"):
+        load_source(data_config(dataset="cifar100", root=str(tmp_path / "none")))
+
+
+# ---------------------------------------------------------------- loaders
+
 def test_two_views_differ_and_share_labels(digits_files):
-    loader = TwoViewLoader(digits_files.train, 64, 32, 0.2, True, distributed=False, seed=0)
-    view1, view2, labels = next(iter(loader))
+    loader = TwoViewLoader(digits_files.train, 64, 32, 0.2, True, distributed=False, seed=0, return_index=True)
+    view1, view2, labels, index = next(iter(loader))
     assert view1.shape == view2.shape == (64, 3, 32, 32) and view1.dtype == torch.uint8
     assert labels.shape == (64,) and labels.dtype == torch.int64
-    differing = (view1 != view2).flatten(1).any(1).float().mean().item()
-    assert differing > 0.9
+    assert (view1 != view2).flatten(1).any(1).float().mean().item() > 0.9
+    splits = digits(32, 0.25, split_seed=0)
+    np.testing.assert_array_equal(labels.numpy(), splits["train"].labels[index.numpy()])  # same sample, same label
     assert len(loader) == 1347 // 64
+
+
+def test_torchvision_loader_has_the_same_interface(digits_files):
+    split = digits(32, 0.25, split_seed=0)["train"]
+    loader = TorchvisionTwoViewLoader(split, 64, 32, 0.2, True, distributed=False, seed=0, workers=0)
+    view1, view2, labels = next(iter(loader))
+    assert view1.shape == view2.shape == (64, 3, 32, 32) and view1.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and len(loader) == 1347 // 64
+    images, labels = next(iter(TorchvisionEvalLoader(split, 16, 32, workers=0)))
+    np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), split.images[:16])
+
+
+def _shard_rank(rank, port, path, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        loader = TwoViewLoader(path, 16, 32, 0.5, False, distributed=True, seed=3, return_index=True)
+        results[rank] = [torch.cat([b[3] for b in loader]).tolist() for _ in range(2)]  # two epochs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_read_disjoint_shards_covering_the_data(tmp_path):
+    config = data_config(dataset="synthetic", train_samples=128, test_samples=8)
+    files = prepare_datasets(config, tmp_path, log=lambda *_: None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_shard_rank, args=(port, files.train, results), nprocs=2, join=True)
+    for epoch in range(2):
+        rank0, rank1 = results[0][epoch], results[1][epoch]
+        assert len(rank0) == len(rank1) == 64 and not set(rank0) & set(rank1)
+        assert sorted(rank0 + rank1) == list(range(128))
+    assert results[0][0] != results[0][1], "a new order every epoch"

@@ -1,5 +1,9 @@
-"""Data layer: dataset sources, the FFCV writer (atomic, with a manifest) and the two-view FFCV loaders."""
-from pipeline.data.sources import LabelledImages, load_source
-from pipeline.data.ffcv_writer import DatasetFiles, prepare_datasets
+"""Data layer: dataset sources, the FFCV writer (atomic, with a manifest), FFCV and torchvision loaders, and
+the device-side colour augmentation.
+"""
+from pipeline.data.ffcv_writer import DatasetFiles, prepare_datasets, verify_beton
+from pipeline.data.loaders import eval_loaders, prepare_data, train_loader
+from pipeline.data.sources import DataError, load_source
 
-__all__ = ["LabelledImages", "load_source", "DatasetFiles", "prepare_datasets"]
+__all__ = ["DataError", "DatasetFiles", "eval_loaders", "load_source", "prepare_data", "prepare_datasets",
+           "train_loader", "verify_beton"]

@@ -1,14 +1,17 @@
-"""FFCV loaders: two randomly cropped and flipped views per image for training, one plain view for evaluation.
+"""FFCV loaders: two randomly cropped (and flipped) views per image for training, one centre view for evaluation.
 
 Both yield uint8 images ``[n, 3, S, S]``; colour augmentation and normalisation run batched on the training
 device afterwards (``pipeline.data.augment``). Under DDP (``distributed=True``) each rank reads a disjoint shard
-in a random order seeded by ``seed + epoch``, like PyTorch's ``DistributedSampler``.
+in a random order seeded by ``seed + epoch``, like PyTorch's ``DistributedSampler``. Each loader checks its file
+against the manifest (size, sample count) when it opens it.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
+
+from pipeline.data.ffcv_writer import verify_beton
 
 
 def _crop_view(image_size: int, crop_scale_min: float, flip: bool) -> list:
@@ -21,7 +24,7 @@ def _crop_view(image_size: int, crop_scale_min: float, flip: bool) -> list:
     return ops + [ToTensor(), ToTorchImage()]
 
 
-def _label_pipeline() -> list:
+def _int_pipeline() -> list:
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import Squeeze, ToTensor
 
@@ -29,19 +32,22 @@ def _label_pipeline() -> list:
 
 
 class TwoViewLoader:
-    """Iterates ``(view1, view2, labels)``: uint8 ``[n, 3, S, S]`` twice and int64 ``[n]``, n = batch_size.
-
-    Reuse one instance across epochs: FFCV compiles its pipeline on first use.
+    """Iterates ``(view1, view2, labels)``: uint8 ``[n, 3, S, S]`` twice and int64 ``[n]``, n = batch_size
+    (``return_index`` appends the int64 sample indices ``[n]``). Reuse one instance across epochs: FFCV
+    compiles its pipeline on first use.
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, threads: int = 1) -> None:
+                 distributed: bool, seed: int, threads: int = 1, return_index: bool = False) -> None:
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
 
+        verify_beton(path, check_hash="never")
+        self.return_index = return_index
         pipelines = {
             "image": _crop_view(image_size, crop_scale_min, flip),
-            "label": _label_pipeline(),
+            "label": _int_pipeline(),
+            "index": _int_pipeline() if return_index else None,
             "image_view2": PipelineSpec("image", transforms=_crop_view(image_size, crop_scale_min, flip)),
         }
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
@@ -59,20 +65,26 @@ class TwoViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for view1, labels, view2 in self.loader:
-            yield view1, view2, labels.long()
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in self.loader:
+            view1, labels, *index, view2 = batch
+            yield (view1, view2, labels.long(), *(i.long() for i in index))
 
 
 class EvalLoader:
-    """Iterates ``(images, labels)`` in file order, every sample once, no augmentation."""
+    """Iterates ``(images, labels)`` in file order, every sample once: a centre crop of ``crop_ratio`` of the
+    shorter side, resized to ``image_size``.
+    """
 
-    def __init__(self, path: str, batch_size: int, threads: int = 1) -> None:
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    def __init__(self, path: str, batch_size: int, image_size: int, crop_ratio: float = 1.0,
+                 threads: int = 1) -> None:
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor, ToTorchImage
 
-        pipelines = {"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()], "label": _label_pipeline()}
+        verify_beton(path, check_hash="never")
+        pipelines = {"image": [CenterCropRGBImageDecoder((image_size, image_size), crop_ratio), ToTensor(),
+                               ToTorchImage()], "label": _int_pipeline(), "index": None}
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
                              distributed=False, drop_last=False, pipelines=pipelines)
 

@@ -1,18 +1,25 @@
-"""Write dataset splits to FFCV ``.beton`` files, atomically, each with a JSON manifest beside it.
+"""Write dataset splits to FFCV ``.beton`` files, atomically, each with a JSON manifest beside it; verify them.
 
-A split is rewritten only when its writer settings or its source change; otherwise the cached file is reused.
+A split is written to a temporary name and renamed only when complete, so an interrupted write leaves no file
+that looks valid. The manifest records the sha256, size, sample count, classes, field schema, writer settings
+and the source's fingerprint; a split is rewritten only when its settings or its source change. FFCV files carry
+no checksum of their own: ``verify_beton`` compares a file with its manifest before any training starts.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.sources import LabelledImages, load_source
+import numpy as np
 
-MANIFEST_VERSION = 1
+from pipeline.data.sources import DataError, load_source, source_fingerprint
+
+MANIFEST_VERSION = 2
+FIELDS = {"image": "RGBImageField", "label": "IntField", "index": "IntField"}
+AUTO_HASH_LIMIT_BYTES = 1 << 30  # verify_hash=auto hashes files up to 1 GiB
 
 
 @dataclass(frozen=True)
@@ -28,82 +35,150 @@ class DatasetFiles:
     channel_std: tuple[float, float, float]
 
 
-def _sha256(path: Path) -> str:
+def dataset_settings(d) -> dict:
+    """Everything in a ``DataConfig`` that changes the written files."""
+    settings = {"dataset": d.dataset, "root": str(Path(d.root).expanduser().resolve()) if d.root else "",
+                "image_size": d.image_size, "write_mode": d.write_mode, "max_resolution": max_resolution(d),
+                "jpeg_quality": d.jpeg_quality, "compress_probability": d.compress_probability}
+    if d.dataset == "digits":
+        settings.update(test_fraction=d.test_fraction, split_seed=d.split_seed)
+    if d.dataset == "synthetic":
+        settings.update(num_classes=d.num_classes, train_samples=d.train_samples, test_samples=d.test_samples,
+                        split_seed=d.split_seed)
+    if d.dataset == "imagefolder":
+        settings.update(on_bad_image=d.on_bad_image)
+    return settings
+
+
+def max_resolution(d) -> int:
+    """Longest stored side: ``data.max_resolution``, else the training size."""
+    return d.max_resolution or d.image_size
+
+
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _manifest_path(beton: Path) -> Path:
+def manifest_path(beton: str | Path) -> Path:
+    beton = Path(beton)
     return beton.with_name(beton.name + ".manifest.json")
 
 
 def read_manifest(beton: str | Path) -> dict:
-    path = _manifest_path(Path(beton))
+    path = manifest_path(beton)
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FileNotFoundError(f"{path} is missing or unreadable ({exc}): run `varcon prepare` again") from None
+        raise DataError(f"{path} is missing or unreadable ({type(exc).__name__}): run `varcon prepare` "
+                        f"to rewrite the dataset files") from None
 
 
-def write_beton(split: LabelledImages, path: Path, settings: dict) -> dict:
-    """Write ``split`` to ``path`` (temp file + rename) and its manifest; return the manifest."""
+def _channel_stats(split) -> tuple[list[float], list[float]]:
+    pixels = split.sample_for_stats().reshape(-1, 3).astype(np.float64) / 255.0
+    return pixels.mean(0).round(6).tolist(), pixels.std(0).round(6).tolist()
+
+
+def write_beton(split, path: Path, settings: dict, fingerprint: str, workers: int) -> dict:
+    """Write ``split`` to ``path`` (temporary file, then rename) and its manifest; return the manifest."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fields = {
-        "image": RGBImageField(write_mode="raw", max_resolution=settings["image_size"]),
-        "label": IntField(),
-    }
+    manifest_tmp = path.with_name(f".{manifest_path(path).name}.tmp-{os.getpid()}")
+    image_field = RGBImageField(write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
+                                jpeg_quality=settings["jpeg_quality"],
+                                compress_probability=settings["compress_probability"])
     try:
-        DatasetWriter(str(tmp), fields, num_workers=1).from_indexed_dataset(split)
+        DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
+                      num_workers=workers).from_indexed_dataset(split)
+        mean, std = _channel_stats(split)
         manifest = {
             "version": MANIFEST_VERSION,
-            "sha256": _sha256(tmp),
+            "sha256": sha256_of(tmp),
+            "size_bytes": tmp.stat().st_size,
             "num_samples": len(split),
             "num_classes": len(split.class_names),
             "class_names": split.class_names,
-            "channel_mean": (split.images.reshape(-1, 3).mean(0) / 255).round(6).tolist(),
-            "channel_std": (split.images.reshape(-1, 3).std(0) / 255).round(6).tolist(),
-            "fields": {"image": "RGBImageField(raw)", "label": "IntField"},
+            "skipped_unreadable": split.skipped,
+            "channel_mean": mean,
+            "channel_std": std,
+            "fields": FIELDS,
             "settings": settings,
             "source": split.source,
+            "source_fingerprint": fingerprint,
         }
+        manifest_tmp.write_text(json.dumps(manifest, indent=2))
+        manifest_path(path).unlink(missing_ok=True)  # never leave a new file beside an old manifest
         os.replace(tmp, path)
+        os.replace(manifest_tmp, manifest_path(path))
     finally:
         tmp.unlink(missing_ok=True)
-    manifest_tmp = path.with_name(f".{path.name}.manifest.tmp-{os.getpid()}")
-    manifest_tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(manifest_tmp, _manifest_path(path))
+        manifest_tmp.unlink(missing_ok=True)
     return manifest
 
 
-def _is_current(path: Path, settings: dict) -> bool:
-    if not path.is_file() or not _manifest_path(path).is_file():
+def verify_beton(path: str | Path, check_hash: str = "auto") -> dict:
+    """Compare ``path`` with its manifest (size and FFCV sample count always; sha256 per ``check_hash``:
+    ``always``, ``never`` or ``auto`` = files up to 1 GiB). Returns the manifest; raises ``DataError``.
+    """
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run `varcon prepare` (with the same config) first")
+    manifest = read_manifest(path)
+    fix = "run `varcon prepare` to rewrite it"
+    size = path.stat().st_size
+    if size != manifest.get("size_bytes"):
+        raise DataError(f"{path} is {size} bytes but its manifest says {manifest.get('size_bytes')} (truncated "
+                        f"or altered): {fix}")
+    try:
+        num_samples = int(Reader(str(path)).num_samples)
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable FFCV file ({type(exc).__name__}): {fix}") from None
+    if num_samples != manifest.get("num_samples"):
+        raise DataError(f"{path} holds {num_samples} samples but its manifest says {manifest.get('num_samples')}: "
+                        f"{fix}")
+    if check_hash == "always" or (check_hash == "auto" and size <= AUTO_HASH_LIMIT_BYTES):
+        if sha256_of(path) != manifest.get("sha256"):
+            raise DataError(f"{path} does not match the sha256 in its manifest (altered after writing): {fix}")
+    return manifest
+
+
+def _is_current(path: Path, settings: dict, fingerprint: str) -> bool:
+    if not path.is_file() or not manifest_path(path).is_file():
         return False
     try:
         manifest = read_manifest(path)
-    except FileNotFoundError:
+    except DataError:
         return False
-    return manifest.get("version") == MANIFEST_VERSION and manifest.get("settings") == settings
+    return (manifest.get("version") == MANIFEST_VERSION and manifest.get("settings") == settings
+            and manifest.get("source_fingerprint") == fingerprint and manifest.get("size_bytes") == path.stat().st_size)
 
 
 def prepare_datasets(data_config, cache_root: Path, log=print) -> DatasetFiles:
-    """Write (or reuse) the train and test ``.beton`` files for ``data_config`` under ``cache_root``."""
-    settings = {key: value for key, value in asdict(data_config).items()
-                if key in ("dataset", "root", "image_size", "test_fraction", "split_seed")}
+    """Write (or reuse) the train and test ``.beton`` files for ``data_config`` under ``cache_root``, then
+    verify both against their manifests.
+    """
+    settings = dataset_settings(data_config)
+    fingerprint = source_fingerprint(data_config)
     folder = cache_root / data_config.dataset
     paths = {split: folder / f"{split}.beton" for split in ("train", "test")}
-    if not all(_is_current(p, settings) for p in paths.values()):
-        splits = load_source(data_config)
+    if not all(_is_current(p, settings, fingerprint) for p in paths.values()):
+        splits = load_source(data_config, log)
+        workers = data_config.writer_workers or os.cpu_count() or 1
         for name, path in paths.items():
             log(f"writing {path} ({len(splits[name])} samples)")
-            write_beton(splits[name], path, settings)
-    manifests = {name: read_manifest(path) for name, path in paths.items()}
+            write_beton(splits[name], path, settings, fingerprint, workers)
+    manifests = {name: verify_beton(path, data_config.verify_hash) for name, path in paths.items()}
+    if manifests["train"]["class_names"] != manifests["test"]["class_names"]:
+        raise DataError(f"the train and test splits of {data_config.dataset} list different classes: "
+                        f"fix the source so both use the same class set")
     return DatasetFiles(train=str(paths["train"]), test=str(paths["test"]),
                         num_classes=manifests["train"]["num_classes"],
                         num_train=manifests["train"]["num_samples"], num_test=manifests["test"]["num_samples"],

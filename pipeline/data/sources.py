@@ -1,11 +1,23 @@
-"""Dataset sources: in-memory labelled images, ready for the FFCV writer."""
+"""Dataset sources: the ``train`` and ``test`` splits of a dataset as indexable ``(image, label)`` samples.
+
+Each split is either in memory (``LabelledImages``: digits, synthetic, CIFAR) or a list of image files decoded
+on access (``ImageFiles``: any ImageFolder tree such as ImageNet). Nothing is downloaded unless the user sets
+``data.download=true``. Every user mistake raises ``DataError`` with a message naming the fix.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A dataset the user pointed at cannot be used; the message names the fix."""
 
 
 @dataclass
@@ -16,12 +28,65 @@ class LabelledImages:
     labels: np.ndarray
     class_names: list[str]
     source: str  # where the samples came from, recorded in the manifest
+    skipped: int = 0  # unreadable samples left out
+
+    def __post_init__(self) -> None:
+        _check_labels(self.labels, len(self.class_names), self.source)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.images[index], int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        return self.images[index], int(self.labels[index]), index
+
+    def sample_for_stats(self, limit: int = 4096) -> np.ndarray:
+        return self.images[:: max(1, len(self) // limit)]
+
+
+@dataclass
+class ImageFiles:
+    """Image files decoded to RGB uint8 ``[H, W, 3]`` on access; one folder per class."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    source: str
+    skipped: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_labels(self.labels, len(self.class_names), self.source)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        return _read_rgb(self.paths[index]), int(self.labels[index]), index
+
+    def sample_for_stats(self, limit: int = 512) -> np.ndarray:
+        picks = range(0, len(self), max(1, len(self) // limit))
+        return np.concatenate([_read_rgb(self.paths[i]).reshape(-1, 3) for i in picks])
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    if len(labels) == 0:
+        raise DataError(f"{source} holds no samples: point data.root at a non-empty dataset")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{source}: labels range over [{labels.min()}, {labels.max()}] but there are "
+                        f"{num_classes} class names: fix the labels or the class list")
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels)
 
 
 def digits(image_size: int, test_fraction: float, split_seed: int) -> dict[str, LabelledImages]:
@@ -29,8 +94,10 @@ def digits(image_size: int, test_fraction: float, split_seed: int) -> dict[str, 
 
     The train/test split is stratified and seeded, so every run and every worker sees the same split.
     """
+    import sklearn
+    import torch
+    import torch.nn.functional as F
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     pixels = torch.from_numpy(bunch.images / 16.0).float()[:, None]  # [N, 1, 8, 8] in [0, 1]
@@ -38,16 +105,159 @@ def digits(image_size: int, test_fraction: float, split_seed: int) -> dict[str, 
     images = (upscaled.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
     images = images.permute(0, 2, 3, 1).contiguous().numpy()  # [N, S, S, 3]
     labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                           random_state=split_seed, stratify=labels)
+    train_idx, test_idx = _stratified_split(labels, test_fraction, split_seed)
     names = [str(c) for c in bunch.target_names]
-    source = f"sklearn.datasets.load_digits (scikit-learn {__import__('sklearn').__version__})"
+    source = f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})"
     return {split: LabelledImages(images[idx], labels[idx], names, source)
             for split, idx in (("train", train_idx), ("test", test_idx))}
 
 
-def load_source(data_config) -> dict[str, LabelledImages]:
+def synthetic(num_classes: int, train_samples: int, test_samples: int, image_size: int,
+              seed: int) -> dict[str, LabelledImages]:
+    """Procedural images: per class a colour and a sinusoidal grating (orientation, frequency); per sample a
+    random phase, contrast and pixel noise. Deterministic in ``seed``; learnable but not trivial.
+    """
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(0.2, 0.8, (num_classes, 3))
+    angles = rng.uniform(0, np.pi, num_classes)
+    freqs = rng.uniform(2, 6, num_classes) * 2 * np.pi / image_size
+    coords = np.arange(image_size, dtype=np.float32)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+
+    def make(count: int, offset: int) -> LabelledImages:
+        labels = (np.arange(count) + offset) % num_classes
+        sample_rng = np.random.default_rng([seed, offset])
+        images = np.empty((count, image_size, image_size, 3), np.uint8)
+        for start in range(0, count, 256):
+            y = labels[start:start + 256]
+            n = len(y)
+            phase = sample_rng.uniform(0, 2 * np.pi, (n, 1, 1))
+            proj = xx[None] * np.cos(angles[y])[:, None, None] + yy[None] * np.sin(angles[y])[:, None, None]
+            wave = np.sin(proj * freqs[y][:, None, None] + phase) * sample_rng.uniform(0.15, 0.35, (n, 1, 1))
+            pixels = colours[y][:, None, None, :] + wave[..., None]
+            pixels += sample_rng.normal(0, 0.05, pixels.shape)
+            images[start:start + n] = (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+        return LabelledImages(images, labels.astype(np.int64), [f"class_{c}" for c in range(num_classes)],
+                              f"synthetic(classes={num_classes}, size={image_size}, seed={seed})")
+
+    return {"train": make(train_samples, 0), "test": make(test_samples, train_samples)}
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as handle:
+            return pickle.load(handle, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: data.root must hold the python version of CIFAR "
+                        f"(cifar-10-batches-py/ or cifar-100-python/), or set data.download=true") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable CIFAR pickle ({exc}): download the dataset again") from None
+
+
+def cifar(root: str, num_classes: int, download: bool) -> dict[str, LabelledImages]:
+    """CIFAR-10/100 from ``root`` in the standard python-pickle layout (optionally downloaded there)."""
+    folder_name = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    base = Path(root).expanduser()
+    if download:
+        import torchvision
+
+        dataset_class = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+        dataset_class(str(base), train=True, download=True)
+    folder = base / folder_name if (base / folder_name).is_dir() else base
+    if not folder.is_dir():
+        raise DataError(f"data.root={root!r} does not exist: point it at the folder holding {folder_name}/, "
+                        f"or set data.download=true")
+    if num_classes == 10:
+        batches = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+        names, label_key = _unpickle(folder / "batches.meta")["label_names"], "labels"
+    else:
+        batches = {"train": ["train"], "test": ["test"]}
+        names, label_key = _unpickle(folder / "meta")["fine_label_names"], "fine_labels"
+    splits = {}
+    for split, files in batches.items():
+        parts = [_unpickle(folder / name) for name in files]
+        try:
+            data = np.concatenate([np.asarray(p["data"], np.uint8).reshape(-1, 3, 32, 32) for p in parts])
+            labels = np.concatenate([np.asarray(p[label_key], np.int64) for p in parts])
+        except (KeyError, ValueError) as exc:
+            raise DataError(f"{folder}: CIFAR {split} batches are malformed ({exc}): download them again") from None
+        splits[split] = LabelledImages(np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels, list(names),
+                                       str(folder / f"{split} batches"))
+    return splits
+
+
+def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[str] | None, log) -> ImageFiles:
+    """List ``split_dir/<class>/<image>``; check every image decodes (skip and count, or fail)."""
+    from PIL import Image
+
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} does not exist: data.root must contain train/ and val/ with one folder "
+                        f"per class")
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not found:
+        raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
+    names = class_names if class_names is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise DataError(f"{split_dir} has class folders absent from train/: {unknown[:5]}: make both splits "
+                        f"use the same classes")
+    index = {name: i for i, name in enumerate(names)}
+    paths, labels, skipped = [], [], 0
+    for name in found:
+        files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
+                            f"add images or remove the folder")
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as exc:
+                if on_bad_image == "fail":
+                    raise DataError(f"unreadable image {path} ({type(exc).__name__}): remove or replace it, "
+                                    f"or set data.on_bad_image=skip") from None
+                skipped += 1
+                continue
+            paths.append(path)
+            labels.append(index[name])
+    if skipped:
+        log(f"skipped {skipped} unreadable image(s) in {split_dir}")
+    return ImageFiles(paths, np.asarray(labels, np.int64), list(names), str(split_dir), skipped)
+
+
+def image_folder(root: str, on_bad_image: str, log=print) -> dict[str, ImageFiles]:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet layout); classes are the train folders."""
+    base = Path(root).expanduser()
+    if not root or not base.is_dir():
+        raise DataError(f"data.root={root!r} is not a folder: point it at a folder with train/ and val/ inside")
+    train = _scan_class_folders(base / "train", on_bad_image, None, log)
+    test = _scan_class_folders(base / "val", on_bad_image, train.class_names, log)
+    return {"train": train, "test": test}
+
+
+def source_fingerprint(data_config) -> str:
+    """A cheap digest of the files a source reads (path, size, mtime), so a changed source is rewritten.
+    Generated sources (digits, synthetic) are fully described by their settings and return "".
+    """
+    if data_config.dataset not in ("cifar10", "cifar100", "imagefolder") or not data_config.root:
+        return ""
+    root = Path(data_config.root).expanduser()
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        info = path.stat()
+        digest.update(f"{path.relative_to(root)}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_source(data_config, log=print) -> dict[str, LabelledImages | ImageFiles]:
     """The ``train`` and ``test`` splits of the dataset a ``DataConfig`` names."""
-    if data_config.dataset == "digits":
-        return digits(data_config.image_size, data_config.test_fraction, data_config.split_seed)
-    raise ValueError(f"unknown dataset {data_config.dataset!r}: use digits")
+    d = data_config
+    if d.dataset == "digits":
+        return digits(d.image_size, d.test_fraction, d.split_seed)
+    if d.dataset == "synthetic":
+        return synthetic(d.num_classes, d.train_samples, d.test_samples, d.image_size, d.split_seed)
+    if d.dataset in ("cifar10", "cifar100"):
+        return cifar(d.root, 10 if d.dataset == "cifar10" else 100, d.download)
+    if d.dataset == "imagefolder":
+        return image_folder(d.root, d.on_bad_image, log)
+    raise DataError(f"unknown dataset {d.dataset!r}: use digits, synthetic, cifar10, cifar100 or imagefolder")
