@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_prepare(config) -> int:
     from pipeline.train_job import prepare
 
-    files = prepare(config)
+    files = prepare(config, repair=True)
     print(f"train: {files.train} ({files.num_train} samples)\ntest:  {files.test} ({files.num_test} samples)")
     return 0
 

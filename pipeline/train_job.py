@@ -22,8 +22,8 @@ class TrainOutcome:
     model_path: str | None
 
 
-def prepare(config: ExperimentConfig, log=print) -> DatasetFiles:
-    return prepare_data(config.data, resolve_path(config.data.cache_dir), log=log)
+def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> DatasetFiles:
+    return prepare_data(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
 
 
 def train(config: ExperimentConfig, log=print) -> TrainOutcome:

@@ -292,3 +292,14 @@ def test_two_ranks_read_disjoint_shards_covering_the_data(tmp_path):
         assert len(rank0) == len(rank1) == 64 and not set(rank0) & set(rank1)
         assert sorted(rank0 + rank1) == list(range(128))
     assert results[0][0] != results[0][1], "a new order every epoch"
+
+
+def test_prepare_with_repair_rewrites_a_damaged_file(small_files):
+    config, files, root = small_files
+    with open(files.train, "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(DataError, match="truncated or altered"):
+        prepare_datasets(config, root, log=lambda *_: None)
+    messages = []
+    repaired = prepare_datasets(config, root, log=messages.append, repair=True)
+    assert "rewriting" in messages[0] and verify_beton(repaired.train)["num_samples"] == 64

@@ -158,24 +158,38 @@ def _is_current(path: Path, settings: dict, fingerprint: str) -> bool:
     except DataError:
         return False
     return (manifest.get("version") == MANIFEST_VERSION and manifest.get("settings") == settings
-            and manifest.get("source_fingerprint") == fingerprint and manifest.get("size_bytes") == path.stat().st_size)
+            and manifest.get("source_fingerprint") == fingerprint)
 
 
-def prepare_datasets(data_config, cache_root: Path, log=print) -> DatasetFiles:
-    """Write (or reuse) the train and test ``.beton`` files for ``data_config`` under ``cache_root``, then
-    verify both against their manifests.
+def prepare_datasets(data_config, cache_root: Path, log=print, repair: bool = False) -> DatasetFiles:
+    """Write the train and test ``.beton`` files for ``data_config`` under ``cache_root`` unless files written
+    with the same settings from the same source are there, then verify both against their manifests.
+
+    A file that fails verification is rewritten with ``repair`` (``varcon prepare``); otherwise it is refused
+    with a ``DataError`` (``varcon train``: a damaged file is reported, never silently replaced).
     """
     settings = dataset_settings(data_config)
     fingerprint = source_fingerprint(data_config)
     folder = cache_root / data_config.dataset
     paths = {split: folder / f"{split}.beton" for split in ("train", "test")}
-    if not all(_is_current(p, settings, fingerprint) for p in paths.values()):
+
+    def write_all() -> None:
         splits = load_source(data_config, log)
         workers = data_config.writer_workers or os.cpu_count() or 1
         for name, path in paths.items():
             log(f"writing {path} ({len(splits[name])} samples)")
             write_beton(splits[name], path, settings, fingerprint, workers)
-    manifests = {name: verify_beton(path, data_config.verify_hash) for name, path in paths.items()}
+
+    if not all(_is_current(p, settings, fingerprint) for p in paths.values()):
+        write_all()
+    try:
+        manifests = {name: verify_beton(path, data_config.verify_hash) for name, path in paths.items()}
+    except DataError as exc:
+        if not repair:
+            raise
+        log(f"{exc}: rewriting")
+        write_all()
+        manifests = {name: verify_beton(path, data_config.verify_hash) for name, path in paths.items()}
     if manifests["train"]["class_names"] != manifests["test"]["class_names"]:
         raise DataError(f"the train and test splits of {data_config.dataset} list different classes: "
                         f"fix the source so both use the same class set")

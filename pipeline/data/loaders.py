@@ -34,14 +34,14 @@ def eval_loaders(config, files: DatasetFiles, batch_size: int) -> dict:
                                          d.loader_threads) for split in ("train", "test")}
 
 
-def prepare_data(data_config, cache_root, log=print) -> DatasetFiles:
-    """For the FFCV loader: write (or reuse) and verify the ``.beton`` files. For the torchvision loader:
-    describe the source as it is (nothing written).
+def prepare_data(data_config, cache_root, log=print, repair: bool = False) -> DatasetFiles:
+    """For the FFCV loader: write (or reuse) and verify the ``.beton`` files (``repair`` rewrites damaged ones).
+    For the torchvision loader: describe the source as it is (nothing written).
     """
     if data_config.loader == "ffcv":
         from pipeline.data.ffcv_writer import prepare_datasets
 
-        return prepare_datasets(data_config, cache_root, log)
+        return prepare_datasets(data_config, cache_root, log, repair)
     import numpy as np
 
     splits = load_source(data_config, log)

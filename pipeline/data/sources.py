@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -202,24 +203,26 @@ def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[st
         raise DataError(f"{split_dir} has class folders absent from train/: {unknown[:5]}: make both splits "
                         f"use the same classes")
     index = {name: i for i, name in enumerate(names)}
-    paths, labels, skipped = [], [], 0
+    candidates = []
     for name in found:
         files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
                             f"add images or remove the folder")
-        for path in files:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except Exception as exc:
-                if on_bad_image == "fail":
-                    raise DataError(f"unreadable image {path} ({type(exc).__name__}): remove or replace it, "
-                                    f"or set data.on_bad_image=skip") from None
-                skipped += 1
-                continue
-            paths.append(path)
-            labels.append(index[name])
+        candidates += [(path, name) for path in files]
+    paths, labels, skipped = [], [], 0
+    for path, name in tqdm(candidates, desc=f"checking {split_dir.name}/", unit="img", mininterval=2):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:
+            if on_bad_image == "fail":
+                raise DataError(f"unreadable image {path} ({type(exc).__name__}): remove or replace it, "
+                                f"or set data.on_bad_image=skip") from None
+            skipped += 1
+            continue
+        paths.append(path)
+        labels.append(index[name])
     if skipped:
         log(f"skipped {skipped} unreadable image(s) in {split_dir}")
     return ImageFiles(paths, np.asarray(labels, np.int64), list(names), str(split_dir), skipped)

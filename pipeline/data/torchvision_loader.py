@@ -23,7 +23,7 @@ class _TwoViews(Dataset):
 
     def __getitem__(self, index: int):
         image, label, _ = self.split[index]
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] uint8
+        image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # [3, H, W] uint8
         return self.transform(image), self.transform(image), label
 
 
@@ -36,7 +36,7 @@ class _OneView(Dataset):
 
     def __getitem__(self, index: int):
         image, label, _ = self.split[index]
-        return self.transform(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)), label
+        return self.transform(torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)), label
 
 
 class TorchvisionTwoViewLoader:

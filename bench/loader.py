@@ -1,0 +1,119 @@
+"""Two-view images/s of the FFCV loader vs the torchvision DataLoader, measured side by side in one run.
+
+    python bench/loader.py [--threads 2] [--epochs 2]
+
+Both loaders produce two views per image with the reference augmentation: RandomResizedCrop (scale 0.2-1) and a
+horizontal flip in the loader, then colour jitter (p=0.8), grayscale (p=0.2) and normalisation batched by
+``ColorAugment`` (on this CPU; on a GPU it runs there). Same cores, same batch size, data in the page cache, one
+warm-up epoch each (FFCV compiles its pipeline, files enter the cache), then ``--epochs`` timed epochs each.
+
+- cifar-size:    synthetic 32 px images, stored raw in FFCV / held in memory for torchvision (like CIFAR).
+- imagenet-size: synthetic JPEG files (max side 256, quality 90) in an ImageFolder tree, which torchvision
+                 decodes with PIL; FFCV stores them as JPEG (jpg), as FFCV's ImageNet recipe does (proportion:
+                 half JPEG, half raw), or raw; random crops resized to --crop px.
+
+"loader only" is the CPU-side data path up to uint8 views (decode, crop, flip: what a GPU run spends CPU cores
+on; the colour step and normalisation run on the GPU there). "+ colour on cpu" adds them on this CPU, as on a
+machine without a GPU. The last line gives the loader-only ratios for the three FFCV storage modes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data.augment import ColorAugment
+from pipeline.data.ffcv_loader import TwoViewLoader
+from pipeline.data.ffcv_writer import prepare_datasets
+from pipeline.data.sources import load_source, synthetic
+from pipeline.data.torchvision_loader import TorchvisionTwoViewLoader
+
+
+def images_per_s(loader, augment, epochs: int) -> float:
+    """Two-view images/s; ``augment`` (or nothing) runs on both views of every batch."""
+    def one_epoch() -> int:
+        count = 0
+        for view1, view2, _ in loader:
+            if augment is not None:
+                augment(view1), augment(view2)
+            count += view1.shape[0]
+        return count
+
+    one_epoch()  # warm-up: FFCV compiles, files enter the page cache, worker processes start
+    start = time.perf_counter()
+    images = sum(one_epoch() for _ in range(epochs))
+    return images / (time.perf_counter() - start)
+
+
+def write_jpeg_folder(root: Path, count: int, size: int) -> Path:
+    data = synthetic(10, count, count // 5, size, seed=0)
+    for split, name in (("train", "train"), ("test", "val")):
+        for i, (image, label, _) in enumerate(data[split]):
+            folder = root / name / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def compare(name: str, config: DataConfig, cache: Path, batch: int, crop: int, threads: int, epochs: int,
+            with_colour: bool) -> float:
+    """Print one row (two with ``with_colour``); return the loader-only ratio ffcv / torchvision."""
+    files = prepare_datasets(config, cache / name, log=lambda *_: None)
+    split = load_source(config, log=lambda *_: None)["train"]
+    args = dict(batch_size=batch, image_size=crop, crop_scale_min=0.2, flip=True, distributed=False, seed=0)
+    ffcv = TwoViewLoader(files.train, threads=threads, **args)
+    tv = TorchvisionTwoViewLoader(split, workers=threads, **args)
+    augments = {"loader only": None}
+    if with_colour:
+        augments["+ colour on cpu"] = ColorAugment(files.channel_mean, files.channel_std, 0.4, 0.8, 0.2)
+    ratios = {}
+    for label, augment in augments.items():
+        f, t = images_per_s(ffcv, augment, epochs), images_per_s(tv, augment, epochs)
+        ratios[label] = f / t
+        print(f"{name:>24} {label:>16} {f:>8.0f} {t:>12.0f} {f / t:>7.2f}x", flush=True)
+    return ratios["loader only"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="FFCV threads = torchvision worker processes")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--crop", type=int, default=160, help="imagenet-size crop side (160 or 224)")
+    parser.add_argument("--cifar-images", type=int, default=10000)
+    parser.add_argument("--imagenet-images", type=int, default=1500)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads} timed epochs={args.epochs}; two-view images/s")
+    print(f"{'data (ffcv storage)':>24} {'measured':>16} {'ffcv':>8} {'torchvision':>12} {'ratio':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cifar = DataConfig(dataset="synthetic", num_classes=10, train_samples=args.cifar_images, test_samples=100,
+                           image_size=32, write_mode="raw", writer_workers=args.threads)
+        compare("cifar-size (raw)", cifar, tmp, 256, 32, args.threads, args.epochs, with_colour=True)
+        root = write_jpeg_folder(tmp / "jpeg", args.imagenet_images, 256)
+        ratios = {}
+        for mode in ("jpg", "proportion", "raw"):
+            imagenet = DataConfig(dataset="imagefolder", root=str(root), image_size=args.crop, write_mode=mode,
+                                  max_resolution=256, jpeg_quality=90, compress_probability=0.5,
+                                  writer_workers=args.threads)
+            ratios[mode] = compare(f"imagenet-size ({mode})", imagenet, tmp, 64, args.crop, args.threads,
+                                   args.epochs, with_colour=mode == "raw")
+    print(f"loader speedup ffcv/torchvision (imagenet-size): {ratios['raw']:.2f}x (ffcv raw storage; "
+          f"proportion {ratios['proportion']:.2f}x, jpg {ratios['jpg']:.2f}x)")
+
+
+def _quiet_numba_finalizers(unraisable) -> None:
+    """numba's dispatcher finalizer raises KeyError when FFCV's compiled pipelines are collected: harmless."""
+    if not (isinstance(unraisable.exc_value, KeyError) and "numba" in repr(unraisable.object)):
+        sys.__unraisablehook__(unraisable)
+
+
+if __name__ == "__main__":
+    sys.unraisablehook = _quiet_numba_finalizers
+    main()
