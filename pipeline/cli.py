@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 import traceback
+from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.data.sources import DataError
@@ -23,6 +24,7 @@ COMMANDS = {
     "prepare": "write the dataset's FFCV .beton files and manifests (cached; rewritten when settings change)",
     "train": "train one model under Ray Train (DDP) and record it in MLflow",
     "tune": "search tau1, eps, optimisation settings and temperature schedules with Ray Tune",
+    "eval": "evaluate a saved checkpoint: kNN, linear probe, few-shot, dispersion",
     "ui": "serve the MLflow UI for the configured tracking store on 127.0.0.1:5000",
 }
 
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"experiment YAML (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
         sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        if name == "eval":
+            sub.add_argument("--checkpoint", required=True, metavar="DIR",
+                             help="checkpoint folder (printed by `varcon train`); its stored config is used")
     return parser
 
 
@@ -60,8 +65,11 @@ def _cmd_train(config) -> int:
         init = f" (random init: {before:.2%})" if before is not None else ""
         print(f"{key} on the held-out split: {outcome.final_metrics[key]:.2%}{init}")
     print(f"MLflow run id: {outcome.run_id}")
+    for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot"):
+        if key in outcome.final_metrics:
+            print(f"{key}: {outcome.final_metrics[key]:.2%}")
     if outcome.model_path:
-        print(f"final model: {outcome.model_path}")
+        print(f"final checkpoint: {outcome.model_path}   (varcon eval --checkpoint {Path(outcome.model_path).parent})")
     print(f"open the UI:   {shlex.join(ui_command(outcome.tracking_uri))}   (then http://127.0.0.1:5000)")
     return 0
 
@@ -70,6 +78,15 @@ def _cmd_tune(config) -> int:
     print("varcon: error: `varcon tune` is not built yet (issue 7, Ray Tune sweeps); use `varcon train` for now",
           file=sys.stderr)
     return 2
+
+
+def _cmd_eval(args) -> int:
+    from pipeline.eval_job import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
 
 
 def _cmd_ui(config) -> int:
@@ -84,6 +101,8 @@ def _cmd_ui(config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "eval":
+            return _cmd_eval(args)
         config = load_config(args.config, args.overrides)
         return {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ui": _cmd_ui}[args.command](config)
     except (ConfigError, DataError) as exc:

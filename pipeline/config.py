@@ -6,6 +6,7 @@ user can make ends in one ``ConfigError`` whose message names the fix.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -71,6 +72,7 @@ class ModelConfig:
     width: int = 64  # channels of small_cnn's first block
     head_hidden_dim: int = 512
     embedding_dim: int = 128
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -91,6 +93,8 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
+    optimizer: str = "sgd"  # sgd | lars (timm's LARS, for very large batches)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
 
 
 @dataclass
@@ -98,6 +102,8 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
     knn_temperature: float = 0.1
     every_epochs: int = 1  # kNN monitor frequency
+    linear_probe_epochs: int = 100  # final linear probe on frozen features; 0 skips it
+    few_shot_episodes: int = 200  # final 5-way 1-/5-shot nearest-class-mean episodes; 0 skips them
 
 
 @dataclass
@@ -106,7 +112,10 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     storage_path: str = ".cache/ray_results"  # Ray Train run storage (checkpoints); shared on a cluster
-    run_name: str = ""  # default: derived from experiment name
+    run_name: str = ""  # default: <name>-<hash of the config>, so re-running a command resumes it
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
 
 
 @dataclass
@@ -145,6 +154,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config file {path} is not valid YAML ({exc}): fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    return build_config(raw, overrides)
+
+
+def build_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Apply ``key=value`` overrides to a nested dict of sections, then check it and build the config."""
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -248,6 +263,13 @@ def validate(config: ExperimentConfig) -> None:
     need(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs must be >= 0 and smaller than optim.epochs")
     need(r.num_workers >= 1, f"ray.num_workers={r.num_workers} must be >= 1")
     need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
+    need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
+    need(r.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
+         f"ray.placement_strategy={r.placement_strategy!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
+    need(o.optimizer in ("sgd", "lars"), f"optim.optimizer={o.optimizer!r} must be sgd or lars")
+    need(o.precision in ("auto", "bf16", "fp32"), f"optim.precision={o.precision!r} must be auto, bf16 or fp32")
+    need(config.eval.linear_probe_epochs >= 0 and config.eval.few_shot_episodes >= 0,
+         "eval.linear_probe_epochs and eval.few_shot_episodes must be >= 0")
     need(
         o.global_batch_size >= 1 and o.global_batch_size % r.num_workers == 0,
         f"optim.global_batch_size={o.global_batch_size} must be a positive multiple of ray.num_workers="
@@ -266,6 +288,14 @@ def from_dict(raw: dict) -> ExperimentConfig:
     config = _build(ExperimentConfig, raw, "")
     validate(config)
     return config
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """A short digest of the resolved config: the same command gives the same hash."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:

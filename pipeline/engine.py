@@ -17,7 +17,7 @@ from pipeline import distributed
 from pipeline.data.augment import ColorAugment
 from pipeline.data.ffcv_writer import DatasetFiles
 from pipeline.data.loaders import eval_loaders, train_loader
-from pipeline.evaluation import extract_features, knn_top1
+from pipeline.evaluation import dispersion, extract_features, few_shot_ncm, knn_top1, linear_probe
 from pipeline.losses import build_loss
 from pipeline.models import build_model
 
@@ -27,11 +27,22 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """SGD with momentum; no weight decay on biases and normalisation parameters."""
+    """SGD with momentum, or timm's LARS; no weight decay (and no LARS adaptation) on biases and norms."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim.optimizer == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=optim.lr, momentum=optim.momentum)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (``auto``) or when asked; ``None`` means float32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -47,12 +58,14 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, loss_fn: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, device: torch.device) -> dict[str, float]:
+                    optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
+                    amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One pass over ``batches`` of ``(view1, view2, labels)``; returns epoch means of the loss and its stats.
 
     Each step: x = [aug(view1); aug(view2)] ``[2n, 3, S, S]``, z = model(x), the loss over the views of all
-    workers (gathered), backward of ``world_size * loss`` (see ``pipeline.distributed``). Metrics stay on the
-    device until the epoch ends: no host synchronisation per step.
+    workers (gathered), backward of ``world_size * loss`` (see ``pipeline.distributed``). The model runs under
+    ``amp_dtype`` autocast when given; the loss is float32 regardless. Metrics stay on the device until the
+    epoch ends: no host synchronisation per step.
     """
     model.train()
     scale = distributed.loss_scale_for_global_batch()
@@ -63,7 +76,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
         labels = labels.to(device, non_blocking=True)
         x = torch.cat([augment(view1), augment(view2)]).contiguous(memory_format=torch.channels_last)
         y = torch.cat([labels, labels])
-        out = model(x)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x)
         loss, stats = loss_fn(distributed.gather_with_local_grad(out), distributed.gather_with_local_grad(y))
         optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
@@ -96,10 +110,14 @@ class Training:
     eval_preprocess: nn.Module
     train_batches: Iterable  # TwoViewLoader or TorchvisionTwoViewLoader
     device: torch.device
+    amp_dtype: torch.dtype | None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The plain model inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
 
 
 def build_training(config, files: DatasetFiles, device: torch.device,
@@ -112,6 +130,8 @@ def build_training(config, files: DatasetFiles, device: torch.device,
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, files.num_classes).to(device, memory_format=torch.channels_last)
     model = wrap_model(model)
+    if config.model.compile:
+        model = torch.compile(model)
     optimizer = build_optimizer(model, config.optim)
     steps_per_epoch = len(train_batches)
     scheduler = warmup_cosine(optimizer, config.optim.warmup_epochs * steps_per_epoch,
@@ -120,46 +140,72 @@ def build_training(config, files: DatasetFiles, device: torch.device,
                                  d.color_jitter_prob, d.grayscale_prob).to(device)
     eval_preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
     loss_fn = build_loss(config.loss, files.num_classes)
-    return Training(model, loss_fn, optimizer, scheduler, train_augment, eval_preprocess, train_batches, device)
+    return Training(model, loss_fn, optimizer, scheduler, train_augment, eval_preprocess, train_batches, device,
+                    autocast_dtype(config.optim.precision, device))
 
 
-class KnnMonitor:
-    """kNN top-1 of the encoder's features: train split as memory bank, test split as queries."""
+class Evaluator:
+    """Evaluation of the encoder's features: train split as memory bank / probe training set, test split as
+    queries. ``knn`` runs every few epochs; ``final`` adds the linear probe, few-shot and dispersion metrics.
+    """
 
     def __init__(self, config, files: DatasetFiles, batch_size: int = 512) -> None:
         loaders = eval_loaders(config, files, batch_size)
         self.train, self.test = loaders["train"], loaders["test"]
-        self.ks, self.temperature = config.eval.knn_k, config.eval.knn_temperature
-        self.num_classes = files.num_classes
+        self.eval_config, self.num_classes, self.seed = config.eval, files.num_classes, config.seed
 
-    def __call__(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
+    def features(self, model: nn.Module, preprocess: nn.Module, device: torch.device):
         encoder = unwrap(model)
         was_training = encoder.training
         encoder.eval()
-        bank, bank_labels = extract_features(encoder.features, self.train, preprocess, device)
-        queries, query_labels = extract_features(encoder.features, self.test, preprocess, device)
+        bank = extract_features(encoder.features, self.train, preprocess, device)
+        queries = extract_features(encoder.features, self.test, preprocess, device)
         encoder.train(was_training)
-        return {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k, self.temperature,
-                                           self.num_classes) for k in self.ks}
+        return bank, queries
+
+    def knn(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
+        (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
+        e = self.eval_config
+        return {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k, e.knn_temperature,
+                                           self.num_classes) for k in e.knn_k}
+
+    def final(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
+        (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
+        e = self.eval_config
+        metrics = {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k, e.knn_temperature,
+                                              self.num_classes) for k in e.knn_k}
+        metrics.update(dispersion(queries, query_labels, self.num_classes))
+        if e.linear_probe_epochs:
+            metrics.update(linear_probe(bank, bank_labels, queries, query_labels, self.num_classes,
+                                        epochs=e.linear_probe_epochs, seed=self.seed))
+        for shots in (1, 5) if e.few_shot_episodes else ():
+            metrics[f"fewshot_5way_{shots}shot"] = few_shot_ncm(queries, query_labels, shots=shots,
+                                                                episodes=e.few_shot_episodes, seed=self.seed)
+        return metrics
 
 
 def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callable[[int, dict, Training], None],
-        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> Training:
-    """Train for ``config.optim.epochs`` epochs. ``on_epoch_end(epoch, metrics, training)`` runs on every rank after
-    every epoch; epoch 0 reports the randomly initialised encoder. The kNN monitor runs on rank 0 only.
+        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None) -> Training:
+    """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs
+    on every rank after every epoch; epoch 0 reports the randomly initialised encoder. ``resume`` (a
+    ``pipeline.checkpoint`` state) continues after its epoch. Evaluation runs on rank 0 only; the last epoch
+    also reports the final evaluation (linear probe, few-shot, dispersion).
     """
+    from pipeline import checkpoint
+
     training = build_training(config, files, device, wrap_model)
-    is_rank0 = distributed.rank() == 0
-    monitor = KnnMonitor(config, files) if is_rank0 else None
-
-    def evaluate() -> dict[str, float]:
-        return monitor(training.model, training.eval_preprocess, device) if monitor else {}
-
-    on_epoch_end(0, evaluate(), training)
-    for epoch in range(1, config.optim.epochs + 1):
+    start = checkpoint.restore(training, resume) + 1 if resume else 1
+    evaluator = Evaluator(config, files) if distributed.rank() == 0 else None
+    last = config.optim.epochs
+    if resume is None:
+        on_epoch_end(0, evaluator.knn(training.model, training.eval_preprocess, device) if evaluator else {},
+                     training)
+    for epoch in range(start, last + 1):
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
-                                  training.optimizer, training.scheduler, device)
-        if epoch % config.eval.every_epochs == 0 or epoch == config.optim.epochs:
-            metrics.update(evaluate())
+                                  training.optimizer, training.scheduler, device, training.amp_dtype)
+        if evaluator is not None and epoch == last:
+            metrics.update(evaluator.final(training.model, training.eval_preprocess, device))
+        elif evaluator is not None and epoch % config.eval.every_epochs == 0:
+            metrics.update(evaluator.knn(training.model, training.eval_preprocess, device))
         on_epoch_end(epoch, metrics, training)
     return training

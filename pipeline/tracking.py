@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.config import ExperimentConfig, flatten, workdir
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+RUN_KEY_TAG = "varcon.run_key"  # identifies one training across restarts and re-submissions
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -66,21 +67,29 @@ class TrackedRun:
         self.client = _client(tracking_uri)
 
     @classmethod
-    def start(cls, config: ExperimentConfig, tracking_uri: str, tags: dict[str, str] | None = None) -> TrackedRun:
-        """Create a run in ``config.tracking.experiment`` holding the resolved, flattened config as params."""
+    def find_or_start(cls, config: ExperimentConfig, tracking_uri: str, run_key: str,
+                      tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
+        """The run tagged ``varcon.run_key=run_key`` in ``config.tracking.experiment``, reopened, or a new one
+        holding the resolved, flattened config as params. Returns ``(run, resumed)``.
+        """
         from mlflow.entities import Param
 
         client = _client(tracking_uri)
         try:
             experiment_id = _experiment_id(client, config.tracking.experiment, tracking_uri)
+            found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                       max_results=1)
         except Exception as exc:  # MLflow raises several types for an unusable store
             raise TrackingError(f"cannot use the MLflow store {tracking_uri} ({exc}): check the URI or start the "
                                 f"server, or unset MLFLOW_TRACKING_URI to use the local SQLite store") from None
-        run = client.create_run(experiment_id, run_name=config.name, tags=tags or {})
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return cls(tracking_uri, found[0].info.run_id), True
+        run = client.create_run(experiment_id, run_name=config.name, tags={**(tags or {}), RUN_KEY_TAG: run_key})
         params = [Param(key, value[:6000]) for key, value in sorted(flatten(config).items())]
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
             client.log_batch(run.info.run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
-        return cls(tracking_uri, run.info.run_id)
+        return cls(tracking_uri, run.info.run_id), False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

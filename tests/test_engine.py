@@ -32,3 +32,66 @@ def test_warmup_then_cosine_schedule():
         schedule.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and lrs[8] == pytest.approx(0.5) and lrs[11] < 0.05
+
+
+DETERMINISTIC = ["ray.num_workers=1", "optim.epochs=3", "optim.global_batch_size=256", "data.crop_scale_min=1.0",
+                 "data.horizontal_flip=false", "data.color_jitter_strength=0", "data.grayscale_prob=0",
+                 "eval.every_epochs=10", "eval.linear_probe_epochs=0", "eval.few_shot_episodes=0"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(digits_files):
+    from pipeline import checkpoint
+
+    config = load_config(None, DETERMINISTIC)
+    device = torch.device("cpu")
+    reference = engine.fit(config, digits_files, device, lambda *_: None)
+
+    saved = {}
+
+    def stop_after_two(epoch, metrics, training):
+        if epoch == 2:
+            saved["state"] = checkpoint.capture(training, epoch, "run-123")
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        engine.fit(config, digits_files, device, stop_after_two)
+    state = saved["state"]
+    assert state["epoch"] == 2 and state["loader_epoch"] == 2 and state["tracking_run_id"] == "run-123"
+
+    epochs = []
+    resumed = engine.fit(config, digits_files, device, lambda epoch, m, t: epochs.append(epoch), resume=state)
+    assert epochs == [3]
+    for (name, a), (_, b) in zip(engine.unwrap(reference.model).state_dict().items(),
+                                 engine.unwrap(resumed.model).state_dict().items()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.scheduler.last_epoch == reference.scheduler.last_epoch
+
+
+def test_checkpoint_round_trips_through_disk_with_weights_only(digits_files, tmp_path):
+    from pipeline import checkpoint
+
+    config = load_config(None, DETERMINISTIC[:1] + ["optim.epochs=1", "optim.warmup_epochs=0"])
+    training = engine.build_training(config, digits_files, torch.device("cpu"))
+    checkpoint.save(checkpoint.capture(training, 1, "abc"), tmp_path)
+    loaded = checkpoint.load(tmp_path)  # torch.load(weights_only=True) inside
+    assert loaded["epoch"] == 1 and loaded["tracking_run_id"] == "abc"
+    other = engine.build_training(config, digits_files, torch.device("cpu"))
+    assert checkpoint.restore(other, loaded) == 1
+
+
+def test_final_evaluation_reports_probe_fewshot_and_dispersion(digits_files):
+    config = load_config(None, ["ray.num_workers=1", "optim.epochs=1", "optim.warmup_epochs=0", "eval.linear_probe_epochs=5",
+                                "eval.few_shot_episodes=20"])
+    reports = {}
+    engine.fit(config, digits_files, torch.device("cpu"), lambda epoch, m, _: reports.update({epoch: m}))
+    final = reports[1]
+    for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot", "dispersion_intra_cos",
+                "dispersion_inter_cos", "knn_top1_k20"):
+        assert key in final
+    assert 0.5 < final["probe_top1"] <= final["probe_top5"] <= 1.0
+    assert 0.2 < final["fewshot_5way_1shot"] <= 1.0
+    assert -1.0 <= final["dispersion_inter_cos"] < final["dispersion_intra_cos"] <= 1.0

@@ -1,4 +1,5 @@
 """The whole path at a small size: `varcon train` -> FFCV files -> Ray Train (2 gloo workers) -> MLflow."""
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -37,3 +38,20 @@ def test_bad_override_exits_2_before_any_work(varcon_home, capsys):
     assert main(["train", "loss.eps=0.5"]) == 2
     assert "loss.eps=0.5 must be smaller than loss.tau1" in capsys.readouterr().err
     assert not (varcon_home / ".cache").exists()
+
+
+def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home, ray_session, monkeypatch):
+    args = ["train", "optim.epochs=3", "optim.warmup_epochs=0", "ray.max_failures=0", "name=resume",
+            "eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
+    monkeypatch.setenv("VARCON_TEST_FAIL_AT_EPOCH", "2")
+    with pytest.raises(Exception, match="injected failure"):
+        main(args)
+    monkeypatch.delenv("VARCON_TEST_FAIL_AT_EPOCH")
+    assert main(args) == 0
+
+    client = MlflowClient(f"sqlite:///{varcon_home / '.cache' / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")) == [0, 1, 2, 3]
+    assert "probe_top1" in run.data.metrics

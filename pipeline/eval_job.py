@@ -1,0 +1,33 @@
+"""`varcon eval`: the final evaluation (kNN, linear probe, few-shot, dispersion) of a saved checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import ConfigError, build_config
+from pipeline.data.augment import ColorAugment
+from pipeline.engine import Evaluator
+from pipeline.models import build_model
+
+
+def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:
+    """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file) with the config
+    stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or GPU.
+    """
+    from pipeline.train_job import prepare
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        state = checkpoint.load(folder)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc}: pass a checkpoint folder printed by `varcon train`") from None
+    config = build_config(state["config"], overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    files = prepare(config, log)
+    model = build_model(config, files.num_classes)
+    model.load_state_dict(state["model"])
+    model = model.to(device, memory_format=torch.channels_last)
+    preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
+    return {"epoch": state["epoch"], **Evaluator(config, files).final(model, preprocess, device)}
