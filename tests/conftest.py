@@ -29,9 +29,15 @@ def digits_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance shared by every test that needs one (2 CPUs, like this machine)."""
+    """The one Ray instance of the test session, shared by every test that needs one: a 2-node cluster on
+    this machine (a head and a worker node, 1 CPU each), so multi-node placement is real.
+    """
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
