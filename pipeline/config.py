@@ -144,17 +144,36 @@ LOSSES = ("varcon", "supcon", "cross_entropy")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read YAML ``path`` (default: configs/digits.yaml), apply ``key=value`` overrides, validate."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    """Read YAML ``path`` (default: configs/digits.yaml), apply ``key=value`` overrides, validate.
+
+    A file may name another with ``base: other.yaml`` (relative to itself): its values are the defaults.
+    """
+    return build_config(_read_yaml(Path(path) if path else DEFAULT_CONFIG, ()), overrides)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} names itself as a base (through {chain[-1]}): remove the cycle")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML ({exc}): fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
-    return build_config(raw, overrides)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(path.parent / str(base), chain + (path.resolve(),)), raw)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 def build_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -51,3 +51,30 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("loss: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_CONFIG.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_config_parses_validates_and_builds(path):
+    from pipeline.models import ContrastiveModel, build_model
+
+    config = load_config(path)
+    assert config.optim.global_batch_size % config.ray.num_workers == 0
+    model = build_model(config, num_classes=100)
+    if isinstance(model, ContrastiveModel):
+        assert model.head.net[-1].out_features == config.model.embedding_dim
+        assert model.head.net[0].out_features == config.model.head_hidden_dim
+
+
+def test_recipe_values_and_base_inheritance():
+    recipe = load_config(DEFAULT_CONFIG.parent / "cifar100_resnet50.yaml")
+    supcon = load_config(DEFAULT_CONFIG.parent / "cifar100_resnet50_supcon.yaml")
+    assert (recipe.optim.global_batch_size, recipe.optim.epochs, recipe.optim.warmup_epochs) == (1024, 200, 10)
+    assert (recipe.loss.tau1, recipe.loss.eps, recipe.model.head_hidden_dim) == (0.1, 0.02, 2048)
+    assert supcon.loss.name == "supcon" and supcon.optim == recipe.optim and supcon.data == recipe.data
+
+
+def test_base_cycle_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="names itself as a base"):
+        load_config(tmp_path / "a.yaml")
