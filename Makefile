@@ -8,4 +8,5 @@ demo: setup
 	.venv/bin/varcon train
 
 test: setup
+	bash scripts/check_job_submit.sh
 	.venv/bin/python -m pytest
