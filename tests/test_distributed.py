@@ -90,3 +90,30 @@ def test_single_process_helpers_are_identities():
     assert distributed.gather_with_local_grad(x) is x
     assert distributed.world_size() == 1 and distributed.rank() == 0
     assert distributed.loss_scale_for_global_batch() == 1
+
+
+def _global_batch_rank(rank: int, port: int, files, results) -> None:
+    from pipeline import engine
+    from pipeline.config import load_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        config = load_config(None, ["optim.global_batch_size=128", "ray.num_workers=2"])
+        training = engine.build_training(config, files, torch.device("cpu"))
+        view1, _, labels = next(iter(training.train_batches))
+        results[rank] = (view1.shape[0], len(training.train_batches))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_split_the_global_batch(digits_files):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_global_batch_rank, args=(port, digits_files, results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        local_batch, steps = results[rank]
+        assert local_batch * WORLD == 128  # the global batch stays what the config says
+        assert steps == 1347 // 128  # each rank's shard gives the same number of steps

@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision.transforms import v2
 
 
-class _TwoViews(Dataset):
-    def __init__(self, split, transform) -> None:
-        self.split, self.transform = split, transform
+class _Views(Dataset):
+    """Sample i -> ``(view_1, ..., view_n, label)``: ``n`` draws of ``transform`` on one decoded uint8 image."""
+
+    def __init__(self, split, transform, views: int) -> None:
+        self.split, self.transform, self.views = split, transform, views
 
     def __len__(self) -> int:
         return len(self.split)
@@ -24,19 +26,7 @@ class _TwoViews(Dataset):
     def __getitem__(self, index: int):
         image, label, _ = self.split[index]
         image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # [3, H, W] uint8
-        return self.transform(image), self.transform(image), label
-
-
-class _OneView(Dataset):
-    def __init__(self, split, transform) -> None:
-        self.split, self.transform = split, transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int):
-        image, label, _ = self.split[index]
-        return self.transform(torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)), label
+        return (*(self.transform(image) for _ in range(self.views)), label)
 
 
 class TorchvisionTwoViewLoader:
@@ -49,7 +39,7 @@ class TorchvisionTwoViewLoader:
         ops = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
         if flip:
             ops.append(v2.RandomHorizontalFlip())
-        dataset = _TwoViews(split, v2.Compose(ops))
+        dataset = _Views(split, v2.Compose(ops), views=2)
         if distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
@@ -82,7 +72,7 @@ class TorchvisionEvalLoader:
 
     def __init__(self, split, batch_size: int, image_size: int, crop_ratio: float = 1.0, workers: int = 1):
         transform = v2.Compose([v2.Resize(round(image_size / crop_ratio), antialias=True), v2.CenterCrop(image_size)])
-        self.loader = DataLoader(_OneView(split, transform), batch_size=batch_size, shuffle=False,
+        self.loader = DataLoader(_Views(split, transform, views=1), batch_size=batch_size, shuffle=False,
                                  num_workers=workers)
 
     def __len__(self) -> int:
