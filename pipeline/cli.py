@@ -64,10 +64,10 @@ def _cmd_train(config) -> int:
         before = outcome.initial_metrics.get(key)
         init = f" (random init: {before:.2%})" if before is not None else ""
         print(f"{key} on the held-out split: {outcome.final_metrics[key]:.2%}{init}")
-    print(f"MLflow run id: {outcome.run_id}")
     for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot"):
         if key in outcome.final_metrics:
             print(f"{key}: {outcome.final_metrics[key]:.2%}")
+    print(f"MLflow run id: {outcome.run_id}")
     if outcome.model_path:
         print(f"final checkpoint: {outcome.model_path}   (varcon eval --checkpoint {Path(outcome.model_path).parent})")
     print(f"open the UI:   {shlex.join(ui_command(outcome.tracking_uri))}   (then http://127.0.0.1:5000)")

@@ -55,3 +55,17 @@ def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home,
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")) == [0, 1, 2, 3]
     assert "probe_top1" in run.data.metrics
+
+
+def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(varcon_home, ray_session, capsys):
+    assert main(["train", *OVERRIDES, "eval.few_shot_episodes=20"]) == 0
+    capsys.readouterr()
+    states = sorted((varcon_home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*/state.pt"))
+    folder = states[-1].parent  # checkpoint folders are named by time: the last is the final epoch
+    assert main(["eval", "--checkpoint", str(folder), "eval.few_shot_episodes=20"]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
+    client = MlflowClient(f"sqlite:///{varcon_home / '.cache' / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
+    assert printed["epoch"] == "2"
+    for key in ("knn_top1_k20", "probe_top1", "fewshot_5way_5shot", "dispersion_intra_cos"):
+        assert float(printed[key]) == pytest.approx(run.data.metrics[key], abs=1e-4)
