@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,11 @@ def validate(config: ExperimentConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
+    safe_name = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+    need(bool(safe_name.fullmatch(config.name)), f"name={config.name!r} may hold only letters, digits, '.', '_' "
+         f"and '-' (it names the run's folder and MLflow run)")
+    need(not r.run_name or bool(safe_name.fullmatch(r.run_name)),
+         f"ray.run_name={r.run_name!r} may hold only letters, digits, '.', '_' and '-'")
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r} is unknown: use one of {', '.join(DATASETS)}")
     need(m.encoder in ENCODERS, f"model.encoder={m.encoder!r} is unknown: use one of {', '.join(ENCODERS)}")
     need(lo.name in LOSSES, f"loss.name={lo.name!r} is unknown: use one of {', '.join(LOSSES)}")

@@ -37,6 +37,7 @@ def test_flatten_gives_dotted_string_params():
     (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
     (["model.encoder=vgg"], "model.encoder='vgg' is unknown"),
     (["no_equals_sign"], "must look like section.key=value"),
+    (["name=my run's/1"], "may hold only letters, digits"),
 ])
 def test_bad_values_name_the_fix(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as info:
