@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.data.sources import DataError
+from pipeline.tracking import TrackingError
 
 DESCRIPTION = """\
 VarCon training and tuning pipeline (Ray Train + Ray Tune + FFCV + MLflow).
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         config = load_config(args.config, args.overrides)
         return {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ui": _cmd_ui}[args.command](config)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, TrackingError) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"varcon: error: {exc}", file=sys.stderr)

@@ -33,6 +33,25 @@ def resolve_tracking_uri(configured: str = "") -> str:
     return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when an http(s) tracking server does not answer its health check
+    (MLflow's own client would retry for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingError(f"the MLflow tracking server {tracking_uri} does not answer ({problem}): start it "
+                        f"(`mlflow server` or `varcon ui`), or unset MLFLOW_TRACKING_URI to use the local store")
+
+
 def ui_command(tracking_uri: str) -> list[str]:
     """The command that serves the MLflow UI for ``tracking_uri`` on 127.0.0.1 (this environment's mlflow)."""
     mlflow = Path(sys.executable).parent / "mlflow"

@@ -12,7 +12,7 @@ from pipeline import checkpoint
 from pipeline.config import ExperimentConfig, config_hash, resolve_path, to_dict
 from pipeline.data.ffcv_writer import DatasetFiles
 from pipeline.data.loaders import prepare_data
-from pipeline.tracking import TrackedRun, resolve_tracking_uri
+from pipeline.tracking import TrackedRun, check_reachable, resolve_tracking_uri
 
 
 MODEL_FILE = "model.pt"  # the final model's weights, as logged to MLflow
@@ -41,6 +41,7 @@ def train(config: ExperimentConfig, log=print) -> TrainOutcome:
     from pipeline.ray_train import init_ray, run_training
 
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    check_reachable(tracking_uri)
     files = prepare(config, log)
     name = run_name(config)
     tracked, resumed = TrackedRun.find_or_start(config, tracking_uri, run_key=name,

@@ -8,10 +8,17 @@ export PATH="$PWD/.venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELE
 home=$(mktemp -d)
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dash=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ray start --head --node-ip-address=127.0.0.1 --port="$port" --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
-  --num-cpus=2 --disable-usage-stats --temp-dir="$home/ray" > "$home/ray-start.log" 2>&1 \
-  || { cat "$home/ray-start.log"; exit 1; }
-trap 'ray stop --force > /dev/null 2>&1 || true; rm -rf "$home"' EXIT
+# --block keeps `ray start` in the foreground of its own process: stopping it stops this head and nothing else
+# (`ray stop` would stop every Ray instance on the machine).
+ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --dashboard-host=127.0.0.1 \
+  --dashboard-port="$dash" --num-cpus=2 --disable-usage-stats --temp-dir="$home/ray" > "$home/ray-start.log" 2>&1 &
+head_pid=$!
+trap 'kill "$head_pid" 2> /dev/null; wait "$head_pid" 2> /dev/null; rm -rf "$home"' EXIT
+for _ in $(seq 120); do  # wait until the job server answers (bounded: 60 s)
+  ray job list --address "http://127.0.0.1:$dash" > /dev/null 2>&1 && break
+  kill -0 "$head_pid" 2> /dev/null || { cat "$home/ray-start.log"; exit 1; }
+  sleep 0.5
+done
 echo "[job-submit] Ray head on 127.0.0.1:$port (dashboard :$dash)"
 ray job submit --address "http://127.0.0.1:$dash" --working-dir . \
   --runtime-env-json "{\"env_vars\": {\"VARCON_HOME\": \"$home\"}}" \

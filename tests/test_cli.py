@@ -50,3 +50,16 @@ def test_prepare_repairs_what_train_refused(varcon_home, capsys):
     beton.write_bytes(beton.read_bytes()[:-64])
     assert main(["prepare", *args]) == 0
     assert "rewriting" in capsys.readouterr().out
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(varcon_home, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert f"the MLflow tracking server http://127.0.0.1:{port} does not answer" in err
+    assert len(err.strip().splitlines()) == 1 and not (varcon_home / ".cache").exists()
