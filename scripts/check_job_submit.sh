@@ -13,7 +13,12 @@ dash=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); pr
 ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --dashboard-host=127.0.0.1 \
   --dashboard-port="$dash" --num-cpus=2 --disable-usage-stats --temp-dir="$home/ray" > "$home/ray-start.log" 2>&1 &
 head_pid=$!
-trap 'kill "$head_pid" 2> /dev/null; wait "$head_pid" 2> /dev/null; rm -rf "$home"' EXIT
+stop_head() {
+  kill "$head_pid" 2> /dev/null || true
+  wait "$head_pid" 2> /dev/null || true  # the killed `ray start` exits non-zero: not this check's result
+  rm -rf "$home"
+}
+trap stop_head EXIT
 for _ in $(seq 120); do  # wait until the job server answers (bounded: 60 s)
   ray job list --address "http://127.0.0.1:$dash" > /dev/null 2>&1 && break
   kill -0 "$head_pid" 2> /dev/null || { cat "$home/ray-start.log"; exit 1; }
