@@ -55,7 +55,10 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
 def ui_command(tracking_uri: str) -> list[str]:
     """The command that serves the MLflow UI for ``tracking_uri`` on 127.0.0.1 (this environment's mlflow)."""
     mlflow = Path(sys.executable).parent / "mlflow"
-    executable = os.path.relpath(mlflow) if mlflow.exists() else "mlflow"
+    executable = "mlflow"
+    if mlflow.exists():
+        relative = os.path.relpath(mlflow)
+        executable = str(mlflow) if relative.startswith("..") else relative
     return [executable, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", "5000",
             "--workers", "1"]
 
