@@ -163,17 +163,19 @@ class Evaluator:
         encoder.train(was_training)
         return bank, queries
 
+    def _knn(self, bank, bank_labels, queries, query_labels) -> dict[str, float]:
+        return {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k,
+                                           self.eval_config.knn_temperature, self.num_classes)
+                for k in self.eval_config.knn_k}
+
     def knn(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
         (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
-        e = self.eval_config
-        return {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k, e.knn_temperature,
-                                           self.num_classes) for k in e.knn_k}
+        return self._knn(bank, bank_labels, queries, query_labels)
 
     def final(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
         (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
         e = self.eval_config
-        metrics = {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k, e.knn_temperature,
-                                              self.num_classes) for k in e.knn_k}
+        metrics = self._knn(bank, bank_labels, queries, query_labels)
         metrics.update(dispersion(queries, query_labels, self.num_classes))
         if e.linear_probe_epochs:
             metrics.update(linear_probe(bank, bank_labels, queries, query_labels, self.num_classes,

@@ -13,9 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from pipeline.data.sources import DataError, load_source, source_fingerprint
+from pipeline.data.sources import DataError, channel_stats, load_source, source_fingerprint
 
 MANIFEST_VERSION = 2
 FIELDS = {"image": "RGBImageField", "label": "IntField", "index": "IntField"}
@@ -77,11 +76,6 @@ def read_manifest(beton: str | Path) -> dict:
                         f"to rewrite the dataset files") from None
 
 
-def _channel_stats(split) -> tuple[list[float], list[float]]:
-    pixels = split.sample_for_stats().reshape(-1, 3).astype(np.float64) / 255.0
-    return pixels.mean(0).round(6).tolist(), pixels.std(0).round(6).tolist()
-
-
 def write_beton(split, path: Path, settings: dict, fingerprint: str, workers: int) -> dict:
     """Write ``split`` to ``path`` (temporary file, then rename) and its manifest; return the manifest."""
     from ffcv.fields import IntField, RGBImageField
@@ -96,7 +90,7 @@ def write_beton(split, path: Path, settings: dict, fingerprint: str, workers: in
     try:
         DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
                       num_workers=workers).from_indexed_dataset(split)
-        mean, std = _channel_stats(split)
+        mean, std = channel_stats(split)
         manifest = {
             "version": MANIFEST_VERSION,
             "sha256": sha256_of(tmp),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pipeline.data.ffcv_writer import DatasetFiles
-from pipeline.data.sources import load_source
+from pipeline.data.sources import channel_stats, load_source
 
 
 def train_loader(config, files: DatasetFiles, batch_size: int, distributed: bool):
@@ -42,10 +42,8 @@ def prepare_data(data_config, cache_root, log=print, repair: bool = False) -> Da
         from pipeline.data.ffcv_writer import prepare_datasets
 
         return prepare_datasets(data_config, cache_root, log, repair)
-    import numpy as np
-
     splits = load_source(data_config, log)
-    pixels = splits["train"].sample_for_stats().reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = channel_stats(splits["train"])
     return DatasetFiles(train="", test="", num_classes=len(splits["train"].class_names),
                         num_train=len(splits["train"]), num_test=len(splits["test"]),
-                        channel_mean=tuple(pixels.mean(0).tolist()), channel_std=tuple(pixels.std(0).tolist()))
+                        channel_mean=tuple(mean), channel_std=tuple(std))

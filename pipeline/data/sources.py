@@ -69,6 +69,12 @@ class ImageFiles:
         return np.concatenate([_read_rgb(self.paths[i]).reshape(-1, 3) for i in picks])
 
 
+def channel_stats(split) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of a split (over an evenly spaced sample of its images)."""
+    pixels = split.sample_for_stats().reshape(-1, 3).astype(np.float64) / 255.0
+    return pixels.mean(0).round(6).tolist(), pixels.std(0).round(6).tolist()
+
+
 def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
     if len(labels) == 0:
         raise DataError(f"{source} holds no samples: point data.root at a non-empty dataset")
