@@ -310,9 +310,7 @@ def to_dict(config: ExperimentConfig) -> dict:
 
 
 def from_dict(raw: dict) -> ExperimentConfig:
-    config = _build(ExperimentConfig, raw, "")
-    validate(config)
-    return config
+    return build_config(raw)
 
 
 def config_hash(config: ExperimentConfig) -> str:

@@ -109,7 +109,6 @@ class Training:
     train_augment: nn.Module
     eval_preprocess: nn.Module
     train_batches: Iterable  # TwoViewLoader or TorchvisionTwoViewLoader
-    device: torch.device
     amp_dtype: torch.dtype | None
 
 
@@ -140,7 +139,7 @@ def build_training(config, files: DatasetFiles, device: torch.device,
                                  d.color_jitter_prob, d.grayscale_prob).to(device)
     eval_preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
     loss_fn = build_loss(config.loss, files.num_classes)
-    return Training(model, loss_fn, optimizer, scheduler, train_augment, eval_preprocess, train_batches, device,
+    return Training(model, loss_fn, optimizer, scheduler, train_augment, eval_preprocess, train_batches,
                     autocast_dtype(config.optim.precision, device))
 
 

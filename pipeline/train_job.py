@@ -10,7 +10,7 @@ import yaml
 
 from pipeline import checkpoint
 from pipeline.config import ExperimentConfig, config_hash, resolve_path, to_dict
-from pipeline.data.ffcv_writer import DatasetFiles
+from pipeline.data.ffcv_writer import DatasetFiles, manifest_path
 from pipeline.data.loaders import prepare_data
 from pipeline.tracking import TrackedRun, check_reachable, resolve_tracking_uri
 
@@ -50,7 +50,7 @@ def train(config: ExperimentConfig, log=print) -> TrainOutcome:
     if not resumed:
         tracked.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
         for beton in filter(None, (files.train, files.test)):
-            tracked.log_artifact(beton + ".manifest.json", "dataset")
+            tracked.log_artifact(manifest_path(beton), "dataset")
     log(f"{'continuing' if resumed else 'starting'} Ray Train run {name} (MLflow run {tracked.run_id} in "
         f"{tracking_uri}); effective learning rate {config.optim.lr} for a global batch of "
         f"{config.optim.global_batch_size} images on {config.ray.num_workers} workers")
