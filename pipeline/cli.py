@@ -71,6 +71,9 @@ def _cmd_train(config) -> int:
     print(f"MLflow run id: {outcome.run_id}")
     if outcome.model_path:
         print(f"final checkpoint: {outcome.model_path}   (varcon eval --checkpoint {Path(outcome.model_path).parent})")
+        print(f"best checkpoint:  {outcome.best_model_path}   (by kNN top-1 on the test split)")
+    if outcome.tracking_problem:
+        print(f"varcon: warning: {outcome.tracking_problem}", file=sys.stderr)
     print(f"open the UI:   {shlex.join(ui_command(outcome.tracking_uri))}   (then http://127.0.0.1:5000)")
     return 0
 

@@ -11,12 +11,15 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.schedules import schedule_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "digits.yaml"
@@ -77,10 +80,24 @@ class ModelConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """How VarCon's tau1 and eps change over training (see ``pipeline.schedules``)."""
+
+    kind: str = "constant"  # constant | linear | cosine | step | piecewise
+    tau1_end: float | None = None  # linear/cosine/step: the last epoch's tau1 (default: loss.tau1)
+    eps_end: float | None = None  # linear/cosine/step: the last epoch's eps (default: loss.eps)
+    steps: int = 4  # step: equal phases, each at one value
+    epochs: list[int] = field(default_factory=list)  # piecewise: the epoch at which each value starts (first: 1)
+    tau1_values: list[float] = field(default_factory=list)  # piecewise
+    eps_values: list[float] = field(default_factory=list)  # piecewise
+
+
+@dataclass
 class LossConfig:
     name: str = "varcon"  # varcon | supcon | cross_entropy
-    tau1: float = 0.1
+    tau1: float = 0.1  # the first epoch's tau1 (all epochs' under the constant schedule)
     eps: float = 0.02
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     detach_target: bool = False
     supcon_temperature: float = 0.1
     supcon_base_temperature: float = 0.07
@@ -123,6 +140,8 @@ class RayConfig:
 class TrackingConfig:
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/.cache/mlflow/mlflow.db
     experiment: str = "varcon"
+    log_checkpoints: bool = True  # log the final and best full checkpoints (state.pt) as run artifacts
+    registered_model_name: str = ""  # register the final encoder in the Model Registry under this name
 
 
 @dataclass
@@ -222,6 +241,11 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
     origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # ``X | None``
+        if value is None:
+            return None
+        (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        origin = typing.get_origin(kind)
     if origin is list:
         (item_kind,) = typing.get_args(kind)
         values = value if isinstance(value, list) else [value]
@@ -281,6 +305,8 @@ def validate(config: ExperimentConfig) -> None:
     need(lo.tau1 > 0, f"loss.tau1={lo.tau1} must be > 0 (the paper uses 0.1)")
     need(lo.eps >= 0, f"loss.eps={lo.eps} must be >= 0 (the paper uses 0.02)")
     need(lo.eps < lo.tau1, f"loss.eps={lo.eps} must be smaller than loss.tau1={lo.tau1}")
+    problem = schedule_problem(lo, o.epochs)
+    need(problem is None, problem or "")
     need(lo.supcon_temperature > 0 and lo.supcon_base_temperature > 0, "SupCon temperatures must be > 0")
     need(o.epochs >= 1, f"optim.epochs={o.epochs} must be >= 1")
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")

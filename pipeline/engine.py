@@ -17,9 +17,10 @@ from pipeline import distributed
 from pipeline.data.augment import ColorAugment
 from pipeline.data.ffcv_writer import DatasetFiles
 from pipeline.data.loaders import eval_loaders, train_loader
-from pipeline.evaluation import dispersion, extract_features, few_shot_ncm, knn_top1, linear_probe
+from pipeline.evaluation import dispersion, extract_features, few_shot_ncm, knn_predict, linear_probe
 from pipeline.losses import build_loss
 from pipeline.models import build_model
+from pipeline.schedules import temperatures_at
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -143,6 +144,16 @@ def build_training(config, files: DatasetFiles, device: torch.device,
                     autocast_dtype(config.optim.precision, device))
 
 
+@dataclass
+class FinalFeatures:
+    """The test split after training: unit encoder features ``[N, F]``, labels ``[N]``, kNN predictions ``[N]``."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    knn_predictions: torch.Tensor
+    knn_k: int
+
+
 class Evaluator:
     """Evaluation of the encoder's features: train split as memory bank / probe training set, test split as
     queries. ``knn`` runs every few epochs; ``final`` adds the linear probe, few-shot and dispersion metrics.
@@ -162,19 +173,29 @@ class Evaluator:
         encoder.train(was_training)
         return bank, queries
 
-    def _knn(self, bank, bank_labels, queries, query_labels) -> dict[str, float]:
-        return {f"knn_top1_k{k}": knn_top1(bank, bank_labels, queries, query_labels, k,
-                                           self.eval_config.knn_temperature, self.num_classes)
-                for k in self.eval_config.knn_k}
+    def _knn(self, bank, bank_labels, queries, query_labels) -> tuple[dict[str, float], torch.Tensor]:
+        """kNN top-1 for every k, and the predictions of the first k."""
+        metrics, first = {}, None
+        for k in self.eval_config.knn_k:
+            predicted = knn_predict(bank, bank_labels, queries, k, self.eval_config.knn_temperature,
+                                    self.num_classes)
+            metrics[f"knn_top1_k{k}"] = (predicted == query_labels).float().mean().item()
+            first = predicted if first is None else first
+        return metrics, first
 
     def knn(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
         (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
-        return self._knn(bank, bank_labels, queries, query_labels)
+        return self._knn(bank, bank_labels, queries, query_labels)[0]
 
     def final(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
+        return self.final_with_features(model, preprocess, device)[0]
+
+    def final_with_features(self, model: nn.Module, preprocess: nn.Module,
+                            device: torch.device) -> tuple[dict[str, float], FinalFeatures]:
+        """The final metrics, and the test split's features with the kNN predictions (for plots)."""
         (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
         e = self.eval_config
-        metrics = self._knn(bank, bank_labels, queries, query_labels)
+        metrics, predicted = self._knn(bank, bank_labels, queries, query_labels)
         metrics.update(dispersion(queries, query_labels, self.num_classes))
         if e.linear_probe_epochs:
             metrics.update(linear_probe(bank, bank_labels, queries, query_labels, self.num_classes,
@@ -182,15 +203,27 @@ class Evaluator:
         for shots in (1, 5) if e.few_shot_episodes else ():
             metrics[f"fewshot_5way_{shots}shot"] = few_shot_ncm(queries, query_labels, shots=shots,
                                                                 episodes=e.few_shot_episodes, seed=self.seed)
-        return metrics
+        return metrics, FinalFeatures(queries.cpu(), query_labels.cpu(), predicted.cpu(), e.knn_k[0])
+
+
+def set_temperatures(loss_fn: nn.Module, config, epoch: int) -> dict[str, float]:
+    """Apply the temperature schedule's ``tau1`` and ``eps`` for ``epoch`` to a VarCon loss; returns them as
+    metrics (none for other losses)."""
+    if config.loss.name != "varcon":
+        return {}
+    temperatures = temperatures_at(config.loss, epoch, config.optim.epochs)
+    loss_fn.tau1, loss_fn.eps = temperatures.tau1, temperatures.eps
+    return {"tau1": temperatures.tau1, "eps": temperatures.eps}
 
 
 def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callable[[int, dict, Training], None],
-        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None) -> Training:
+        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None,
+        on_final_features: Callable[[FinalFeatures], None] | None = None) -> Training:
     """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs
     on every rank after every epoch; epoch 0 reports the randomly initialised encoder. ``resume`` (a
     ``pipeline.checkpoint`` state) continues after its epoch. Evaluation runs on rank 0 only; the last epoch
-    also reports the final evaluation (linear probe, few-shot, dispersion).
+    also reports the final evaluation (linear probe, few-shot, dispersion) and, after ``on_epoch_end``, hands
+    the test features to ``on_final_features``. Each epoch first applies the temperature schedule.
     """
     from pipeline import checkpoint
 
@@ -202,11 +235,18 @@ def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callabl
         on_epoch_end(0, evaluator.knn(training.model, training.eval_preprocess, device) if evaluator else {},
                      training)
     for epoch in range(start, last + 1):
+        temperatures = set_temperatures(training.loss_fn, config, epoch)
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
                                   training.optimizer, training.scheduler, device, training.amp_dtype)
+        metrics.update(temperatures)
+        final_features = None
         if evaluator is not None and epoch == last:
-            metrics.update(evaluator.final(training.model, training.eval_preprocess, device))
+            final_metrics, final_features = evaluator.final_with_features(training.model, training.eval_preprocess,
+                                                                          device)
+            metrics.update(final_metrics)
         elif evaluator is not None and epoch % config.eval.every_epochs == 0:
             metrics.update(evaluator.knn(training.model, training.eval_preprocess, device))
         on_epoch_end(epoch, metrics, training)
+        if final_features is not None and on_final_features is not None:
+            on_final_features(final_features)
     return training

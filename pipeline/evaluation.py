@@ -1,4 +1,4 @@
-"""Evaluation of a trained encoder: feature extraction and the weighted kNN monitor."""
+"""Evaluation of a trained encoder: features, weighted kNN, linear probe, few-shot, dispersion."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -20,24 +20,31 @@ def extract_features(features_fn: Callable[[torch.Tensor], torch.Tensor], batche
 
 
 @torch.no_grad()
-def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-             test_labels: torch.Tensor, k: int, temperature: float, num_classes: int,
-             chunk_size: int = 1024) -> float:
-    """Top-1 accuracy of a cosine-similarity kNN classifier with weighted vote (Wu et al., 2018).
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
+                temperature: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+    """Class predictions ``[Q]`` of a cosine-similarity kNN classifier with weighted vote (Wu et al., 2018).
 
     For each query q: the k most similar training features s_1..s_k vote for their class with weight
     exp(s_j / temperature); the class with the largest total wins. Features are unit-normalised ``[N, F]``.
     """
     k = min(k, train_feats.shape[0])
-    correct = 0
+    predictions = []
     for start in range(0, test_feats.shape[0], chunk_size):
         sims = test_feats[start:start + chunk_size] @ train_feats.T  # [q, N_train]
         top_sims, top_idx = sims.topk(k, dim=1)
         weights = (top_sims / temperature).exp()  # [q, k]
         votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
-        correct += (votes.argmax(1) == test_labels[start:start + chunk_size]).sum().item()
-    return correct / max(test_feats.shape[0], 1)
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions) if predictions else test_feats.new_zeros(0, dtype=torch.long)
+
+
+def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+             test_labels: torch.Tensor, k: int, temperature: float, num_classes: int,
+             chunk_size: int = 1024) -> float:
+    """Top-1 accuracy of ``knn_predict`` on the queries."""
+    predicted = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size)
+    return (predicted == test_labels).sum().item() / max(test_feats.shape[0], 1)
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

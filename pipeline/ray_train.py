@@ -3,12 +3,18 @@
 ``run_training`` builds a ``TorchTrainer`` from the config (workers, CPU/GPU, storage) and fits it; every worker
 runs ``train_loop_per_worker``, which hands the plain-PyTorch engine a DDP wrapper and a per-epoch callback that
 logs to MLflow (rank 0 only) and reports to Ray (every rank, once per epoch).
+
+The loop itself (``run_worker``) only needs a small ``Session`` (report, last checkpoint, rank, device, model
+wrapper), so a single-process Ray Tune trial (population-based training, ``tune/``) runs the same code.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -16,8 +22,53 @@ from pipeline import checkpoint, engine
 from pipeline.config import ExperimentConfig, from_dict, resolve_path, to_dict
 from pipeline.data.ffcv_writer import DatasetFiles
 
-
 TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_FAIL_MODE")
+MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
+UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the tracking store did not take, beside the run's checkpoints
+
+
+class Session(Protocol):
+    """What the training loop needs from Ray (Train or Tune)."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+    def last_checkpoint_state(self) -> dict | None: ...
+    def rank(self) -> int: ...
+    def device(self) -> torch.device: ...
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+
+class RayTrainSession:
+    """A worker of a ``TorchTrainer``: DDP-prepared model, reports through ``ray.train``."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        found = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=found)
+
+    def last_checkpoint_state(self) -> dict | None:
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return None
+        with restored.as_directory() as folder:
+            return checkpoint.load(folder)
+
+    def rank(self) -> int:
+        import ray.train
+
+        return ray.train.get_context().get_world_rank()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
 
 
 def _injected_failure(hooks: dict, epoch: int, resumed: bool) -> None:
@@ -31,75 +82,117 @@ def _injected_failure(hooks: dict, epoch: int, resumed: bool) -> None:
     raise RuntimeError(f"injected failure after epoch {epoch} (VARCON_TEST_FAIL_AT_EPOCH)")
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """One DDP worker: restore the last checkpoint if any, train, report every epoch on every rank.
+def loop_config(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str,
+                run_folder: str) -> dict:
+    """The plain-data argument of ``run_worker`` (it crosses process boundaries)."""
+    return {"experiment": to_dict(config), "dataset": asdict(files), "tracking_uri": tracking_uri,
+            "run_id": run_id, "run_folder": run_folder,
+            "test_hooks": {key: os.environ[key] for key in TEST_HOOKS if key in os.environ}}
 
-    Rank 0 writes a checkpoint every ``ray.checkpoint_every`` epochs and at the end, and logs the metrics of
-    the epochs up to that checkpoint to MLflow right after it is persisted: epochs a restart will redo are
-    never logged twice.
+
+def run_worker(loop: dict, session: Session) -> None:
+    """One worker: restore the last checkpoint if any, train, report every epoch on every rank.
+
+    Rank 0 writes a checkpoint every ``ray.checkpoint_every`` epochs and at the end, and enqueues the metrics
+    of the epochs up to that checkpoint for MLflow right after it is persisted: epochs a restart will redo are
+    never logged twice. After the final epoch rank 0 logs the embedding and confusion-matrix plots; metrics
+    the tracking store still has not taken are written to ``<run folder>/unlogged_metrics.json``.
     """
-    import ray.train
-    import ray.train.torch
-
     from pipeline.tracking import TrackedRun
 
-    config = from_dict(loop_config["experiment"])
-    files = DatasetFiles(**loop_config["dataset"])
-    rank = ray.train.get_context().get_world_rank()
+    config = from_dict(loop["experiment"])
+    files = DatasetFiles(**loop["dataset"])
+    rank = session.rank()
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    restored = ray.train.get_checkpoint()
-    resume = None
-    if restored is not None:
-        with restored.as_directory() as folder:
-            resume = checkpoint.load(folder)
-    run_id = loop_config["run_id"]
-    tracked = TrackedRun(loop_config["tracking_uri"], run_id) if rank == 0 else None
+    device = session.device()
+    resume = session.last_checkpoint_state()
+    run_id = loop["run_id"]
+    tracked = TrackedRun(loop["tracking_uri"], run_id) if rank == 0 else None
     unlogged: list[tuple[int, dict]] = []
+    monitor_key = f"knn_top1_k{config.eval.knn_k[0]}"
+    monitor = {MONITOR: float("-inf")}
 
     def on_epoch_end(epoch: int, metrics: dict, training: engine.Training) -> None:
         unlogged.append((epoch, metrics))
+        if monitor_key in metrics:
+            monitor[MONITOR] = metrics[monitor_key]
+        report = {**metrics, **monitor, "epoch": epoch}
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs)
         if due and rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 state = checkpoint.capture(training, epoch, run_id)
-                state["config"] = loop_config["experiment"]
+                state["config"] = loop["experiment"]
                 checkpoint.save(state, folder)
-                ray.train.report({**metrics, "epoch": epoch},
-                                 checkpoint=ray.train.Checkpoint.from_directory(folder))
+                session.report(report, folder)
         else:
-            ray.train.report({**metrics, "epoch": epoch})
+            session.report(report, None)
         if due and tracked is not None:
             for logged_epoch, logged in unlogged:
                 tracked.log_metrics(logged, step=logged_epoch)
         if due:
             unlogged.clear()
         if rank == 0:
-            _injected_failure(loop_config["test_hooks"], epoch, resumed=resume is not None)
+            _injected_failure(loop["test_hooks"], epoch, resumed=resume is not None)
 
-    engine.fit(config, files, device, on_epoch_end, wrap_model=ray.train.torch.prepare_model, resume=resume)
+    def on_final_features(final: engine.FinalFeatures) -> None:
+        _log_final_plots(tracked, final, files.num_classes)
+
+    engine.fit(config, files, device, on_epoch_end, wrap_model=session.wrap_model, resume=resume,
+               on_final_features=on_final_features if rank == 0 else None)
+    if tracked is not None:
+        unsent = tracked.flush(timeout_s=120)
+        if unsent:
+            path = Path(loop["run_folder"]) / UNLOGGED_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([{"step": step, "metrics": m} for step, m in unsent], indent=1))
+            print(f"[tracking] {len(unsent)} epochs of metrics could not reach MLflow; kept in {path}")
 
 
-def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str, run_name: str):
-    """Fit under Ray Train; returns Ray's ``Result`` (``.metrics``: rank 0's last report, ``.checkpoint``).
+def _log_final_plots(tracked, final: engine.FinalFeatures, num_classes: int) -> None:
+    """PCA and t-SNE of the test features, and the kNN confusion matrix, as ``plots/*.png``. A tracking
+    outage costs the plots, never the training."""
+    from pipeline import plots
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            features, labels = final.features.numpy(), final.labels.numpy()
+            for method in ("pca", "tsne"):
+                plots.embedding_plot(features, labels, method, Path(folder) / f"embedding_{method}.png")
+            plots.confusion_matrix_plot(labels, final.knn_predictions.numpy(), num_classes,
+                                        Path(folder) / "knn_confusion_matrix.png",
+                                        f"kNN (k={final.knn_k}) confusion, test split")
+            tracked.log_artifacts(folder, "plots")
+        except Exception as exc:  # noqa: BLE001 - plots are a by-product; report and go on
+            print(f"[tracking] could not log the final plots: {exc}")
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    run_worker(loop, RayTrainSession())
+
+
+def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str, run_name: str,
+                 callbacks: list | None = None):
+    """Fit under Ray Train; returns Ray's ``Result`` (``.metrics``: rank 0's last report, ``.checkpoint``: the
+    last one, ``.best_checkpoints``: ranked by ``monitor_top1``).
 
     Running again with the same ``run_name`` and storage path continues from the last checkpoint.
+    ``callbacks`` go to the ``RunConfig`` (a Tune trial passes Ray's ``TuneReportCallback``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = config.ray
+    storage = resolve_path(r.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(config), "dataset": asdict(files),
-                           "tracking_uri": tracking_uri, "run_id": run_id,
-                           "test_hooks": {key: os.environ[key] for key in TEST_HOOKS if key in os.environ}},
+        train_loop_config=loop_config(config, files, tracking_uri, run_id, str(storage / run_name)),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)},
                                      placement_strategy=r.placement_strategy),
-        run_config=RunConfig(name=run_name, storage_path=str(resolve_path(r.storage_path)),
+        run_config=RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MONITOR,
+                                                                checkpoint_score_order="max")),
     )
     return trainer.fit()
 

@@ -2,18 +2,35 @@
 
 The default store is a SQLite file under ``<workdir>/.cache/mlflow`` (MLflow 3 refuses the old ``./mlruns`` file
 store by default); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point elsewhere (the cluster's server).
+
+A training is one run, found again by its ``varcon.run_key`` tag after a restart; a sweep is a parent run whose
+trials are child runs (``mlflow.parentRunId``). Metrics go through a background ``MetricSender``: the training
+thread only enqueues, and a tracking outage is retried and buffered instead of stopping the training.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig, flatten, workdir
 
-MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VALUE_LENGTH = 6000
 RUN_KEY_TAG = "varcon.run_key"  # identifies one training across restarts and re-submissions
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows children under the parent
+MODEL_URI_TAG = "varcon.model_uri"  # where the run's final encoder was logged (for the Model Registry)
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -52,15 +69,18 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
                         f"(`mlflow server` or `varcon ui`), or unset MLFLOW_TRACKING_URI to use the local store")
 
 
-def ui_command(tracking_uri: str) -> list[str]:
+def ui_command(tracking_uri: str, port: int = 5000) -> list[str]:
     """The command that serves the MLflow UI for ``tracking_uri`` on 127.0.0.1 (this environment's mlflow)."""
     mlflow = Path(sys.executable).parent / "mlflow"
     executable = "mlflow"
     if mlflow.exists():
         relative = os.path.relpath(mlflow)
         executable = str(mlflow) if relative.startswith("..") else relative
-    return [executable, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", "5000",
-            "--workers", "1"]
+    command = [executable, "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    if tracking_uri.startswith("sqlite:///"):  # serve the artifacts that sit beside the database
+        command += ["--default-artifact-root", (default_store_dir() / "artifacts").as_uri()]
+    return command
 
 
 def _client(tracking_uri: str):
@@ -81,24 +101,103 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+class MetricSender:
+    """Sends metric batches from a background thread, in order; retries with exponential backoff while the
+    store is unreachable, keeping what is unsent in memory.
+
+    ``submit`` never blocks the caller on MLflow. ``flush(timeout_s)`` waits until everything is sent or the
+    time is up, and returns what is still unsent as ``[(step, {metric: value})]``.
+    """
+
+    def __init__(self, send: Callable[[list], None], retry_base_s: float = 0.5, retry_max_s: float = 30.0,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
+        self._send, self._retry_base_s, self._retry_max_s = send, retry_base_s, retry_max_s
+        self._on_error = on_error or (lambda exc: print(f"[tracking] MLflow unreachable, will retry: {exc}",
+                                                        file=sys.stderr))
+        self._unsent: deque = deque()  # mlflow Metric entities, oldest first
+        self._condition = threading.Condition()
+        self._closed = False
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="mlflow-metric-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        entries = [Metric(key, float(value), stamp, step) for key, value in sorted(metrics.items())]
+        with self._condition:
+            self._unsent.extend(entries)
+            self._condition.notify_all()
+
+    def _run(self) -> None:
+        delay = self._retry_base_s
+        while True:
+            with self._condition:
+                while not self._unsent and not self._closed:
+                    self._condition.wait()
+                if not self._unsent:
+                    return
+                batch = [self._unsent[i] for i in range(min(MAX_METRICS_PER_BATCH, len(self._unsent)))]
+            try:
+                self._send(batch)
+            except Exception as exc:  # an outage: keep the batch, back off, retry
+                self.failures += 1
+                self._on_error(exc)
+                with self._condition:
+                    self._condition.notify_all()
+                    if self._closed:
+                        return
+                    self._condition.wait(delay)
+                delay = min(self._retry_max_s, delay * 2)
+                continue
+            delay = self._retry_base_s
+            with self._condition:
+                for _ in batch:
+                    self._unsent.popleft()
+                self._condition.notify_all()
+
+    def flush(self, timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
+        deadline = time.monotonic() + timeout_s
+        with self._condition:
+            while self._unsent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._condition.wait(left)
+            unsent: dict[int, dict[str, float]] = {}
+            for metric in self._unsent:
+                unsent.setdefault(metric.step, {})[metric.key] = metric.value
+            return sorted(unsent.items())
+
+    def close(self, timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
+        """Flush, then stop the thread; returns what could not be sent."""
+        unsent = self.flush(timeout_s)
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        return unsent
+
+
 class TrackedRun:
     """One MLflow run, addressed by id; safe to re-create in another process (e.g. the rank-0 worker)."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.client = _client(tracking_uri)
+        self._sender: MetricSender | None = None
 
     @classmethod
-    def find_or_start(cls, config: ExperimentConfig, tracking_uri: str, run_key: str,
-                      tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
-        """The run tagged ``varcon.run_key=run_key`` in ``config.tracking.experiment``, reopened, or a new one
-        holding the resolved, flattened config as params. Returns ``(run, resumed)``.
-        """
+    def find_or_create(cls, tracking_uri: str, experiment: str, run_key: str, run_name: str,
+                       params: dict[str, str], tags: dict[str, str] | None = None,
+                       parent_run_id: str | None = None) -> tuple[TrackedRun, bool]:
+        """The run tagged ``varcon.run_key=run_key`` in ``experiment``, reopened, or a new one holding ``params``
+        (nested under ``parent_run_id`` when given). Returns ``(run, resumed)``."""
         from mlflow.entities import Param
 
         client = _client(tracking_uri)
         try:
-            experiment_id = _experiment_id(client, config.tracking.experiment, tracking_uri)
+            experiment_id = _experiment_id(client, experiment, tracking_uri)
             found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                        max_results=1)
         except Exception as exc:  # MLflow raises several types for an unusable store
@@ -107,32 +206,131 @@ class TrackedRun:
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return cls(tracking_uri, found[0].info.run_id), True
-        run = client.create_run(experiment_id, run_name=config.name, tags={**(tags or {}), RUN_KEY_TAG: run_key})
-        params = [Param(key, value[:6000]) for key, value in sorted(flatten(config).items())]
-        for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run.info.run_id, params=params[start:start + MAX_PARAMS_PER_BATCH])
+        all_tags = {**(tags or {}), RUN_KEY_TAG: run_key}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        batch = [Param(key, str(value)[:MAX_PARAM_VALUE_LENGTH]) for key, value in sorted(params.items())]
+        for start in range(0, len(batch), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run.info.run_id, params=batch[start:start + MAX_PARAMS_PER_BATCH])
         return cls(tracking_uri, run.info.run_id), False
 
+    @classmethod
+    def find_or_start(cls, config: ExperimentConfig, tracking_uri: str, run_key: str,
+                      tags: dict[str, str] | None = None,
+                      parent_run_id: str | None = None) -> tuple[TrackedRun, bool]:
+        """The training run of ``config``: its resolved, flattened config as params."""
+        return cls.find_or_create(tracking_uri, config.tracking.experiment, run_key, config.name, flatten(config),
+                                  tags, parent_run_id)
+
+    # -- metrics ---------------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        """Enqueue one step's metrics; a background thread sends them (see ``MetricSender``)."""
+        if self._sender is None:
+            self._sender = MetricSender(lambda batch: self.client.log_batch(self.run_id, metrics=batch))
+        self._sender.submit(metrics, step)
 
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in sorted(metrics.items())]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+    def flush(self, timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
+        """Wait for queued metrics; returns those still unsent after ``timeout_s`` (the store is down)."""
+        return self._sender.flush(timeout_s) if self._sender else []
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def metric_histories(self) -> dict[str, list[tuple[int, float]]]:
+        """``{metric: [(step, value)]}`` for every metric of the run."""
+        keys = self.client.get_run(self.run_id).data.metrics.keys()
+        return {key: self.metric_history(key) for key in keys}
+
+    # -- artifacts, tags, status -----------------------------------------------------------------------------
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_environment(self) -> None:
+        """``environment/requirements.txt`` (the installed distributions, like ``pip freeze``) and
+        ``environment/system.json`` (Python, platform, accelerator, the ``VARCON_*``/``RAY_*``/``MLFLOW_*``
+        variables); names that look secret are left out and credentials in URLs are masked."""
+        self.log_text(installed_requirements(), "environment/requirements.txt")
+        self.log_text(json.dumps(system_description(), indent=2, sort_keys=True), "environment/system.json")
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
 
-    def metric_history(self, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+    def end(self, status: str = "FINISHED", flush_timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
+        """Send what is queued, mark the run ended; returns metrics that could not be sent."""
+        unsent = self._sender.close(flush_timeout_s) if self._sender else []
+        self._sender = None
+        self.client.set_terminated(self.run_id, status=status)
+        return unsent
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def log_pytorch_model(self, model, name: str, example_input) -> str:
+        """Log ``model`` (an ``nn.Module`` on CPU) as an MLflow PyTorch model with a signature inferred from
+        ``example_input`` ``[N, 3, H, W]``; returns its model URI (also kept in the ``varcon.model_uri`` tag)."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        import torchvision
+        from mlflow.models import infer_signature
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with torch.no_grad():
+            output = model.eval()(example_input)
+        signature = infer_signature(example_input.numpy(), output.numpy())
+        requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                        f"torchvision=={torchvision.__version__.split('+')[0]}"]
+        info = mlflow.pytorch.log_model(model, name=name, run_id=self.run_id, signature=signature,
+                                        pip_requirements=requirements, serialization_format="pickle")
+        self.set_tags({MODEL_URI_TAG: info.model_uri})
+        return info.model_uri
+
+    def register_model(self, name: str) -> int:
+        """Register this run's logged encoder (``log_pytorch_model``) as a new version of ``name``."""
+        import mlflow
+
+        model_uri = self.tags().get(MODEL_URI_TAG)
+        if not model_uri:
+            raise TrackingError(f"run {self.run_id} has no logged model to register: it did not finish training")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        version = mlflow.register_model(model_uri, name, tags={"varcon.run_id": self.run_id})
+        return int(version.version)
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+    """The runs nested under ``parent_run_id`` (MLflow ``Run`` entities)."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def installed_requirements() -> str:
+    """``name==version`` of every installed distribution, sorted; credentials in URLs masked."""
+    lines = sorted({f"{dist.metadata['Name']}=={dist.version}" for dist in metadata.distributions()
+                    if dist.metadata["Name"]}, key=str.lower)
+    return URL_CREDENTIALS.sub("***@", "\n".join(lines)) + "\n"
+
+
+def system_description() -> dict:
+    import torch
+
+    variables = {name: URL_CREDENTIALS.sub("***@", value) for name, value in os.environ.items()
+                 if name.startswith(("VARCON_", "RAY_", "MLFLOW_", "CUDA_", "OMP_")) and not SECRET_NAME.search(name)}
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_count": os.cpu_count(),
+        "environment": variables,
+    }

@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import checkpoint
+from pipeline import checkpoint, plots
 from pipeline.config import ExperimentConfig, config_hash, resolve_path, to_dict
 from pipeline.data.ffcv_writer import DatasetFiles, manifest_path
 from pipeline.data.loaders import prepare_data
-from pipeline.tracking import TrackedRun, check_reachable, resolve_tracking_uri
+from pipeline.models import build_model
+from pipeline.tracking import MODEL_URI_TAG, TrackedRun, check_reachable, resolve_tracking_uri
 
-
-MODEL_FILE = "model.pt"  # the final model's weights, as logged to MLflow
+ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
+REGISTERED_TAG = "varcon.registered_model"
 
 
 @dataclass
@@ -24,7 +25,9 @@ class TrainOutcome:
     tracking_uri: str
     final_metrics: dict[str, float]
     initial_metrics: dict[str, float]  # epoch 0: the randomly initialised encoder
-    model_path: str | None
+    model_path: str | None  # the final checkpoint's state.pt, on local (or shared) storage
+    best_model_path: str | None  # the checkpoint with the best kNN monitor
+    tracking_problem: str | None = None  # set when MLflow did not take the final results
 
 
 def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> DatasetFiles:
@@ -36,38 +39,85 @@ def run_name(config: ExperimentConfig) -> str:
     return config.ray.run_name or f"{config.name}-{config_hash(config)}"
 
 
-def train(config: ExperimentConfig, log=print) -> TrainOutcome:
-    """Train under Ray Train, or continue the run of the same name from its last checkpoint."""
+def open_run(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_key: str,
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
+    """The training's MLflow run, found again by ``run_key`` or created with the resolved config (params and
+    ``config.yaml``), the dataset manifests and the environment."""
+    tracked, resumed = TrackedRun.find_or_start(
+        config, tracking_uri, run_key, parent_run_id=parent_run_id,
+        tags={"varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
+              "varcon.schedule": config.loss.schedule.kind, **(tags or {})})
+    if not resumed:
+        tracked.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
+        for beton in filter(None, (files.train, files.test)):
+            tracked.log_artifact(manifest_path(beton), "dataset")
+        tracked.log_environment()
+    return tracked, resumed
+
+
+def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
+          tags: dict[str, str] | None = None, callbacks: list | None = None) -> TrainOutcome:
+    """Train under Ray Train, or continue the run of the same name from its last checkpoint. ``parent_run_id``
+    nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
     from pipeline.ray_train import init_ray, run_training
 
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     check_reachable(tracking_uri)
     files = prepare(config, log)
     name = run_name(config)
-    tracked, resumed = TrackedRun.find_or_start(config, tracking_uri, run_key=name,
-                                                tags={"varcon.loss": config.loss.name,
-                                                      "varcon.dataset": config.data.dataset})
-    if not resumed:
-        tracked.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
-        for beton in filter(None, (files.train, files.test)):
-            tracked.log_artifact(manifest_path(beton), "dataset")
+    tracked, resumed = open_run(config, files, tracking_uri, name, parent_run_id, tags)
     log(f"{'continuing' if resumed else 'starting'} Ray Train run {name} (MLflow run {tracked.run_id} in "
         f"{tracking_uri}); effective learning rate {config.optim.lr} for a global batch of "
         f"{config.optim.global_batch_size} images on {config.ray.num_workers} workers")
     init_ray()
     try:
-        result = run_training(config, files, tracking_uri, tracked.run_id, name)
+        result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks)
     except BaseException:
-        tracked.end("FAILED")
+        try:
+            tracked.end("FAILED", flush_timeout_s=10)
+        except Exception:  # noqa: BLE001 - the training's own error matters more than the store's
+            pass
         raise
-    model_path = None
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-            weights = Path(tmp) / MODEL_FILE
-            torch.save(checkpoint.load(folder)["model"], weights)
-            tracked.log_artifact(weights, "model")
-        model_path = str(Path(result.checkpoint.path) / checkpoint.STATE_FILE)
+    from pipeline.ray_train import MONITOR
+
+    final = str(Path(result.checkpoint.path) / checkpoint.STATE_FILE) if result.checkpoint else None
+    best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
+    best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final
+    outcome = TrainOutcome(tracked.run_id, tracking_uri, dict(result.metrics), {}, final, best)
+    try:
+        record_outcome(config, files, tracked, outcome)
+    except Exception as exc:  # noqa: BLE001 - an outage must not lose the trained model: its path is printed
+        outcome.tracking_problem = (f"MLflow did not take the final results ({type(exc).__name__}: {exc}); the "
+                                    f"trained model is saved locally in {final}")
+    return outcome
+
+
+def record_outcome(config: ExperimentConfig, files: DatasetFiles, tracked: TrackedRun, outcome: TrainOutcome) -> None:
+    """Log the checkpoints, the final encoder as an MLflow PyTorch model (registered when
+    ``tracking.registered_model_name`` is set), learning-curve and temperature plots; end the run.
+    Idempotent: re-running a finished training logs no second model or model version."""
+    histories = tracked.metric_histories()
+    outcome.initial_metrics = {key: value for key, history in histories.items() if key.startswith("knn_")
+                               for step, value in history if step == 0}
+    with tempfile.TemporaryDirectory() as folder:
+        plots.learning_curves_plot(histories, Path(folder) / "learning_curves.png")
+        plots.temperature_plot(histories, Path(folder) / "temperature_schedule.png")
+        tracked.log_artifacts(folder, "plots")
+    if outcome.model_path is None:
+        tracked.end()
+        return
+    if config.tracking.log_checkpoints:
+        tracked.log_artifact(outcome.model_path, "checkpoints/final")
+        tracked.log_artifact(outcome.best_model_path, "checkpoints/best")
+    tags = tracked.tags()
+    if MODEL_URI_TAG not in tags:
+        state = checkpoint.load(Path(outcome.model_path).parent)
+        model = build_model(config, files.num_classes)
+        model.load_state_dict(state["model"])
+        size = config.data.image_size
+        tracked.log_pytorch_model(model.encoder, ENCODER_MODEL, torch.zeros(2, 3, size, size))
+    name = config.tracking.registered_model_name
+    if name and REGISTERED_TAG not in tags:
+        version = tracked.register_model(name)
+        tracked.set_tags({REGISTERED_TAG: f"{name}/{version}"})
     tracked.end()
-    initial = {key: value for key in result.metrics if key.startswith("knn_")
-               for step, value in tracked.metric_history(key) if step == 0}
-    return TrainOutcome(tracked.run_id, tracking_uri, dict(result.metrics), initial, model_path)

@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev)
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev chromium)  # chromium: the MLflow UI test
 STAMP="$VENV/.varcon-installed"
 
 log() { printf '[setup] %s\n' "$*"; }

@@ -1,5 +1,7 @@
 """The whole path at a small size: `varcon train` -> FFCV files -> Ray Train (2 gloo workers) -> MLflow."""
+import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -11,7 +13,8 @@ OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e"]
 
 
 def test_train_command_records_a_complete_mlflow_run(varcon_home, ray_session, capsys):
-    assert main(["train", *OVERRIDES]) == 0
+    overrides = [*OVERRIDES, "tracking.registered_model_name=e2e-encoder"]
+    assert main(["train", *overrides]) == 0
     summary = capsys.readouterr().out
     assert "knn_top1_k20 on the held-out split" in summary and "mlflow ui --backend-store-uri" in summary
 
@@ -22,16 +25,33 @@ def test_train_command_records_a_complete_mlflow_run(varcon_home, ray_session, c
     experiment = client.get_experiment_by_name("varcon")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id in summary
+    assert run.data.params == flatten(load_config(None, overrides))
 
     history = client.get_metric_history(run.info.run_id, "knn_top1_k20")
     assert sorted(m.step for m in history) == [0, 1, 2]  # random init, then each epoch
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    assert run.data.params == flatten(load_config(None, OVERRIDES))
+    per_epoch = ("train_loss", "train_kl", "train_nll", "train_tau2_mean", "train_confidence_mean", "tau1", "eps",
+                 "lr", "epoch_time_s", "images_per_s", "knn_top1_k200")
+    for key in per_epoch:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] in ([1, 2], [0, 1, 2]), key
+    for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot", "dispersion_intra_cos"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2], key
 
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "dataset", "model"} <= artifacts
+    def listing(path=None):
+        return {a.path for a in client.list_artifacts(run.info.run_id, path)}
+
+    assert {"config.yaml", "dataset", "environment", "plots", "checkpoints"} <= listing()
+    assert listing("plots") == {f"plots/{name}.png" for name in (
+        "embedding_pca", "embedding_tsne", "knn_confusion_matrix", "learning_curves", "temperature_schedule")}
+    assert listing("checkpoints/final") == {"checkpoints/final/state.pt"}
+    assert listing("checkpoints/best") == {"checkpoints/best/state.pt"}
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(varcon_home))))
     assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    (version,) = client.search_model_versions("name='e2e-encoder'")
+    assert version.run_id == run.info.run_id
+    encoder = mlflow.pytorch.load_model(f"models:/e2e-encoder/{version.version}")
+    assert encoder(torch.zeros(3, 3, 32, 32)).shape[0] == 3
 
 
 def test_bad_override_exits_2_before_any_work(varcon_home, capsys):

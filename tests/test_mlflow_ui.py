@@ -1,0 +1,84 @@
+"""The MLflow UI, served by the product's own command on loopback, opened in headless Chromium.
+
+Chromium (Debian's ``chromium``) comes from the set-up step; the screenshot is kept in ``test-output/``.
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import REPO_ROOT, load_config
+from pipeline.tracking import TrackedRun, resolve_tracking_uri, ui_command
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                reason="chromium is not installed (scripts/setup.sh installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(varcon_home):
+    """A store holding a sweep (parent run, two child trials), served on 127.0.0.1 by ``ui_command``."""
+    uri = resolve_tracking_uri()
+    parent, _ = TrackedRun.find_or_create(uri, "ui-check", "sweep", "sweep-digits", {"searcher": "random"})
+    for trial in range(2):
+        config = load_config(None, [f"name=trial-{trial}", "tracking.experiment=ui-check"])
+        run, _ = TrackedRun.find_or_start(config, uri, f"trial-{trial}", parent_run_id=parent.run_id)
+        run.log_metrics({"knn_top1_k20": 0.5 + trial / 10}, step=1)
+        run.end()
+    parent.end()
+    port = free_port()
+    command = ui_command(uri, port)
+    assert command[command.index("--host") + 1] == "127.0.0.1"  # never bound to a public interface by default
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:  # the server takes a few seconds to start: poll its health endpoint
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`{' '.join(command)}` did not start") from None
+            time.sleep(0.25)
+    yield base, parent
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def chromium(*args: str) -> str:
+    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                             *args], capture_output=True, text=True, timeout=180)
+    return result.stdout
+
+
+def visible_text(html: str) -> str:
+    html = re.sub(r"<(style|script)\b.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+def test_ui_lists_the_experiment_and_its_runs(mlflow_ui):
+    base, parent = mlflow_ui
+    experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+    assert "ui-check" in chromium("--dump-dom", f"{base}/#/experiments")
+    runs_page = f"{base}/#/experiments/{experiment_id}/runs"
+    dom = visible_text(chromium("--dump-dom", runs_page))
+    assert "sweep-digits" in dom  # the parent run, its two trials nested (collapsed) under it
+    assert "3 matching runs" in dom
+    screenshot = REPO_ROOT / "test-output" / "mlflow-ui.png"
+    screenshot.parent.mkdir(exist_ok=True)
+    chromium("--window-size=1400,900", f"--screenshot={screenshot}", runs_page)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20000
