@@ -8,16 +8,17 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
 from pipeline.data.sources import DataError
 from pipeline.tracking import TrackingError
 
 DESCRIPTION = """\
 VarCon training and tuning pipeline (Ray Train + Ray Tune + FFCV + MLflow).
 
-Every command takes an optional --config YAML file (default: the bundled digits demo, configs/digits.yaml)
-followed by dotted overrides, e.g.:
+Every command takes an optional --config YAML file (default: the bundled digits demo, configs/digits.yaml;
+for `tune` a sweep file, configs/tune/digits_asha.yaml) followed by dotted overrides, e.g.:
   varcon train loss.tau1=0.07 optim.epochs=30 ray.num_workers=4
+  varcon tune --config configs/tune/digits_pbt.yaml tune.num_samples=8 optim.epochs=12
 Relative paths in a config resolve against $VARCON_HOME, else the current directory.
 """
 
@@ -36,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        default = "configs/tune/digits_asha.yaml" if name == "tune" else DEFAULT_CONFIG.relative_to(REPO_ROOT)
         sub.add_argument("--config", default=None, metavar="FILE",
-                         help=f"experiment YAML (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
+                         help=f"{'sweep' if name == 'tune' else 'experiment'} YAML (default: {default})")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
         sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         if name == "eval":
@@ -78,10 +80,22 @@ def _cmd_train(config) -> int:
     return 0
 
 
-def _cmd_tune(config) -> int:
-    print("varcon: error: `varcon tune` is not built yet (issue 7, Ray Tune sweeps); use `varcon train` for now",
-          file=sys.stderr)
-    return 2
+def _cmd_tune(args) -> int:
+    from tune.spec import load_sweep
+    from tune.sweep import run_sweep
+
+    spec = load_sweep(args.config, args.overrides)
+    outcome = run_sweep(spec)
+    print(f"\nMLflow parent run: {outcome.parent_run_id} (one child run per trial)")
+    if outcome.best is None:
+        print("varcon: error: no trial completed every epoch; see the table above", file=sys.stderr)
+        return 1
+    print(f"best trial: {outcome.best.trial_id} ({spec.settings.metric} = {outcome.best.metric:.4f}, MLflow run "
+          f"{outcome.best.run_id})")
+    if outcome.registered:
+        print(f"registered model: {outcome.registered}")
+    print(f"best config: {outcome.best_config_path}\n  train it:  varcon train --config {outcome.best_config_path}")
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -105,10 +119,10 @@ def _cmd_ui(config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "eval":
-            return _cmd_eval(args)
+        if args.command in ("eval", "tune"):
+            return {"eval": _cmd_eval, "tune": _cmd_tune}[args.command](args)
         config = load_config(args.config, args.overrides)
-        return {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ui": _cmd_ui}[args.command](config)
+        return {"prepare": _cmd_prepare, "train": _cmd_train, "ui": _cmd_ui}[args.command](config)
     except (ConfigError, DataError, TrackingError) as exc:
         if args.debug:
             traceback.print_exc()

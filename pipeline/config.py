@@ -203,13 +203,14 @@ def build_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Expe
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    config = _build(ExperimentConfig, raw, "")
+        set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    config = build_dataclass(ExperimentConfig, raw, "")
     validate(config)
     return config
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``dotted="a.b"``, creating sections on the way."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
@@ -219,7 +220,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _build(cls: type, raw: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, raw: dict, prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from a nested dict, checking keys and types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, not {raw!r}")
@@ -233,13 +234,15 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+            kwargs[key] = build_dataclass(kind, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
     return cls(**kwargs)
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
+    if kind is Any:
+        return value
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):  # ``X | None``
         if value is None:

@@ -25,6 +25,7 @@ from pipeline.data.ffcv_writer import DatasetFiles
 TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_FAIL_MODE")
 MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
 UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the tracking store did not take, beside the run's checkpoints
+EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id}: checkpoints this run continued from
 
 
 class Session(Protocol):
@@ -108,6 +109,8 @@ def run_worker(loop: dict, session: Session) -> None:
     resume = session.last_checkpoint_state()
     run_id = loop["run_id"]
     tracked = TrackedRun(loop["tracking_uri"], run_id) if rank == 0 else None
+    if tracked is not None and resume is not None and resume.get("tracking_run_id") not in ("", run_id):
+        _record_exploit(tracked, resume)
     unlogged: list[tuple[int, dict]] = []
     monitor_key = f"knn_top1_k{config.eval.knn_k[0]}"
     monitor = {MONITOR: float("-inf")}
@@ -146,6 +149,15 @@ def run_worker(loop: dict, session: Session) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps([{"step": step, "metrics": m} for step, m in unsent], indent=1))
             print(f"[tracking] {len(unsent)} epochs of metrics could not reach MLflow; kept in {path}")
+
+
+def _record_exploit(tracked, state: dict) -> None:
+    """A checkpoint written by another run (a PBT/PB2 exploit): append ``{epoch, donor_run_id}`` to the run's
+    ``varcon.exploits`` tag, which traces the weights' lineage (and so the temperature schedule they saw)."""
+    exploits = json.loads(tracked.tags().get(EXPLOITS_TAG, "[]"))
+    exploits.append({"epoch": state["epoch"], "donor_run_id": state["tracking_run_id"]})
+    tracked.set_tags({EXPLOITS_TAG: json.dumps(exploits)})
+    print(f"[pbt] continuing from run {state['tracking_run_id']}'s checkpoint after epoch {state['epoch']}")
 
 
 def _log_final_plots(tracked, final: engine.FinalFeatures, num_classes: int) -> None:

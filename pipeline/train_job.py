@@ -72,8 +72,9 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     init_ray()
     try:
         result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks)
-    except BaseException:
+    except BaseException as exc:
         try:
+            tracked.set_tags({"varcon.error": f"{type(exc).__name__}: {exc}"[:4000]})
             tracked.end("FAILED", flush_timeout_s=10)
         except Exception:  # noqa: BLE001 - the training's own error matters more than the store's
             pass

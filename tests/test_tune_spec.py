@@ -1,0 +1,122 @@
+"""Sweep files, search spaces and discovered schedules, without running Ray Tune."""
+import glob
+import json
+
+import optuna
+import pytest
+
+from pipeline.config import ConfigError, build_config, load_config
+from pipeline.ray_train import EXPLOITS_TAG
+from pipeline.tracking import TrackedRun, resolve_tracking_uri
+from tune import space
+from tune.discovered import as_piecewise, lineage_schedule
+from tune.spec import load_sweep
+from tune.sweep import concurrency
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/tune/*.yaml")))
+def test_bundled_sweeps_load(path):
+    spec = load_sweep(path)
+    assert spec.space and spec.base_config().name
+
+
+def test_overrides_reach_the_sweep_and_the_experiment():
+    spec = load_sweep(None, ["tune.num_samples=3", "optim.epochs=2", "tune.grace_period=1"])
+    assert spec.settings.num_samples == 3 and spec.base_config().optim.epochs == 2
+    trial = spec.trial_config({"loss.tau1": 0.2, "optim.weight_decay": 1e-5}, "abc12")
+    assert (trial.name, trial.ray.run_name, trial.loss.tau1, trial.optim.weight_decay) == \
+        ("digits-asha-abc12", "digits-asha-abc12", 0.2, 1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tune.searcher=grid"], "tune.searcher='grid' is unknown"),
+    (["tune.schedular=asha"], "did you mean tune.scheduler"),
+    (["tune.num_samples=0"], "tune.num_samples=0 must be >= 1"),
+    (["tune.grace_period=6"], "must be smaller than optim.epochs"),
+    (["tune.scheduler=pbt"], "use tune.searcher=random"),
+])
+def test_bad_sweep_settings_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(None, overrides)
+
+
+def write_sweep(tmp_path, space_yaml: str, tune_yaml: str = "") -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"experiment: {load_config.__globals__['DEFAULT_CONFIG']}\n"
+                    f"tune:\n  name: t\n{tune_yaml}space:\n{space_yaml}")
+    return str(path)
+
+
+@pytest.mark.parametrize("space_yaml, tune_yaml, message", [
+    ("  loss.tua1: {type: uniform, low: 0.1, high: 0.2}\n", "", "did you mean loss.tau1"),
+    ("  loss.tau1: {type: gaussian, low: 0.1, high: 0.2}\n", "", "type='gaussian' is unknown"),
+    ("  loss.tau1: {type: loguniform, low: 0.0, high: 0.2}\n", "", "needs low > 0"),
+    ("  loss.tau1: {type: uniform, low: 0.3, high: 0.2}\n", "", "needs low < high"),
+    ("  loss.tau1: {type: uniform, low: 0.1, high: 0.2}\n  loss.eps: {type: uniform, low: 0.1, high: 0.2, "
+     "below: loss.tau1}\n", "", "so that every sample can satisfy loss.eps < loss.tau1"),
+    ("  optim.lr: {type: uniform, low: -1.0, high: 0.2}\n", "", "optim.lr=-1.0 must be > 0"),
+    ("  loss.name: {type: choice, values: [varcon, supcon]}\n  loss.schedule.kind: {type: choice, values: "
+     "[constant, linear]}\n", "", "split it into two sweeps"),
+    ("  optim.lr: {type: uniform, low: 0.1, high: 0.2}\n", "  scheduler: pbt\n  mutate: [optim.lr]\n",
+     "live in the optimiser state"),
+])
+def test_bad_spaces_are_rejected(tmp_path, space_yaml, tune_yaml, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path, space_yaml, tune_yaml))
+
+
+def test_every_sample_keeps_eps_below_tau1():
+    spec = load_sweep(None)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    define = space.optuna_define_by_run(spec)
+    for _ in range(300):
+        trial = study.ask()
+        define(trial)
+        sampled = trial.params
+        assert 0.0 <= sampled["loss.eps"] < sampled["loss.tau1"] <= 0.5
+        spec.trial_config(sampled, "x")  # every sample is a valid experiment
+        study.tell(trial, 0.0)
+
+
+def test_population_explore_stays_inside_the_space():
+    spec = load_sweep("configs/tune/digits_pbt.yaml")
+    explore = space.explore_within_space(spec)
+    assert explore({"loss.tau1": 0.9, "loss.eps": 0.03}) == {"loss.tau1": 0.5, "loss.eps": 0.03}
+    assert explore({"loss.tau1": 0.01, "loss.eps": 0.03}) == {"loss.tau1": 0.05, "loss.eps": 0.03}
+    clipped = explore({"loss.tau1": 0.05, "loss.eps": 0.2})
+    assert clipped["loss.eps"] == pytest.approx(0.04)
+    assert set(space.pb2_bounds(spec)) == {"loss.tau1", "loss.eps"}
+
+
+def test_a_trial_larger_than_the_cluster_is_refused():
+    spec = load_sweep(None, ["ray.num_workers=4"])
+    with pytest.raises(ConfigError, match="one trial needs 4 CPUs .* the Ray cluster has 2 CPUs"):
+        concurrency(spec, {"CPU": 2.0})
+    assert concurrency(load_sweep(None), {"CPU": 2.0}) == 2  # 1 worker x 1 CPU, drivers take none
+    assert concurrency(load_sweep(None, ["tune.max_concurrent_trials=1"]), {"CPU": 8.0}) == 1
+
+
+def test_lineage_follows_exploits_into_a_replayable_schedule(varcon_home):
+    uri = resolve_tracking_uri()
+
+    def run(key, tau1_by_epoch, exploits=()):
+        tracked, _ = TrackedRun.find_or_create(uri, "varcon", key, key, {})
+        for epoch, tau1 in tau1_by_epoch.items():
+            tracked.log_metrics({"tau1": tau1, "eps": tau1 / 10}, step=epoch)
+        tracked.flush()
+        if exploits:
+            tracked.set_tags({EXPLOITS_TAG: json.dumps([{"epoch": e, "donor_run_id": d} for e, d in exploits])})
+        return tracked.run_id
+
+    donor = run("donor", {1: 0.2, 2: 0.2, 3: 0.1, 4: 0.1})
+    # b's own epochs 1-2 (tau1 0.3) were replaced by the donor's at epoch 2, then it trained on at 0.15
+    b = run("b", {1: 0.3, 2: 0.3, 3: 0.15, 4: 0.15}, exploits=[(2, donor)])
+    # c took b's checkpoint after epoch 3
+    c = run("c", {1: 0.4, 2: 0.4, 3: 0.4, 4: 0.08}, exploits=[(3, b)])
+    lineage = lineage_schedule(uri, c)
+    assert [(e, t) for e, t, _ in lineage] == [(1, 0.2), (2, 0.2), (3, 0.15), (4, 0.08)]
+    schedule = as_piecewise(lineage)
+    assert schedule["epochs"] == [1, 3, 4] and schedule["tau1_values"] == pytest.approx([0.2, 0.15, 0.08])
+    config = build_config({"optim": {"epochs": 4}, "loss": {"schedule": schedule}})
+    from pipeline.schedules import temperatures_at
+    assert [temperatures_at(config.loss, e, 4).tau1 for e in range(1, 5)] == pytest.approx([0.2, 0.2, 0.15, 0.08])

@@ -1,0 +1,152 @@
+"""Tiny sweeps on the digits under the session's 2-node Ray cluster, checked in the MLflow store.
+
+Each trial is 1 worker x 1 CPU, so two trials run side by side; epochs are few and evaluation is cut short.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import engine
+from pipeline.cli import main
+from pipeline.config import REPO_ROOT, load_config
+from pipeline.ray_train import EXPLOITS_TAG
+from tune import space
+from tune.spec import load_sweep
+
+SHORT_EVAL = ["eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
+
+
+def store(home):
+    return MlflowClient(f"sqlite:///{home / '.cache' / 'mlflow' / 'mlflow.db'}")
+
+
+def sweep_runs(client, name):
+    experiment = client.get_experiment_by_name("varcon")
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`varcon.sweep` = '{name}' and "
+                                                               f"tags.`varcon.kind` = 'sweep'")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, children
+
+
+def write_asha_sweep(tmp_path):
+    """lr 0.5 learns in one epoch, lr 1e-5 does not: whenever a good trial reaches a rung before a bad one, ASHA
+    stops the bad one."""
+    path = tmp_path / "asha.yaml"
+    path.write_text(f"""experiment: {REPO_ROOT / 'configs' / 'digits.yaml'}
+experiment_overrides: {{optim.epochs: 3, optim.warmup_epochs: 0, ray.num_workers: 1}}
+tune: {{name: t-asha, searcher: random, scheduler: asha, num_samples: 4, grace_period: 1, reduction_factor: 2,
+        seed: {ASHA_SEED}, registered_model_name: t-asha-best}}
+space:
+  optim.lr: {{type: choice, values: [0.5, 1.0e-5]}}
+  loss.tau1: {{type: loguniform, low: 0.08, high: 0.12}}
+  loss.eps: {{type: uniform, low: 0.0, high: 0.02, below: loss.tau1}}
+""")
+    return path
+
+
+ASHA_SEED = 4
+
+
+def test_seeded_random_search_starts_good_and_samples_bad_later(tmp_path):
+    """The precondition of the ASHA test, from the same sampler and space: the two trials that start together
+    are good, the two that start after them are bad."""
+    spec = load_sweep(write_asha_sweep(tmp_path))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=ASHA_SEED))
+    lrs = []
+    for _ in range(4):
+        trial = study.ask()
+        space.optuna_define_by_run(spec)(trial)
+        lrs.append(trial.params["optim.lr"])
+        study.tell(trial, 0.0)
+    assert lrs == [0.5, 0.5, 1e-5, 1e-5]
+
+
+def test_asha_sweep_stops_trials_nests_runs_and_writes_a_trainable_best_config(varcon_home, ray_session, tmp_path,
+                                                                                capsys):
+    assert main(["tune", "--config", str(write_asha_sweep(tmp_path)), *SHORT_EVAL]) == 0
+    printed = capsys.readouterr().out
+    client = store(varcon_home)
+    parent, children = sweep_runs(client, "t-asha")
+    assert parent.info.status == "FINISHED"
+    trial_ids = [run.data.tags["varcon.trial_id"] for run in children]
+    assert len(children) == 4 and len(set(trial_ids)) == 4  # one child run per trial
+    stopped = [run for run in children if run.data.tags.get("varcon.stopped_early") == "true"]
+    assert stopped and all(run.info.status == "KILLED" for run in stopped)
+    assert {float(run.data.params["optim.lr"]) for run in stopped} == {1e-5}
+    for run in stopped:  # logged only the epochs it trained
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == sorted(set(steps)) and max(steps) < 3
+    finished = [run for run in children if run.info.status == "FINISHED"]
+    assert finished and {float(run.data.params["optim.lr"]) for run in finished} == {0.5}
+    best_run_id = parent.data.tags["varcon.best_run_id"]
+    assert best_run_id in {run.info.run_id for run in finished}
+    (version,) = client.search_model_versions("name='t-asha-best'")
+    assert version.run_id == best_run_id
+    for trial_id in trial_ids:
+        assert trial_id in printed  # the table of trials
+
+    best_config = varcon_home / ".cache" / "sweeps" / "t-asha" / "best_config.yaml"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "trials.csv"}
+    config = load_config(best_config, ["optim.epochs=1", "ray.num_workers=1", "eval.every_epochs=5",
+                                       "eval.linear_probe_epochs=0", "eval.few_shot_episodes=0"])
+    best = client.get_run(best_run_id)
+    assert config.optim.lr == float(best.data.params["optim.lr"])
+    assert config.loss.tau1 == pytest.approx(float(best.data.params["loss.tau1"]))
+    from pipeline.data import prepare_datasets
+    files = prepare_datasets(config.data, varcon_home / ".cache" / "data", log=lambda *_: None)
+    reports = []
+    engine.fit(config, files, torch.device("cpu"), lambda epoch, metrics, _: reports.append(epoch))
+    assert reports == [0, 1]
+
+
+def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_session, capsys):
+    overrides = ["--config", "configs/tune/digits_pbt.yaml", "tune.name=t-pbt", "tune.num_samples=2",
+                 "tune.quantile_fraction=0.5", "tune.perturbation_interval=2", "optim.epochs=3",
+                 "optim.warmup_epochs=0", *SHORT_EVAL]
+    assert main(["tune", *overrides]) == 0
+    client = store(varcon_home)
+    parent, children = sweep_runs(client, "t-pbt")
+    assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
+    by_id = {run.info.run_id: run for run in children}
+    exploited = [run for run in children if EXPLOITS_TAG in run.data.tags]
+    assert len(exploited) == 1  # of two, the bottom half copies the top half once, after epoch 2
+    (link,) = json.loads(exploited[0].data.tags[EXPLOITS_TAG])
+    # the run id inside the restored state.pt is the donor's: the weights and optimiser state came from it
+    assert link["epoch"] == 2 and link["donor_run_id"] in by_id and link["donor_run_id"] != exploited[0].info.run_id
+    steps = [m.step for m in client.get_metric_history(exploited[0].info.run_id, "train_loss")]
+    assert steps == [1, 2, 3]  # no epoch logged twice across the exploit
+    artifacts = {a.path for a in client.list_artifacts(exploited[0].info.run_id, "plots")}
+    assert {"plots/discovered_schedule.png", "plots/temperature_schedule.png"} <= artifacts
+
+    best_config = load_config(varcon_home / ".cache" / "sweeps" / "t-pbt" / "best_config.yaml")
+    schedule = best_config.loss.schedule
+    assert schedule.kind == "piecewise" and schedule.epochs[0] == 1
+    assert all(0 <= eps < tau1 for tau1, eps in zip(schedule.tau1_values, schedule.eps_values))
+
+
+def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, ray_session):
+    args = ["tune", "tune.name=t-resume", "tune.searcher=random", "tune.num_samples=3", "tune.scheduler=fifo",
+            "optim.epochs=1", "optim.warmup_epochs=0", "tune.max_concurrent_trials=1", *SHORT_EVAL]
+    env = {**os.environ, "VARCON_TEST_EXIT_AFTER_TRIALS": "1", "RAY_ADDRESS": ray_session.address}
+    killed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    client = store(varcon_home)
+    _, before = sweep_runs(client, "t-resume")
+    done_before = {run.data.tags["varcon.trial_id"]: run for run in before if run.info.status == "FINISHED"}
+    assert len(done_before) == 1
+
+    assert main(args) == 0
+    parent, children = sweep_runs(client, "t-resume")
+    trial_ids = [run.data.tags["varcon.trial_id"] for run in children]
+    assert len(children) == 3 and len(set(trial_ids)) == 3 and parent.info.status == "FINISHED"
+    for trial_id, run in done_before.items():  # the finished trial was not trained again
+        again = next(r for r in children if r.data.tags["varcon.trial_id"] == trial_id)
+        assert again.info.run_id == run.info.run_id and again.info.end_time == run.info.end_time
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]

@@ -1,0 +1,99 @@
+"""A sweep's search space in the forms Ray Tune's searchers and schedulers take.
+
+- random / optuna: a define-by-run function for ``OptunaSearch`` (random = Optuna's ``RandomSampler``, optuna =
+  its TPE sampler), so both honour ``below`` (``loss.eps < loss.tau1``) the same way: the dependent key is drawn
+  from ``[low, min(high, partner * BELOW_MARGIN)]`` after its partner.
+- pbt / pb2: Tune domains for the initial population (``sample_from`` for ``below`` keys), PBT mutations or PB2
+  bounds for the keys changed during training, and an explore function that keeps every perturbed
+  configuration inside the space and its ``below`` constraints.
+"""
+from __future__ import annotations
+
+import random
+
+from tune.spec import Param, SweepSpec
+
+BELOW_MARGIN = 1.0 - 1e-3  # a `below` key stays at most 99.9% of its partner (eps < tau1 strictly)
+
+
+def ordered(space: list[Param]) -> list[Param]:
+    """Keys with a ``below`` partner after that partner."""
+    return sorted(space, key=lambda p: bool(p.below))
+
+
+def optuna_define_by_run(spec: SweepSpec):
+    """``trial -> None``: suggests every key of the space on an ``optuna.Trial``."""
+    space = ordered(spec.space)
+
+    def define(trial) -> None:
+        values = {}
+        for p in space:
+            if p.type == "choice":
+                values[p.key] = trial.suggest_categorical(p.key, p.values)
+            elif p.type == "randint":
+                values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high))
+            else:
+                high = min(p.high, values[p.below] * BELOW_MARGIN) if p.below else p.high
+                values[p.key] = trial.suggest_float(p.key, p.low, high, log=p.type == "loguniform")
+
+    return define
+
+
+def searcher(spec: SweepSpec):
+    """Ray Tune's ``OptunaSearch`` with a random or TPE sampler, seeded by ``tune.seed``."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = spec.settings
+    sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.searcher == "random"
+               else optuna.samplers.TPESampler(seed=s.seed))
+    return OptunaSearch(space=optuna_define_by_run(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+
+
+def _domain(p: Param):
+    from ray import tune
+
+    if p.type == "choice":
+        return tune.choice(p.values)
+    if p.type == "randint":
+        return tune.randint(int(p.low), int(p.high) + 1)
+    return tune.loguniform(p.low, p.high) if p.type == "loguniform" else tune.uniform(p.low, p.high)
+
+
+def population_param_space(spec: SweepSpec) -> dict:
+    """Tune domains for PBT/PB2's initial population; ``below`` keys drawn under their partner's value."""
+    from ray import tune
+
+    space = {}
+    for p in spec.space:
+        if p.below:
+            space[p.key] = tune.sample_from(
+                lambda s, p=p: random.uniform(p.low, min(p.high, s.config[p.below] * BELOW_MARGIN)))
+        else:
+            space[p.key] = _domain(p)
+    return space
+
+
+def pbt_mutations(spec: SweepSpec) -> dict:
+    return {p.key: _domain(p) for p in spec.space if p.key in spec.settings.mutate}
+
+
+def pb2_bounds(spec: SweepSpec) -> dict:
+    return {p.key: [p.low, p.high] for p in spec.space if p.key in spec.settings.mutate}
+
+
+def explore_within_space(spec: SweepSpec):
+    """``config -> config`` after a PBT/PB2 explore step: continuous keys clipped into ``[low, high]``, then every
+    ``below`` key under its partner."""
+    continuous = [p for p in ordered(spec.space) if p.type in ("uniform", "loguniform")]
+
+    def explore(config: dict) -> dict:
+        for p in continuous:
+            if p.key in config:
+                value = min(max(config[p.key], p.low), p.high)
+                if p.below and p.below in config:
+                    value = min(value, config[p.below] * BELOW_MARGIN)
+                config[p.key] = value
+        return config
+
+    return explore

@@ -1,0 +1,217 @@
+"""A sweep, as written in ``configs/tune/*.yaml``: the experiment it starts from, the search space, the searcher
+and the scheduler. Loading checks everything before any cluster resource is touched (``ConfigError``).
+
+    experiment: ../digits.yaml          # the experiment config every trial starts from (relative to this file)
+    experiment_overrides: {optim.epochs: 3}
+    tune: {name: digits-asha, searcher: optuna, scheduler: asha, num_samples: 8, ...}   (``TuneSettings``)
+    space:
+      loss.tau1: {type: loguniform, low: 0.05, high: 0.3}
+      loss.eps:  {type: uniform, low: 0.0, high: 0.04, below: loss.tau1}   # eps < tau1 in every trial
+
+``varcon tune`` overrides: ``tune.<key>=value`` sets a sweep setting, any other ``key=value`` an experiment value.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, load_config,
+                             set_dotted, to_dict)
+
+DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
+SEARCHERS = ("random", "optuna")
+SCHEDULERS = ("fifo", "asha", "pbt", "pb2")
+PARAM_TYPES = ("uniform", "loguniform", "choice", "randint")
+POPULATION_KEYS = ("loss.tau1", "loss.eps")  # what PBT/PB2 may change during training (see README)
+
+
+@dataclass
+class TuneSettings:
+    name: str = "sweep"  # names the Tune experiment (storage folder), the MLflow parent run, trial runs
+    searcher: str = "random"  # random | optuna (TPE); PBT/PB2 sample their population at random
+    scheduler: str = "asha"  # fifo | asha (early stopping) | pbt | pb2 (population-based)
+    num_samples: int = 8  # trials (PBT/PB2: the population size)
+    metric: str = "monitor_top1"  # the latest kNN top-1 on the test split, reported every epoch
+    mode: str = "max"
+    seed: int = 0  # searcher seed
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (GPUs with ray.use_gpu) allow
+    trial_driver_cpus: float = 0.0  # CPUs for each trial's Ray Train driver process (it only coordinates)
+    max_failures: int = 1  # Tune-level retries of a trial whose driver died
+    grace_period: int = 1  # ASHA: epochs every trial gets before it may be stopped
+    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
+    perturbation_interval: int = 2  # PBT/PB2: epochs between exploit/explore steps
+    quantile_fraction: float = 0.25  # PBT/PB2: bottom fraction that copies the top fraction
+    resample_probability: float = 0.25  # PBT: chance to resample instead of perturbing by 0.8/1.2
+    mutate: list[str] = field(default_factory=lambda: list(POPULATION_KEYS))  # PBT/PB2: keys changed in training
+    registered_model_name: str = ""  # register the best trial's encoder under this name ("" = no registration)
+    output_dir: str = ".cache/sweeps"  # <output_dir>/<name>/best_config.yaml and trials.csv
+
+
+@dataclass
+class Param:
+    """One search dimension over a dotted experiment key."""
+
+    key: str
+    type: str  # uniform | loguniform | choice | randint
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] = field(default_factory=list)
+    below: str = ""  # keep this value below another sampled key (loss.eps below loss.tau1)
+
+
+@dataclass
+class SweepSpec:
+    settings: TuneSettings
+    experiment: dict  # raw experiment config: base file with experiment_overrides and command-line overrides
+    space: list[Param]
+    source: str = ""  # the YAML file it came from
+
+    @property
+    def population_based(self) -> bool:
+        return self.settings.scheduler in ("pbt", "pb2")
+
+    def base_config(self) -> ExperimentConfig:
+        return build_config(self.experiment)
+
+    def trial_config(self, sampled: dict, trial_id: str) -> ExperimentConfig:
+        """The experiment of one trial: sampled values applied, named ``<sweep>-<trial id>`` (its Ray Train run
+        and MLflow run key, so a resumed sweep continues the same trial run)."""
+        name = f"{self.settings.name}-{trial_id}"
+        values = {**sampled, "name": name, "ray.run_name": name}
+        if self.population_based:  # one process per trial; every epoch a checkpoint PBT can hand over
+            values.update({"ray.num_workers": 1, "ray.checkpoint_every": 1})
+        return build_config(with_values(self.experiment, values))
+
+    def describe(self) -> dict[str, str]:
+        """Flat params for the sweep's MLflow parent run."""
+        params = {f"tune.{key}": str(value) for key, value in vars(self.settings).items()}
+        params["tune.source"] = self.source
+        params.update({f"space.{p.key}": json.dumps({k: v for k, v in vars(p).items() if k != "key" and v not in
+                                                     (None, [], "")}) for p in self.space})
+        return params
+
+
+def load_sweep(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read a sweep YAML (default: configs/tune/digits_asha.yaml), apply overrides, check it."""
+    path = Path(path) if path else DEFAULT_SWEEP
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist: pass one of configs/tune/*.yaml to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {path} is not valid YAML ({exc}): fix the syntax") from None
+    unknown = set(raw) - {"experiment", "experiment_overrides", "tune", "space"}
+    if unknown or "experiment" not in raw or not isinstance(raw.get("space"), dict):
+        raise ConfigError(f"sweep file {path} must hold experiment: FILE, space: {{key: {{type: ...}}}} and "
+                          f"optionally experiment_overrides and tune" + (f" (unknown: {sorted(unknown)})" if unknown
+                                                                         else ""))
+    tune_raw = dict(raw.get("tune") or {})
+    experiment_overrides = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key.startswith("tune.") and sep:
+            tune_raw[key.removeprefix("tune.")] = yaml.safe_load(value) if value.strip() else ""
+        else:
+            experiment_overrides.append(item)
+    settings = build_dataclass(TuneSettings, tune_raw, "tune.")
+    base = to_dict(load_config(path.parent / str(raw["experiment"])))
+    experiment = to_dict(build_config(with_values(base, raw.get("experiment_overrides") or {}), experiment_overrides))
+    space = [_param(key, value) for key, value in raw["space"].items()]
+    spec = SweepSpec(settings, experiment, space, str(path))
+    _validate(spec)
+    return spec
+
+
+def with_values(raw: dict, values: dict) -> dict:
+    """A copy of the nested config ``raw`` with ``{dotted key: value}`` set."""
+    raw = copy.deepcopy(raw)
+    for key, value in values.items():
+        set_dotted(raw, key, value)
+    return raw
+
+
+def _param(key: str, raw) -> Param:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"space.{key} must be a mapping like {{type: loguniform, low: 0.05, high: 0.5}}")
+    return build_dataclass(Param, {"key": key, **raw}, f"space.{key}.")
+
+
+def _validate(spec: SweepSpec) -> None:
+    s = spec.settings
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(s.searcher in SEARCHERS, f"tune.searcher={s.searcher!r} is unknown: use one of {', '.join(SEARCHERS)}")
+    need(s.scheduler in SCHEDULERS, f"tune.scheduler={s.scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}")
+    need(s.mode in ("max", "min"), f"tune.mode={s.mode!r} must be max or min")
+    need(s.num_samples >= 1, f"tune.num_samples={s.num_samples} must be >= 1")
+    need(s.max_concurrent_trials >= 0 and s.trial_driver_cpus >= 0 and s.max_failures >= 0,
+         "tune.max_concurrent_trials, tune.trial_driver_cpus and tune.max_failures must be >= 0")
+    need(s.grace_period >= 1 and s.reduction_factor >= 2, "tune.grace_period must be >= 1, tune.reduction_factor >= 2")
+    need(s.perturbation_interval >= 1 and 0 < s.quantile_fraction <= 0.5 and 0 <= s.resample_probability <= 1,
+         "tune.perturbation_interval must be >= 1, tune.quantile_fraction in (0, 0.5], "
+         "tune.resample_probability in [0, 1]")
+    need(bool(spec.space), "space is empty: add at least one key to search")
+    base = spec.base_config()
+    epochs = base.optim.epochs
+    sampled = {p.key: p for p in spec.space}
+    for p in spec.space:
+        need(p.type in PARAM_TYPES, f"space.{p.key}.type={p.type!r} is unknown: use one of {', '.join(PARAM_TYPES)}")
+        if p.type == "choice":
+            need(bool(p.values), f"space.{p.key}.values must list the choices")
+        else:
+            need(p.low is not None and p.high is not None and p.low < p.high,
+                 f"space.{p.key} needs low < high")
+            need(p.type != "loguniform" or p.low > 0, f"space.{p.key}: a loguniform range needs low > 0")
+        if p.below:
+            target = sampled.get(p.below)
+            need(target is not None and target.type in ("uniform", "loguniform") and p.type == "uniform",
+                 f"space.{p.key}.below={p.below!r} must name another uniform/loguniform key of the space, and "
+                 f"{p.key} must be uniform")
+            need(p.low < target.low, f"space.{p.key}.low={p.low} must be below space.{p.below}.low={target.low} "
+                                     f"so that every sample can satisfy {p.key} < {p.below}")
+    for p in spec.space:
+        for value in _probe_values(p):  # every key and value must make a valid experiment
+            try:
+                spec.trial_config({p.key: value, **_probe_partner(p, sampled, value)}, "check")
+            except ConfigError as exc:
+                raise ConfigError(f"space.{p.key}={value!r} does not make a valid experiment: {exc}") from None
+    loss_names = sampled["loss.name"].values if "loss.name" in sampled else [base.loss.name]
+    need(set(loss_names) == {"varcon"} or not any(k.startswith("loss.schedule") for k in sampled),
+         "the space searches temperature schedules (VarCon only) and loss.name choices other than varcon: "
+         "split it into two sweeps")
+    if spec.population_based:
+        need(s.searcher == "random", f"tune.scheduler={s.scheduler} samples its population itself: use "
+                                     f"tune.searcher=random")
+        need(bool(s.mutate) and set(s.mutate) <= set(POPULATION_KEYS) and set(s.mutate) <= set(sampled),
+             f"tune.mutate={s.mutate} must name keys of the space among {', '.join(POPULATION_KEYS)} (the "
+             f"learning rate and batch size live in the optimiser state a PBT exploit copies)")
+        need(all(sampled[k].type in ("uniform", "loguniform") for k in s.mutate),
+             "tune.mutate keys must be uniform or loguniform in the space")
+        need(base.loss.schedule.kind == "constant" and not any(k.startswith("loss.schedule") for k in sampled),
+             f"tune.scheduler={s.scheduler} discovers the temperature schedule itself: keep loss.schedule constant")
+        need(s.perturbation_interval < epochs, f"tune.perturbation_interval={s.perturbation_interval} must be "
+                                               f"smaller than optim.epochs={epochs}")
+    if s.scheduler == "asha":
+        need(s.grace_period < epochs, f"tune.grace_period={s.grace_period} must be smaller than optim.epochs="
+                                      f"{epochs}, or nothing can be stopped early")
+
+
+def _probe_values(p: Param) -> list:
+    if p.below:  # sampled below its partner: probe its low end (the high end is clipped at sampling)
+        return [p.low]
+    return list(p.values) if p.type == "choice" else [p.low, p.high]
+
+
+def _probe_partner(p: Param, sampled: dict[str, Param], value) -> dict:
+    """Values of the other keys that make ``p=value`` a fair test (a ``below`` pair in its valid order)."""
+    if p.below:
+        return {p.below: sampled[p.below].low}
+    return {q.key: q.low for q in sampled.values() if q.below == p.key}

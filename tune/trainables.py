@@ -1,0 +1,87 @@
+"""The functions Ray Tune runs, one call per trial.
+
+- ``train_trial`` (random/optuna with fifo/asha): the Ray Train V2 pattern: the trial builds its experiment from
+  the sampled values and runs ``pipeline.train_job.train``, i.e. a full ``TorchTrainer`` (DDP over
+  ``ray.num_workers``), nested under the sweep's MLflow parent run; Ray's ``TuneReportCallback`` forwards every
+  epoch's metrics to Tune, which is what ASHA stops on.
+- ``population_trial`` (pbt/pb2): one training process per trial, reporting checkpoints to Tune itself, because a
+  population-based exploit must hand a checkpoint from one trial to another and V2's Train-to-Tune callback
+  forwards metrics only. It runs the same worker loop (``pipeline.ray_train.run_worker``) as a Train worker.
+"""
+from __future__ import annotations
+
+import torch
+
+from tune.spec import SweepSpec
+
+
+def trial_tags(spec: SweepSpec, trial_id: str) -> dict[str, str]:
+    return {"varcon.sweep": spec.settings.name, "varcon.trial_id": trial_id}
+
+
+class TuneSession:
+    """``pipeline.ray_train.Session`` for a single-process Tune trial."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        self.use_gpu = use_gpu
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        found = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=found)
+
+    def last_checkpoint_state(self) -> dict | None:
+        import ray.tune
+
+        from pipeline import checkpoint
+
+        restored = ray.tune.get_checkpoint()  # after a PBT exploit: the donor trial's checkpoint
+        if restored is None:
+            return None
+        with restored.as_directory() as folder:
+            return checkpoint.load(folder)
+
+    def rank(self) -> int:
+        return 0
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str) -> None:
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train_job import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = spec.trial_config(sampled, trial_id)
+    train(config, parent_run_id=parent_run_id, tags=trial_tags(spec, trial_id), callbacks=[TuneReportCallback()])
+
+
+def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str) -> None:
+    import ray.tune
+
+    from pipeline.config import resolve_path
+    from pipeline.ray_train import loop_config, run_worker
+    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.train_job import open_run, prepare, run_name
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = spec.trial_config(sampled, trial_id)
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    files = prepare(config, log=lambda *_: None)
+    name = run_name(config)
+    tracked, _ = open_run(config, files, tracking_uri, name, parent_run_id, trial_tags(spec, trial_id))
+    torch.manual_seed(config.seed)
+    loop = loop_config(config, files, tracking_uri, tracked.run_id, str(resolve_path(config.ray.storage_path) / name))
+    try:
+        run_worker(loop, TuneSession(config.ray.use_gpu))
+    except Exception as exc:
+        tracked.set_tags({"varcon.error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracked.end("FAILED", flush_timeout_s=10)
+        raise
