@@ -94,10 +94,11 @@ def loop_config(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str
 def run_worker(loop: dict, session: Session) -> None:
     """One worker: restore the last checkpoint if any, train, report every epoch on every rank.
 
-    Rank 0 writes a checkpoint every ``ray.checkpoint_every`` epochs and at the end, and enqueues the metrics
-    of the epochs up to that checkpoint for MLflow right after it is persisted: epochs a restart will redo are
-    never logged twice. After the final epoch rank 0 logs the embedding and confusion-matrix plots; metrics
-    the tracking store still has not taken are written to ``<run folder>/unlogged_metrics.json``.
+    Rank 0 writes a checkpoint every ``ray.checkpoint_every`` epochs and at the end. The metrics of the epochs
+    up to a checkpoint go to MLflow just before it is reported (Tune may stop or exploit the trial inside that
+    report); epochs a restart redoes are not logged again (steps up to the run's last logged one are skipped).
+    After the final epoch rank 0 logs the embedding and confusion-matrix plots; metrics the tracking store
+    still has not taken are written to ``<run folder>/unlogged_metrics.json``.
     """
     from pipeline.tracking import TrackedRun
 
@@ -109,6 +110,7 @@ def run_worker(loop: dict, session: Session) -> None:
     resume = session.last_checkpoint_state()
     run_id = loop["run_id"]
     tracked = TrackedRun(loop["tracking_uri"], run_id) if rank == 0 else None
+    logged_through = tracked.last_step("train_loss") if tracked is not None and resume is not None else -1
     if tracked is not None and resume is not None and resume.get("tracking_run_id") not in ("", run_id):
         _record_exploit(tracked, resume)
     unlogged: list[tuple[int, dict]] = []
@@ -121,6 +123,13 @@ def run_worker(loop: dict, session: Session) -> None:
             monitor[MONITOR] = metrics[monitor_key]
         report = {**metrics, **monitor, "epoch": epoch}
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs)
+        if due and tracked is not None:
+            for logged_epoch, logged in unlogged:
+                if logged_epoch > logged_through:
+                    tracked.log_metrics(logged, step=logged_epoch)
+            tracked.flush(timeout_s=30, while_failing=False)  # an outage does not hold the training
+        if due:
+            unlogged.clear()
         if due and rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 state = checkpoint.capture(training, epoch, run_id)
@@ -129,11 +138,6 @@ def run_worker(loop: dict, session: Session) -> None:
                 session.report(report, folder)
         else:
             session.report(report, None)
-        if due and tracked is not None:
-            for logged_epoch, logged in unlogged:
-                tracked.log_metrics(logged, step=logged_epoch)
-        if due:
-            unlogged.clear()
         if rank == 0:
             _injected_failure(loop["test_hooks"], epoch, resumed=resume is not None)
 

@@ -118,6 +118,7 @@ class MetricSender:
         self._condition = threading.Condition()
         self._closed = False
         self.failures = 0
+        self.failing = False  # the last send failed (the store is down)
         self._thread = threading.Thread(target=self._run, name="mlflow-metric-sender", daemon=True)
         self._thread.start()
 
@@ -145,6 +146,7 @@ class MetricSender:
                 self.failures += 1
                 self._on_error(exc)
                 with self._condition:
+                    self.failing = True
                     self._condition.notify_all()
                     if self._closed:
                         return
@@ -153,14 +155,17 @@ class MetricSender:
                 continue
             delay = self._retry_base_s
             with self._condition:
+                self.failing = False
                 for _ in batch:
                     self._unsent.popleft()
                 self._condition.notify_all()
 
-    def flush(self, timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
+    def flush(self, timeout_s: float = 60.0, while_failing: bool = True) -> list[tuple[int, dict[str, float]]]:
+        """Wait until everything is sent, ``timeout_s`` at most; ``while_failing=False`` returns at once while
+        the store is down (the sender keeps retrying)."""
         deadline = time.monotonic() + timeout_s
         with self._condition:
-            while self._unsent:
+            while self._unsent and (while_failing or not self.failing):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -230,9 +235,13 @@ class TrackedRun:
             self._sender = MetricSender(lambda batch: self.client.log_batch(self.run_id, metrics=batch))
         self._sender.submit(metrics, step)
 
-    def flush(self, timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
+    def flush(self, timeout_s: float = 60.0, while_failing: bool = True) -> list[tuple[int, dict[str, float]]]:
         """Wait for queued metrics; returns those still unsent after ``timeout_s`` (the store is down)."""
-        return self._sender.flush(timeout_s) if self._sender else []
+        return self._sender.flush(timeout_s, while_failing) if self._sender else []
+
+    def last_step(self, key: str) -> int:
+        """The largest step logged for ``key`` (0 when none)."""
+        return max((step for step, _ in self.metric_history(key)), default=0)
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]

@@ -68,7 +68,7 @@ def test_bad_spaces_are_rejected(tmp_path, space_yaml, tune_yaml, message):
 def test_every_sample_keeps_eps_below_tau1():
     spec = load_sweep(None)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    define = space.optuna_define_by_run(spec)
+    define = space.OptunaDefineByRun(spec)
     for _ in range(300):
         trial = study.ask()
         define(trial)
@@ -80,7 +80,7 @@ def test_every_sample_keeps_eps_below_tau1():
 
 def test_population_explore_stays_inside_the_space():
     spec = load_sweep("configs/tune/digits_pbt.yaml")
-    explore = space.explore_within_space(spec)
+    explore = space.ExploreWithinSpace(spec)
     assert explore({"loss.tau1": 0.9, "loss.eps": 0.03}) == {"loss.tau1": 0.5, "loss.eps": 0.03}
     assert explore({"loss.tau1": 0.01, "loss.eps": 0.03}) == {"loss.tau1": 0.05, "loss.eps": 0.03}
     clipped = explore({"loss.tau1": 0.05, "loss.eps": 0.2})

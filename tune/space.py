@@ -21,13 +21,15 @@ def ordered(space: list[Param]) -> list[Param]:
     return sorted(space, key=lambda p: bool(p.below))
 
 
-def optuna_define_by_run(spec: SweepSpec):
-    """``trial -> None``: suggests every key of the space on an ``optuna.Trial``."""
-    space = ordered(spec.space)
+class OptunaDefineByRun:
+    """``trial -> None``: suggests every key of the space on an ``optuna.Trial`` (a class: Tune pickles it)."""
 
-    def define(trial) -> None:
+    def __init__(self, spec: SweepSpec) -> None:
+        self.space = ordered(spec.space)
+
+    def __call__(self, trial) -> None:
         values = {}
-        for p in space:
+        for p in self.space:
             if p.type == "choice":
                 values[p.key] = trial.suggest_categorical(p.key, p.values)
             elif p.type == "randint":
@@ -35,8 +37,6 @@ def optuna_define_by_run(spec: SweepSpec):
             else:
                 high = min(p.high, values[p.below] * BELOW_MARGIN) if p.below else p.high
                 values[p.key] = trial.suggest_float(p.key, p.low, high, log=p.type == "loguniform")
-
-    return define
 
 
 def searcher(spec: SweepSpec):
@@ -47,7 +47,7 @@ def searcher(spec: SweepSpec):
     s = spec.settings
     sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.searcher == "random"
                else optuna.samplers.TPESampler(seed=s.seed))
-    return OptunaSearch(space=optuna_define_by_run(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+    return OptunaSearch(space=OptunaDefineByRun(spec), metric=s.metric, mode=s.mode, sampler=sampler)
 
 
 def _domain(p: Param):
@@ -82,18 +82,18 @@ def pb2_bounds(spec: SweepSpec) -> dict:
     return {p.key: [p.low, p.high] for p in spec.space if p.key in spec.settings.mutate}
 
 
-def explore_within_space(spec: SweepSpec):
+class ExploreWithinSpace:
     """``config -> config`` after a PBT/PB2 explore step: continuous keys clipped into ``[low, high]``, then every
-    ``below`` key under its partner."""
-    continuous = [p for p in ordered(spec.space) if p.type in ("uniform", "loguniform")]
+    ``below`` key under its partner (a class: Tune pickles it)."""
 
-    def explore(config: dict) -> dict:
-        for p in continuous:
+    def __init__(self, spec: SweepSpec) -> None:
+        self.continuous = [p for p in ordered(spec.space) if p.type in ("uniform", "loguniform")]
+
+    def __call__(self, config: dict) -> dict:
+        for p in self.continuous:
             if p.key in config:
                 value = min(max(config[p.key], p.low), p.high)
                 if p.below and p.below in config:
                     value = min(value, config[p.below] * BELOW_MARGIN)
                 config[p.key] = value
         return config
-
-    return explore

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, load_config,
-                             set_dotted, to_dict)
+                             resolve_path, set_dotted, to_dict)
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
 SEARCHERS = ("random", "optuna")
@@ -86,6 +86,21 @@ class SweepSpec:
         if self.population_based:  # one process per trial; every epoch a checkpoint PBT can hand over
             values.update({"ray.num_workers": 1, "ray.checkpoint_every": 1})
         return build_config(with_values(self.experiment, values))
+
+    def with_absolute_paths(self) -> SweepSpec:
+        """The spec with the experiment's store, caches and data folder made absolute (and the tracking URI
+        resolved) on the driver: trial processes run elsewhere, with another working directory."""
+        from pipeline.tracking import resolve_tracking_uri
+
+        e = self.experiment
+        values = {"tracking.tracking_uri": resolve_tracking_uri(e["tracking"]["tracking_uri"]),
+                  "data.cache_dir": str(resolve_path(e["data"]["cache_dir"])),
+                  "ray.storage_path": str(resolve_path(e["ray"]["storage_path"]))}
+        if e["data"]["root"]:
+            values["data.root"] = str(resolve_path(e["data"]["root"]))
+        settings = copy.copy(self.settings)
+        settings.output_dir = str(resolve_path(settings.output_dir))
+        return SweepSpec(settings, with_values(e, values), self.space, self.source)
 
     def describe(self) -> dict[str, str]:
         """Flat params for the sweep's MLflow parent run."""

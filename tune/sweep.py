@@ -17,10 +17,11 @@ import yaml
 from ray.tune import Callback
 
 from pipeline.config import ConfigError, resolve_path, to_dict
-from pipeline.tracking import TrackedRun, check_reachable, child_runs, resolve_tracking_uri
+from pipeline.tracking import TrackedRun, check_reachable, child_runs
 from tune.spec import SweepSpec
 
 STOPPED_TAG = "varcon.stopped_early"
+DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
 
 
 @dataclass
@@ -48,7 +49,8 @@ def trial_resources(spec: SweepSpec) -> tuple[dict, float, float]:
     if spec.population_based:  # the trial process trains itself
         own = {"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)}
         return own, r.cpus_per_worker, float(r.use_gpu)
-    own = {"CPU": spec.settings.trial_driver_cpus}
+    # Ray cannot schedule an empty request: a driver that takes no CPU reserves the memory it uses instead
+    own = {"CPU": spec.settings.trial_driver_cpus} if spec.settings.trial_driver_cpus else {"memory": DRIVER_MEMORY}
     return own, spec.settings.trial_driver_cpus + r.num_workers * r.cpus_per_worker, float(r.num_workers * r.use_gpu)
 
 
@@ -74,18 +76,20 @@ def _scheduler(spec: SweepSpec):
 
     s, epochs = spec.settings, spec.base_config().optim.epochs
     if s.scheduler == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=s.grace_period,
+        # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once, which would cut off the
+        # trial's own ending (final checkpoint, model logging); trials end by themselves after their last epoch
+        return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     if s.scheduler == "pbt":
         return PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                                        hyperparam_mutations=space.pbt_mutations(spec),
                                        quantile_fraction=s.quantile_fraction,
                                        resample_probability=s.resample_probability,
-                                       custom_explore_fn=space.explore_within_space(spec), synch=True)
+                                       custom_explore_fn=space.ExploreWithinSpace(spec), synch=True)
     if s.scheduler == "pb2":
         return PB2(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                    hyperparam_bounds=space.pb2_bounds(spec), quantile_fraction=s.quantile_fraction,
-                   custom_explore_fn=space.explore_within_space(spec), synch=True)
+                   custom_explore_fn=space.ExploreWithinSpace(spec), synch=True)
     return FIFOScheduler()
 
 
@@ -139,9 +143,10 @@ def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     from pipeline.ray_train import init_ray
     from pipeline.train_job import prepare
 
+    spec = spec.with_absolute_paths()
     s = spec.settings
     base = spec.base_config()
-    tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
+    tracking_uri = base.tracking.tracking_uri
     check_reachable(tracking_uri)
     prepare(base, log)  # once, before trials start side by side
     init_ray()
