@@ -128,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"varcon: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from pipeline.train_job import TrainingStopped
+
+        if not isinstance(exc, TrainingStopped):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"varcon: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ class RayConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
+    resource_wait_s: float = 600.0  # on a running cluster: how long to wait for the autoscaler to add the CPUs/GPUs
+    #                                 a run needs before failing (a local instance fails at once)
 
 
 @dataclass
@@ -179,13 +181,20 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({exc}): fix the syntax") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({yaml_problem(exc)}): fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
     return _merge(_read_yaml(path.parent / str(base), chain + (path.resolve(),)), raw)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML syntax error: what and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(exc, "problem", None) or exc).split())
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -317,6 +326,7 @@ def validate(config: ExperimentConfig) -> None:
     need(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs must be >= 0 and smaller than optim.epochs")
     need(r.num_workers >= 1, f"ray.num_workers={r.num_workers} must be >= 1")
     need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
+    need(r.resource_wait_s >= 0, "ray.resource_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
     need(r.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
          f"ray.placement_strategy={r.placement_strategy!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")

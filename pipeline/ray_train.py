@@ -22,9 +22,11 @@ from pipeline import checkpoint, engine
 from pipeline.config import ExperimentConfig, from_dict, resolve_path, to_dict
 from pipeline.data.ffcv_writer import DatasetFiles
 
-TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_FAIL_MODE")
+TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_FAIL_MODE", "VARCON_TEST_NAN_AFTER_EPOCH")
 MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
 UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the tracking store did not take, beside the run's checkpoints
+ERROR_TAG = "varcon.error"  # why a run failed or stopped
+STOPPED_PREFIX = "stopped: "  # an ERROR_TAG value for a training that ended itself (non-finite loss)
 EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id}: checkpoints this run continued from
 
 
@@ -72,10 +74,15 @@ class RayTrainSession:
         return ray.train.torch.prepare_model(model)
 
 
-def _injected_failure(hooks: dict, epoch: int, resumed: bool) -> None:
-    """Test hook: ``VARCON_TEST_FAIL_AT_EPOCH=k`` in the driver's environment makes rank 0 fail once, after
-    epoch k of a fresh start (``VARCON_TEST_FAIL_MODE``: ``raise`` an exception, or ``exit`` the process).
+def _injected_failure(hooks: dict, epoch: int, resumed: bool, training: engine.Training) -> None:
+    """Test hooks, set in the driver's environment. ``VARCON_TEST_FAIL_AT_EPOCH=k`` makes rank 0 fail once,
+    after epoch k's checkpoint of a fresh start (``VARCON_TEST_FAIL_MODE``: ``raise`` an exception, or ``exit``
+    the process as a lost node would). ``VARCON_TEST_NAN_AFTER_EPOCH=k`` puts a NaN into the weights after
+    epoch k's checkpoint, so the next epoch's loss is not finite.
     """
+    if hooks.get("VARCON_TEST_NAN_AFTER_EPOCH") == str(epoch):
+        with torch.no_grad():
+            next(engine.unwrap(training.model).parameters()).fill_(float("nan"))
     if resumed or hooks.get("VARCON_TEST_FAIL_AT_EPOCH") != str(epoch):
         return
     if hooks.get("VARCON_TEST_FAIL_MODE", "raise") == "exit":
@@ -91,14 +98,15 @@ def loop_config(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str
             "test_hooks": {key: os.environ[key] for key in TEST_HOOKS if key in os.environ}}
 
 
-def run_worker(loop: dict, session: Session) -> None:
+def run_worker(loop: dict, session: Session) -> str | None:
     """One worker: restore the last checkpoint if any, train, report every epoch on every rank.
 
     Rank 0 writes a checkpoint every ``ray.checkpoint_every`` epochs and at the end. The metrics of the epochs
     up to a checkpoint go to MLflow just before it is reported (Tune may stop or exploit the trial inside that
     report); epochs a restart redoes are not logged again (steps up to the run's last logged one are skipped).
     After the final epoch rank 0 logs the embedding and confusion-matrix plots; metrics the tracking store
-    still has not taken are written to ``<run folder>/unlogged_metrics.json``.
+    still has not taken are written to ``<run folder>/unlogged_metrics.json``. Returns why the training stopped
+    early (a non-finite loss), else ``None``.
     """
     from pipeline.tracking import TrackedRun
 
@@ -139,13 +147,21 @@ def run_worker(loop: dict, session: Session) -> None:
         else:
             session.report(report, None)
         if rank == 0:
-            _injected_failure(loop["test_hooks"], epoch, resumed=resume is not None)
+            _injected_failure(loop["test_hooks"], epoch, resume is not None, training)
 
     def on_final_features(final: engine.FinalFeatures) -> None:
         _log_final_plots(tracked, final, files.num_classes)
 
-    engine.fit(config, files, device, on_epoch_end, wrap_model=session.wrap_model, resume=resume,
-               on_final_features=on_final_features if rank == 0 else None)
+    stopped = None
+    try:
+        engine.fit(config, files, device, on_epoch_end, wrap_model=session.wrap_model, resume=resume,
+                   on_final_features=on_final_features if rank == 0 else None)
+    except engine.NonFiniteLossError as exc:
+        # Every rank sees the same (global) loss, so all stop at the same epoch. Retrying from the last
+        # checkpoint would meet the same NaN: end cleanly instead, keeping that checkpoint and saying why.
+        stopped = f"{STOPPED_PREFIX}{exc}"
+        if tracked is not None:
+            tracked.set_tags({ERROR_TAG: stopped})
     if tracked is not None:
         unsent = tracked.flush(timeout_s=120)
         if unsent:
@@ -153,6 +169,7 @@ def run_worker(loop: dict, session: Session) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps([{"step": step, "metrics": m} for step, m in unsent], indent=1))
             print(f"[tracking] {len(unsent)} epochs of metrics could not reach MLflow; kept in {path}")
+    return stopped
 
 
 def _record_exploit(tracked, state: dict) -> None:
@@ -213,10 +230,43 @@ def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: st
     return trainer.fit()
 
 
+_STARTED_LOCALLY = []  # set when init_ray started a private instance (no autoscaler can add nodes to it)
+
+
 def init_ray() -> None:
     """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, log_to_driver=True)
+        if not address:
+            _STARTED_LOCALLY.append(True)
+
+
+def require_resources(cpus: float, gpus: float, wait_s: float, log=print) -> dict:
+    """The cluster's resources once they hold ``cpus`` CPUs and ``gpus`` GPUs. On a running cluster the
+    autoscaler gets ``wait_s`` seconds to add nodes; then (and at once on a local instance) a ``ConfigError``
+    names the shortfall, instead of a run that waits forever."""
+    import time
+
+    import ray
+
+    from pipeline.config import ConfigError
+
+    deadline = time.monotonic() + (0.0 if _STARTED_LOCALLY else wait_s)
+    announced = False
+    while True:
+        have = ray.cluster_resources()
+        if have.get("CPU", 0.0) >= cpus and have.get("GPU", 0.0) >= gpus:
+            return have
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"the run needs {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
+                              f"{have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs: lower ray.num_workers "
+                              f"or ray.cpus_per_worker, set ray.use_gpu=false, or add nodes")
+        if not announced:
+            log(f"waiting up to {wait_s:g} s (ray.resource_wait_s) for the cluster to offer {cpus:g} CPUs and "
+                f"{gpus:g} GPUs")
+            announced = True
+        time.sleep(5)

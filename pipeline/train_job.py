@@ -19,6 +19,11 @@ ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
 REGISTERED_TAG = "varcon.registered_model"
 
 
+class TrainingStopped(RuntimeError):
+    """The training ended itself before its last epoch (a non-finite loss); the message says why and where the
+    last good checkpoint is."""
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -59,28 +64,35 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
           tags: dict[str, str] | None = None, callbacks: list | None = None) -> TrainOutcome:
     """Train under Ray Train, or continue the run of the same name from its last checkpoint. ``parent_run_id``
     nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
-    from pipeline.ray_train import init_ray, run_training
+    from pipeline.ray_train import init_ray, require_resources, run_training
 
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     check_reachable(tracking_uri)
+    init_ray()
+    r = config.ray
+    require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
     files = prepare(config, log)
     name = run_name(config)
     tracked, resumed = open_run(config, files, tracking_uri, name, parent_run_id, tags)
     log(f"{'continuing' if resumed else 'starting'} Ray Train run {name} (MLflow run {tracked.run_id} in "
         f"{tracking_uri}); effective learning rate {config.optim.lr} for a global batch of "
         f"{config.optim.global_batch_size} images on {config.ray.num_workers} workers")
-    init_ray()
     try:
         result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks)
     except BaseException as exc:
         try:
-            tracked.set_tags({"varcon.error": f"{type(exc).__name__}: {exc}"[:4000]})
+            tracked.set_tags({"varcon.error": f"{type(exc).__name__}: {exc}"[:4000]})  # pipeline.ray_train.ERROR_TAG
             tracked.end("FAILED", flush_timeout_s=10)
         except Exception:  # noqa: BLE001 - the training's own error matters more than the store's
             pass
         raise
-    from pipeline.ray_train import MONITOR
+    from pipeline.ray_train import ERROR_TAG, MONITOR, STOPPED_PREFIX
 
+    reason = tracked.tags().get(ERROR_TAG, "")
+    if reason.startswith(STOPPED_PREFIX) and result.metrics.get("epoch", 0) < config.optim.epochs:
+        tracked.end("FAILED", flush_timeout_s=10)
+        checkpoint_path = result.checkpoint.path if result.checkpoint else "none"
+        raise TrainingStopped(f"training {name} {reason} (last good checkpoint: {checkpoint_path})")
     final = str(Path(result.checkpoint.path) / checkpoint.STATE_FILE) if result.checkpoint else None
     best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
     best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final

@@ -40,7 +40,7 @@ def write_asha_sweep(tmp_path):
     start together, two 0.5 trials follow) makes the later trials fall below ASHA's first-rung cutoff."""
     path = tmp_path / "asha.yaml"
     path.write_text(f"""experiment: {REPO_ROOT / 'configs' / 'digits.yaml'}
-experiment_overrides: {{optim.epochs: 3, optim.warmup_epochs: 0, ray.num_workers: 1}}
+experiment_overrides: {{optim.epochs: 2, optim.warmup_epochs: 0, ray.num_workers: 1}}
 tune: {{name: t-asha, searcher: random, scheduler: asha, num_samples: 4, grace_period: 1, reduction_factor: 2,
         seed: {ASHA_SEED}, registered_model_name: t-asha-best}}
 space:
@@ -80,7 +80,7 @@ def test_asha_sweep_stops_trials_nests_runs_and_writes_a_trainable_best_config(v
     assert stopped and all(run.info.status == "KILLED" for run in stopped)
     for run in stopped:  # logged only the epochs it trained
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-        assert steps == sorted(set(steps)) and max(steps) < 3
+        assert steps == [1]
     finished = [run for run in children if run.info.status == "FINISHED"]
     assert finished and len(finished) + len(stopped) == 4
     best_run_id = parent.data.tags["varcon.best_run_id"]
@@ -131,24 +131,26 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_sessio
 
 def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, ray_session):
     args = ["tune", "tune.name=t-resume", "tune.searcher=random", "tune.num_samples=2", "tune.scheduler=fifo",
-            "optim.epochs=1", "optim.warmup_epochs=0", "tune.max_concurrent_trials=1", *SHORT_EVAL]
+            "optim.epochs=1", "optim.warmup_epochs=0", *SHORT_EVAL]
     env = {**os.environ, "VARCON_TEST_EXIT_AFTER_TRIALS": "1", "RAY_ADDRESS": ray_session.address}
     killed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode == 3, killed.stderr[-2000:]  # the driver died after the first trial completed
     client = store(varcon_home)
     _, before = sweep_runs(client, "t-resume")
-    (done,) = [run for run in before if run.info.status == "FINISHED"]
-    trial_run = varcon_home / ".cache" / "ray_results" / done.data.tags["varcon.run_key"]
-    checkpoints = sorted(p.name for p in trial_run.glob("checkpoint_*"))
+    done_before = [run for run in before if run.info.status == "FINISHED"]
+    assert done_before  # the other trial was running (or finishing) when the driver died
+    folders = {run.info.run_id: varcon_home / ".cache" / "ray_results" / run.data.tags["varcon.run_key"]
+               for run in done_before}
+    checkpoints = {run_id: sorted(p.name for p in folder.glob("checkpoint_*")) for run_id, folder in folders.items()}
 
     assert main(args) == 0
     parent, children = sweep_runs(client, "t-resume")
     trial_ids = [run.data.tags["varcon.trial_id"] for run in children]
     assert len(children) == 2 and len(set(trial_ids)) == 2 and parent.info.status == "FINISHED"
     assert {run.info.status for run in children} == {"FINISHED"}
-    again = next(r for r in children if r.data.tags["varcon.trial_id"] == done.data.tags["varcon.trial_id"])
-    assert again.info.run_id == done.info.run_id  # the same MLflow run, not a second one
-    # the finished trial was not trained again: no new checkpoint, one value per epoch
-    assert sorted(p.name for p in trial_run.glob("checkpoint_*")) == checkpoints and checkpoints
-    assert [m.step for m in client.get_metric_history(done.info.run_id, "train_loss")] == [1]
+    assert {run.info.run_id for run in done_before} <= {run.info.run_id for run in children}  # same MLflow runs
+    for run_id, folder in folders.items():  # a finished trial was not trained again: no new checkpoint
+        assert sorted(p.name for p in folder.glob("checkpoint_*")) == checkpoints[run_id] and checkpoints[run_id]
+    for run in children:  # one value per epoch, none twice
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, load_config,
-                             resolve_path, set_dotted, to_dict)
+                             resolve_path, set_dotted, to_dict, yaml_problem)
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
 SEARCHERS = ("random", "optuna")
@@ -119,7 +119,7 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] | tuple[str,
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML ({exc}): fix the syntax") from None
+        raise ConfigError(f"sweep file {path} is not valid YAML ({yaml_problem(exc)}): fix the syntax") from None
     unknown = set(raw) - {"experiment", "experiment_overrides", "tune", "space"}
     if unknown or "experiment" not in raw or not isinstance(raw.get("space"), dict):
         raise ConfigError(f"sweep file {path} must hold experiment: FILE, space: {{key: {{type: ...}}}} and "

@@ -61,7 +61,8 @@ def concurrency(spec: SweepSpec, cluster: dict) -> int:
     have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if cpus > have_cpus or gpus > have_gpus:
         raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has {have_cpus:g} "
-                          f"CPUs and {have_gpus:g} GPUs: lower ray.num_workers or ray.cpus_per_worker, or add nodes")
+                          f"CPUs and {have_gpus:g} GPUs: lower ray.num_workers or ray.cpus_per_worker, set "
+                          f"ray.use_gpu=false, or add nodes")
     fits = [math.floor(have_cpus / cpus) if cpus else spec.settings.num_samples]
     if gpus:
         fits.append(math.floor(have_gpus / gpus))
@@ -138,9 +139,7 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int):
 
 
 def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
-    import ray
-
-    from pipeline.ray_train import init_ray
+    from pipeline.ray_train import init_ray, require_resources
     from pipeline.train_job import prepare
 
     spec = spec.with_absolute_paths()
@@ -148,9 +147,11 @@ def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     base = spec.base_config()
     tracking_uri = base.tracking.tracking_uri
     check_reachable(tracking_uri)
-    prepare(base, log)  # once, before trials start side by side
     init_ray()
-    max_concurrent = concurrency(spec, ray.cluster_resources())
+    _, cpus, gpus = trial_resources(spec)
+    cluster = require_resources(cpus, gpus, base.ray.resource_wait_s, log)
+    max_concurrent = concurrency(spec, cluster)
+    prepare(base, log)  # once, before trials start side by side
     parent, resumed = TrackedRun.find_or_create(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
                                                 spec.describe(), tags={"varcon.sweep": s.name,
                                                                        "varcon.kind": "sweep"})
@@ -184,8 +185,8 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
         if status == "stopped early" and run.info.status == "RUNNING":
             tracked.set_tags({STOPPED_TAG: "true"})
             tracked.end("KILLED")
-        elif status == "completed" and spec.population_based and run.info.status == "RUNNING":
-            _finish_population_trial(spec, result, trial_id, tracked)
+        elif status == "completed" and run.info.status == "RUNNING":
+            _finish_trial(spec, result, trial_id, tracked)
     completed = [r for r in rows if r.status == "completed" and r.run_id and not math.isnan(r.metric)]
     best = (max if s.mode == "max" else min)(completed, key=lambda r: r.metric) if completed else None
     _print_table(rows, s.metric, best, log)
@@ -212,9 +213,10 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
     return SweepOutcome(parent.run_id, rows, best, best_path, registered)
 
 
-def _finish_population_trial(spec: SweepSpec, result, trial_id: str, tracked: TrackedRun) -> None:
-    """What ``train_job.record_outcome`` does for a Ray Train run, for a PBT/PB2 trial (its last checkpoint is
-    Tune's), plus the discovered schedule as a plot and a replayable YAML."""
+def _finish_trial(spec: SweepSpec, result, trial_id: str, tracked: TrackedRun) -> None:
+    """``train_job.record_outcome`` for a trial that trained every epoch but whose process ended first: a
+    PBT/PB2 trial (its checkpoints are Tune's), or a Ray Train trial that the scheduler stopped at its last
+    report. PBT/PB2 trials also get the discovered schedule as a plot and a replayable YAML."""
     from pipeline import checkpoint, plots
     from pipeline.ray_train import MONITOR
     from pipeline.train_job import TrainOutcome, prepare, record_outcome
@@ -222,16 +224,18 @@ def _finish_population_trial(spec: SweepSpec, result, trial_id: str, tracked: Tr
 
     config = spec.trial_config({p.key: result.config[p.key] for p in spec.space}, trial_id)
     files = prepare(config, log=lambda *_: None)
-    final = str(Path(result.checkpoint.path) / checkpoint.STATE_FILE) if result.checkpoint else None
+    folder = result.checkpoint.path if result.checkpoint else result.metrics.get("checkpoint_path")
+    final = str(Path(folder) / checkpoint.STATE_FILE) if folder else None
     best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
     best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final
-    lineage = lineage_schedule(tracked.tracking_uri, tracked.run_id)
-    with tempfile.TemporaryDirectory() as folder:
-        history = {"tau1": [(e, t) for e, t, _ in lineage], "eps": [(e, v) for e, _, v in lineage]}
-        plots.temperature_plot(history, Path(folder) / "discovered_schedule.png")
-        (Path(folder) / "discovered_schedule.yaml").write_text(
-            yaml.safe_dump({"loss": {"schedule": as_piecewise(lineage)}}, sort_keys=False))
-        tracked.log_artifacts(folder, "plots")
+    if spec.population_based:
+        lineage = lineage_schedule(tracked.tracking_uri, tracked.run_id)
+        with tempfile.TemporaryDirectory() as plot_folder:
+            history = {"tau1": [(e, t) for e, t, _ in lineage], "eps": [(e, v) for e, _, v in lineage]}
+            plots.temperature_plot(history, Path(plot_folder) / "discovered_schedule.png")
+            (Path(plot_folder) / "discovered_schedule.yaml").write_text(
+                yaml.safe_dump({"loss": {"schedule": as_piecewise(lineage)}}, sort_keys=False))
+            tracked.log_artifacts(plot_folder, "plots")
     record_outcome(config, files, tracked, TrainOutcome(tracked.run_id, tracked.tracking_uri, dict(result.metrics),
                                                         {}, final, best))
 

@@ -67,9 +67,9 @@ def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str) -> None
     import ray.tune
 
     from pipeline.config import resolve_path
-    from pipeline.ray_train import loop_config, run_worker
+    from pipeline.ray_train import ERROR_TAG, loop_config, run_worker
     from pipeline.tracking import resolve_tracking_uri
-    from pipeline.train_job import open_run, prepare, run_name
+    from pipeline.train_job import TrainingStopped, open_run, prepare, run_name
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = spec.trial_config(sampled, trial_id)
@@ -80,8 +80,10 @@ def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str) -> None
     torch.manual_seed(config.seed)
     loop = loop_config(config, files, tracking_uri, tracked.run_id, str(resolve_path(config.ray.storage_path) / name))
     try:
-        run_worker(loop, TuneSession(config.ray.use_gpu))
+        stopped = run_worker(loop, TuneSession(config.ray.use_gpu))
+        if stopped:
+            raise TrainingStopped(f"trial {trial_id} {stopped}")
     except Exception as exc:
-        tracked.set_tags({"varcon.error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracked.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:4000]})
         tracked.end("FAILED", flush_timeout_s=10)
         raise

@@ -1,0 +1,122 @@
+"""Bad input through the CLI: exit code 2, one line naming the fix, no traceback, nothing half-written.
+
+The README's "Bad input" list is this table (plus test_cli.py's data cases and the sweep-file cases of
+test_tune_spec.py).
+"""
+import os
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+
+def imagefolder(root, bad_image=False, empty=False):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            if empty:
+                continue
+            for i in range(3):
+                Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    if bad_image:
+        (root / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def corrupt_beton(home):
+    synthetic = ["data.dataset=synthetic", "data.train_samples=40", "data.test_samples=10"]
+    assert main(["prepare", *synthetic]) == 0
+    beton = home / ".cache" / "data" / "synthetic" / "train.beton"
+    data = bytearray(beton.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, altered content
+    beton.write_bytes(bytes(data))
+    return ["train", *synthetic, "data.verify_hash=always"]
+
+
+def malformed_yaml(home):
+    path = home / "broken.yaml"
+    path.write_text("loss:\n  tau1: 0.1\n   eps: [0.02\n")
+    return ["train", "--config", str(path)]
+
+
+CASES = {
+    # config keys and types
+    "unknown key": (["train", "loss.temperature=0.1"], "unknown config key loss.temperature"),
+    "misspelled key": (["train", "optim.weight_decy=0.1"], "did you mean optim.weight_decay"),
+    "misspelled section": (["train", "optm.lr=0.1"], "did you mean optim"),
+    "wrong type": (["train", "optim.epochs=ten"], "optim.epochs must be of type int"),
+    "override without =": (["train", "optim.epochs"], "must look like section.key=value"),
+    # out-of-range values
+    "tau1 <= 0": (["train", "loss.tau1=0"], "loss.tau1=0.0 must be > 0"),
+    "eps >= tau1": (["train", "loss.eps=0.1"], "loss.eps=0.1 must be smaller than loss.tau1=0.1"),
+    "negative eps": (["train", "loss.eps=-0.01"], "loss.eps=-0.01 must be >= 0"),
+    "negative learning rate": (["train", "optim.lr=-0.5"], "optim.lr=-0.5 must be > 0"),
+    "zero epochs": (["train", "optim.epochs=0"], "optim.epochs=0 must be >= 1"),
+    "schedule reaching eps >= tau1": (["train", "loss.schedule.kind=linear", "loss.schedule.tau1_end=0.01"],
+                                      "reaches tau1=0.01, eps=0.02"),
+    "batch not divisible by workers": (["train", "optim.global_batch_size=129"],
+                                       "must be a positive multiple of ray.num_workers=2"),
+    # unknown names
+    "unknown dataset": (["train", "data.dataset=mnist"], "data.dataset='mnist' is unknown"),
+    "unknown model": (["train", "model.encoder=vit_b16"], "model.encoder='vit_b16' is unknown"),
+    "unknown loss": (["train", "loss.name=triplet"], "loss.name='triplet' is unknown"),
+    "unknown temperature schedule": (["train", "loss.schedule.kind=exponential"], "kind='exponential' is unknown"),
+    "unknown tune scheduler": (["tune", "tune.scheduler=hyperband"], "tune.scheduler='hyperband' is unknown"),
+    "unknown tune searcher": (["tune", "tune.searcher=bohb"], "tune.searcher='bohb' is unknown"),
+    # files and data
+    "missing config file": (["train", "--config", "no/such.yaml"], "does not exist"),
+    "malformed YAML": (malformed_yaml, "is not valid YAML"),
+    "missing data folder": (["train", "data.dataset=imagefolder", "data.root=/no/such/folder"], "is not a folder"),
+    "empty data folder": (lambda home: ["train", "data.dataset=imagefolder",
+                                        f"data.root={imagefolder(home / 'empty', empty=True)}"], "holds no images"),
+    "unreadable image": (lambda home: ["train", "data.dataset=imagefolder", "data.image_size=12",
+                                       f"data.root={imagefolder(home / 'bad', bad_image=True)}"], "unreadable image"),
+    "corrupt .beton": (corrupt_beton, "altered after writing"),
+    "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"],
+                                    "does not answer"),
+    # the cluster
+    "more workers than CPUs": (["train", "ray.num_workers=4", "ray.resource_wait_s=0"],
+                               "the run needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"),
+    "GPUs on a CPU cluster": (["train", "ray.use_gpu=true", "ray.resource_wait_s=0"],
+                              "needs 2 CPUs and 2 GPUs but the Ray cluster has 2 CPUs and 0 GPUs"),
+    "tune trial larger than the cluster": (["tune", "ray.num_workers=4", "ray.resource_wait_s=0"],
+                                           "needs 4 CPUs and 0 GPUs"),
+}
+
+
+def files_under(folder):
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, varcon_home, ray_session, capsys):
+    args, fragment = CASES[case]
+    if callable(args):
+        args = args(varcon_home)
+    capsys.readouterr()
+    before = files_under(varcon_home)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("varcon: error:") and fragment in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    written = files_under(varcon_home) - before
+    assert not written, written  # no store, no run folder, no half-written data file
+
+
+def test_the_debug_flag_shows_the_traceback(varcon_home, capsys):
+    assert main(["train", "--debug", "loss.tau1=0"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_enough_cases_are_covered():
+    assert len(CASES) >= 20
