@@ -80,8 +80,8 @@ def main() -> None:
     print(f"training (digits, {args.epochs} epochs, {steps['count']} steps, kNN every epoch): {train_time:.1f} s")
     for kind, seconds in spent.items():
         print(f"{kind:>15}: {seconds * 1000:8.1f} ms on the training thread = {seconds / train_time:.3%}")
-    print(f"sync per step / pipeline: {spent['sync per step'] / max(spent["pipeline"], 1e-9):.0f}x")
-    print(f"mlflow overhead: {spent["pipeline"] / train_time:.2%}")
+    print(f"sync per step / pipeline: {spent['sync per step'] / max(spent['pipeline'], 1e-9):.0f}x")
+    print(f"mlflow overhead: {spent['pipeline'] / train_time:.2%}")
 
 
 if __name__ == "__main__":
