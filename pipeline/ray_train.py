@@ -25,8 +25,7 @@ from pipeline.data.ffcv_writer import DatasetFiles
 TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_FAIL_MODE", "VARCON_TEST_NAN_AFTER_EPOCH")
 MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
 UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the tracking store did not take, beside the run's checkpoints
-ERROR_TAG = "varcon.error"  # why a run failed or stopped
-STOPPED_PREFIX = "stopped: "  # an ERROR_TAG value for a training that ended itself (non-finite loss)
+STOPPED_PREFIX = "stopped: "  # a varcon.error value for a training that ended itself (non-finite loss)
 EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id}: checkpoints this run continued from
 
 
@@ -52,11 +51,7 @@ class RayTrainSession:
     def last_checkpoint_state(self) -> dict | None:
         import ray.train
 
-        restored = ray.train.get_checkpoint()
-        if restored is None:
-            return None
-        with restored.as_directory() as folder:
-            return checkpoint.load(folder)
+        return checkpoint_state(ray.train.get_checkpoint())
 
     def rank(self) -> int:
         import ray.train
@@ -72,6 +67,14 @@ class RayTrainSession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
+
+
+def checkpoint_state(found) -> dict | None:
+    """The training state inside a Ray (Train or Tune) ``Checkpoint``, or ``None`` for no checkpoint."""
+    if found is None:
+        return None
+    with found.as_directory() as folder:
+        return checkpoint.load(folder)
 
 
 def _injected_failure(hooks: dict, epoch: int, resumed: bool, training: engine.Training) -> None:
@@ -108,7 +111,7 @@ def run_worker(loop: dict, session: Session) -> str | None:
     still has not taken are written to ``<run folder>/unlogged_metrics.json``. Returns why the training stopped
     early (a non-finite loss), else ``None``.
     """
-    from pipeline.tracking import TrackedRun
+    from pipeline.tracking import ERROR_TAG, TrackedRun
 
     config = from_dict(loop["experiment"])
     files = DatasetFiles(**loop["dataset"])
@@ -230,19 +233,19 @@ def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: st
     return trainer.fit()
 
 
-_STARTED_LOCALLY = []  # set when init_ray started a private instance (no autoscaler can add nodes to it)
+_started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
 
 
 def init_ray() -> None:
     """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance."""
+    global _started_locally
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True)
-        if not address:
-            _STARTED_LOCALLY.append(True)
+        _started_locally = not address
 
 
 def require_resources(cpus: float, gpus: float, wait_s: float, log=print) -> dict:
@@ -255,7 +258,7 @@ def require_resources(cpus: float, gpus: float, wait_s: float, log=print) -> dic
 
     from pipeline.config import ConfigError
 
-    deadline = time.monotonic() + (0.0 if _STARTED_LOCALLY else wait_s)
+    deadline = time.monotonic() + (0.0 if _started_locally else wait_s)
     announced = False
     while True:
         have = ray.cluster_resources()

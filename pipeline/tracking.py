@@ -29,6 +29,7 @@ MAX_PARAM_VALUE_LENGTH = 6000
 RUN_KEY_TAG = "varcon.run_key"  # identifies one training across restarts and re-submissions
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows children under the parent
 MODEL_URI_TAG = "varcon.model_uri"  # where the run's final encoder was logged (for the Model Registry)
+ERROR_TAG = "varcon.error"  # why a run failed or stopped
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -274,6 +275,12 @@ class TrackedRun:
 
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """End the run as FAILED, with ``error`` (if given) as its ``varcon.error`` tag."""
+        if error is not None:
+            self.set_tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:4000]})
+        self.end("FAILED", flush_timeout_s=10)
 
     def end(self, status: str = "FINISHED", flush_timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
         """Send what is queued, mark the run ended; returns metrics that could not be sent."""

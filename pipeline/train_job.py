@@ -13,7 +13,7 @@ from pipeline.config import ExperimentConfig, config_hash, resolve_path, to_dict
 from pipeline.data.ffcv_writer import DatasetFiles, manifest_path
 from pipeline.data.loaders import prepare_data
 from pipeline.models import build_model
-from pipeline.tracking import MODEL_URI_TAG, TrackedRun, check_reachable, resolve_tracking_uri
+from pipeline.tracking import ERROR_TAG, MODEL_URI_TAG, TrackedRun, check_reachable, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
 REGISTERED_TAG = "varcon.registered_model"
@@ -81,21 +81,18 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks)
     except BaseException as exc:
         try:
-            tracked.set_tags({"varcon.error": f"{type(exc).__name__}: {exc}"[:4000]})  # pipeline.ray_train.ERROR_TAG
-            tracked.end("FAILED", flush_timeout_s=10)
+            tracked.fail(exc)
         except Exception:  # noqa: BLE001 - the training's own error matters more than the store's
             pass
         raise
-    from pipeline.ray_train import ERROR_TAG, MONITOR, STOPPED_PREFIX
+    from pipeline.ray_train import STOPPED_PREFIX
 
     reason = tracked.tags().get(ERROR_TAG, "")
     if reason.startswith(STOPPED_PREFIX) and result.metrics.get("epoch", 0) < config.optim.epochs:
-        tracked.end("FAILED", flush_timeout_s=10)
+        tracked.fail()  # the worker tagged the reason
         checkpoint_path = result.checkpoint.path if result.checkpoint else "none"
         raise TrainingStopped(f"training {name} {reason} (last good checkpoint: {checkpoint_path})")
-    final = str(Path(result.checkpoint.path) / checkpoint.STATE_FILE) if result.checkpoint else None
-    best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
-    best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final
+    final, best = state_paths(result)
     outcome = TrainOutcome(tracked.run_id, tracking_uri, dict(result.metrics), {}, final, best)
     try:
         record_outcome(config, files, tracked, outcome)
@@ -103,6 +100,18 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         outcome.tracking_problem = (f"MLflow did not take the final results ({type(exc).__name__}: {exc}); the "
                                     f"trained model is saved locally in {final}")
     return outcome
+
+
+def state_paths(result, last_folder: str | None = None) -> tuple[str | None, str | None]:
+    """The ``state.pt`` of a Ray ``Result``'s last checkpoint (or of ``last_folder``) and of its best one by
+    the kNN monitor (the last one when none is ranked)."""
+    from pipeline.ray_train import MONITOR
+
+    folder = result.checkpoint.path if result.checkpoint else last_folder
+    final = str(Path(folder) / checkpoint.STATE_FILE) if folder else None
+    best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
+    best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final
+    return final, best
 
 
 def record_outcome(config: ExperimentConfig, files: DatasetFiles, tracked: TrackedRun, outcome: TrainOutcome) -> None:

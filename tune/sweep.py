@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from pipeline.config import ConfigError, resolve_path, to_dict
 from pipeline.tracking import TrackedRun, check_reachable, child_runs
+from pipeline.train_job import REGISTERED_TAG
 from tune.spec import SweepSpec
 
 STOPPED_TAG = "varcon.stopped_early"
@@ -201,11 +202,11 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
         parent.log_artifact(best_path)
         parent.log_metrics({f"best_{s.metric}": best.metric}, step=epochs)
         tags = parent.tags()
-        if s.registered_model_name and "varcon.registered_model" not in tags:
+        if s.registered_model_name and REGISTERED_TAG not in tags:
             version = TrackedRun(parent.tracking_uri, best.run_id).register_model(s.registered_model_name)
             registered = f"{s.registered_model_name}/{version}"
-            parent.set_tags({"varcon.registered_model": registered})
-        registered = registered or tags.get("varcon.registered_model")
+            parent.set_tags({REGISTERED_TAG: registered})
+        registered = registered or tags.get(REGISTERED_TAG)
         parent.set_tags({"varcon.best_run_id": best.run_id, "varcon.best_trial_id": best.trial_id})
     counts = {status: sum(r.status.startswith(status) for r in rows) for status in ("completed", "stopped", "error")}
     parent.log_metrics({f"trials_{k}": v for k, v in counts.items()}, step=0)
@@ -217,17 +218,14 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, tracked: TrackedRun) -
     """``train_job.record_outcome`` for a trial that trained every epoch but whose process ended first: a
     PBT/PB2 trial (its checkpoints are Tune's), or a Ray Train trial that the scheduler stopped at its last
     report. PBT/PB2 trials also get the discovered schedule as a plot and a replayable YAML."""
-    from pipeline import checkpoint, plots
-    from pipeline.ray_train import MONITOR
-    from pipeline.train_job import TrainOutcome, prepare, record_outcome
+    from pipeline import plots
+    from pipeline.train_job import TrainOutcome, prepare, record_outcome, state_paths
     from tune.discovered import as_piecewise, lineage_schedule
 
     config = spec.trial_config({p.key: result.config[p.key] for p in spec.space}, trial_id)
     files = prepare(config, log=lambda *_: None)
-    folder = result.checkpoint.path if result.checkpoint else result.metrics.get("checkpoint_path")
-    final = str(Path(folder) / checkpoint.STATE_FILE) if folder else None
-    best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
-    best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final
+    # a Ray Train trial's last checkpoint path arrives as a metric through TuneReportCallback
+    final, best = state_paths(result, result.metrics.get("checkpoint_path"))
     if spec.population_based:
         lineage = lineage_schedule(tracked.tracking_uri, tracked.run_id)
         with tempfile.TemporaryDirectory() as plot_folder:

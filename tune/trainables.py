@@ -34,13 +34,9 @@ class TuneSession:
     def last_checkpoint_state(self) -> dict | None:
         import ray.tune
 
-        from pipeline import checkpoint
+        from pipeline.ray_train import checkpoint_state
 
-        restored = ray.tune.get_checkpoint()  # after a PBT exploit: the donor trial's checkpoint
-        if restored is None:
-            return None
-        with restored.as_directory() as folder:
-            return checkpoint.load(folder)
+        return checkpoint_state(ray.tune.get_checkpoint())  # after a PBT exploit: the donor trial's checkpoint
 
     def rank(self) -> int:
         return 0
@@ -67,7 +63,7 @@ def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str) -> None
     import ray.tune
 
     from pipeline.config import resolve_path
-    from pipeline.ray_train import ERROR_TAG, loop_config, run_worker
+    from pipeline.ray_train import loop_config, run_worker
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train_job import TrainingStopped, open_run, prepare, run_name
 
@@ -77,13 +73,11 @@ def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str) -> None
     files = prepare(config, log=lambda *_: None)
     name = run_name(config)
     tracked, _ = open_run(config, files, tracking_uri, name, parent_run_id, trial_tags(spec, trial_id))
-    torch.manual_seed(config.seed)
     loop = loop_config(config, files, tracking_uri, tracked.run_id, str(resolve_path(config.ray.storage_path) / name))
     try:
         stopped = run_worker(loop, TuneSession(config.ray.use_gpu))
         if stopped:
             raise TrainingStopped(f"trial {trial_id} {stopped}")
     except Exception as exc:
-        tracked.set_tags({ERROR_TAG: f"{type(exc).__name__}: {exc}"[:4000]})
-        tracked.end("FAILED", flush_timeout_s=10)
+        tracked.fail(exc)
         raise
