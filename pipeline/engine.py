@@ -93,8 +93,6 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
     elapsed = time.perf_counter() - start
     metrics = {f"train_{key}" if not key.startswith("train_") else key: (value / steps).item()
                for key, value in totals.items()}
-    if not math.isfinite(metrics["train_loss"]):
-        raise NonFiniteLossError(f"training loss became {metrics['train_loss']}: lower optim.lr or check the data")
     metrics.update(lr=optimizer.param_groups[0]["lr"], epoch_time_s=elapsed, images_per_s=images / elapsed)
     return metrics
 
@@ -223,7 +221,8 @@ def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callabl
     on every rank after every epoch; epoch 0 reports the randomly initialised encoder. ``resume`` (a
     ``pipeline.checkpoint`` state) continues after its epoch. Evaluation runs on rank 0 only; the last epoch
     also reports the final evaluation (linear probe, few-shot, dispersion) and, after ``on_epoch_end``, hands
-    the test features to ``on_final_features``. Each epoch first applies the temperature schedule.
+    the test features to ``on_final_features``. Each epoch first applies the temperature schedule. A NaN or
+    infinite epoch loss raises ``NonFiniteLossError`` before that epoch is reported.
     """
     from pipeline import checkpoint
 
@@ -238,6 +237,9 @@ def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callabl
         temperatures = set_temperatures(training.loss_fn, config, epoch)
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
                                   training.optimizer, training.scheduler, device, training.amp_dtype)
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLossError(f"training loss became {metrics['train_loss']} at epoch {epoch}: lower "
+                                     f"optim.lr or check the data")
         metrics.update(temperatures)
         final_features = None
         if evaluator is not None and epoch == last:

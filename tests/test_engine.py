@@ -97,3 +97,18 @@ def test_final_evaluation_reports_probe_fewshot_and_dispersion(digits_files):
     # after one epoch VarCon's features are still nearly collinear (inter ~ intra ~ 0.99): only bounds here,
     # the ordering is tested on constructed features in test_evaluation
     assert -1.0 <= final["dispersion_inter_cos"] <= 1.0 + 1e-5 and -1.0 <= final["dispersion_intra_cos"] <= 1.0 + 1e-5
+
+
+def test_a_non_finite_loss_raises_before_its_epoch_is_reported(digits_files):
+    config = load_config(None, DETERMINISTIC)
+    reported = []
+
+    def poison_after_epoch_1(epoch, metrics, training):
+        reported.append(epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                next(training.model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(engine.NonFiniteLossError, match="training loss became nan at epoch 2: lower optim.lr"):
+        engine.fit(config, digits_files, torch.device("cpu"), poison_after_epoch_1)
+    assert reported == [0, 1]
