@@ -144,6 +144,8 @@ class TrackingConfig:
     experiment: str = "varcon"
     log_checkpoints: bool = True  # log the final and best full checkpoints (state.pt) as run artifacts
     registered_model_name: str = ""  # register the final encoder in the Model Registry under this name
+    outage_wait_s: float = 120.0  # at the end of a run, wait this long for an unreachable store, then keep the
+    # unsent metrics in <run folder>/unlogged_metrics.json (uploaded when the same command runs again)
 
 
 @dataclass
@@ -327,6 +329,7 @@ def validate(config: ExperimentConfig) -> None:
     need(r.num_workers >= 1, f"ray.num_workers={r.num_workers} must be >= 1")
     need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
     need(r.resource_wait_s >= 0, "ray.resource_wait_s must be >= 0")
+    need(config.tracking.outage_wait_s >= 0, "tracking.outage_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
     need(r.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
          f"ray.placement_strategy={r.placement_strategy!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")

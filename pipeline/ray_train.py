@@ -22,9 +22,8 @@ from pipeline import checkpoint, engine
 from pipeline.config import ExperimentConfig, from_dict, resolve_path, to_dict
 from pipeline.data.ffcv_writer import DatasetFiles
 
-TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_FAIL_MODE", "VARCON_TEST_NAN_AFTER_EPOCH")
+TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_NAN_AFTER_EPOCH", "VARCON_TEST_TRIAL")
 MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
-UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the tracking store did not take, beside the run's checkpoints
 STOPPED_PREFIX = "stopped: "  # a varcon.error value for a training that ended itself (non-finite loss)
 EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id}: checkpoints this run continued from
 
@@ -77,28 +76,33 @@ def checkpoint_state(found) -> dict | None:
         return checkpoint.load(folder)
 
 
+def test_hooks_from_env() -> dict[str, str]:
+    """The test hooks set in this process's environment (see ``_injected_failure``). Ray workers and Tune
+    trials do not see variables set after the cluster started, so the driver reads them and passes them on."""
+    return {key: os.environ[key] for key in TEST_HOOKS if key in os.environ}
+
+
 def _injected_failure(hooks: dict, epoch: int, resumed: bool, training: engine.Training) -> None:
-    """Test hooks, set in the driver's environment. ``VARCON_TEST_FAIL_AT_EPOCH=k`` makes rank 0 fail once,
-    after epoch k's checkpoint of a fresh start (``VARCON_TEST_FAIL_MODE``: ``raise`` an exception, or ``exit``
-    the process as a lost node would). ``VARCON_TEST_NAN_AFTER_EPOCH=k`` puts a NaN into the weights after
-    epoch k's checkpoint, so the next epoch's loss is not finite.
+    """Test hooks, set in the driver's environment. ``VARCON_TEST_FAIL_AT_EPOCH=k`` makes rank 0 raise once,
+    after epoch k's checkpoint of a fresh start. ``VARCON_TEST_NAN_AFTER_EPOCH=k`` puts a NaN into the weights
+    after epoch k's checkpoint, so the next epoch's loss is not finite. In a sweep, ``VARCON_TEST_TRIAL=n``
+    confines the hooks to the n-th trial (``tune.trainables.hooks_for_trial``). Killing processes is left to
+    the tests themselves (``tests/test_faults.py``).
     """
     if hooks.get("VARCON_TEST_NAN_AFTER_EPOCH") == str(epoch):
         with torch.no_grad():
             next(engine.unwrap(training.model).parameters()).fill_(float("nan"))
-    if resumed or hooks.get("VARCON_TEST_FAIL_AT_EPOCH") != str(epoch):
-        return
-    if hooks.get("VARCON_TEST_FAIL_MODE", "raise") == "exit":
-        os._exit(17)
-    raise RuntimeError(f"injected failure after epoch {epoch} (VARCON_TEST_FAIL_AT_EPOCH)")
+    if not resumed and hooks.get("VARCON_TEST_FAIL_AT_EPOCH") == str(epoch):
+        raise RuntimeError(f"injected failure after epoch {epoch} (VARCON_TEST_FAIL_AT_EPOCH)")
 
 
 def loop_config(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str,
-                run_folder: str) -> dict:
-    """The plain-data argument of ``run_worker`` (it crosses process boundaries)."""
+                run_folder: str, test_hooks: dict[str, str] | None = None) -> dict:
+    """The plain-data argument of ``run_worker`` (it crosses process boundaries); ``test_hooks`` default to
+    this process's environment."""
     return {"experiment": to_dict(config), "dataset": asdict(files), "tracking_uri": tracking_uri,
             "run_id": run_id, "run_folder": run_folder,
-            "test_hooks": {key: os.environ[key] for key in TEST_HOOKS if key in os.environ}}
+            "test_hooks": test_hooks_from_env() if test_hooks is None else test_hooks}
 
 
 def run_worker(loop: dict, session: Session) -> str | None:
@@ -108,10 +112,10 @@ def run_worker(loop: dict, session: Session) -> str | None:
     up to a checkpoint go to MLflow just before it is reported (Tune may stop or exploit the trial inside that
     report); epochs a restart redoes are not logged again (steps up to the run's last logged one are skipped).
     After the final epoch rank 0 logs the embedding and confusion-matrix plots; metrics the tracking store
-    still has not taken are written to ``<run folder>/unlogged_metrics.json``. Returns why the training stopped
-    early (a non-finite loss), else ``None``.
+    still has not taken after ``tracking.outage_wait_s`` go to ``<run folder>/unlogged_metrics.json``. Returns
+    why the training stopped early (a non-finite loss), else ``None``.
     """
-    from pipeline.tracking import ERROR_TAG, TrackedRun
+    from pipeline.tracking import ERROR_TAG, TrackedRun, save_unsent
 
     config = from_dict(loop["experiment"])
     files = DatasetFiles(**loop["dataset"])
@@ -166,12 +170,11 @@ def run_worker(loop: dict, session: Session) -> str | None:
         if tracked is not None:
             tracked.set_tags({ERROR_TAG: stopped})
     if tracked is not None:
-        unsent = tracked.flush(timeout_s=120)
+        unsent = tracked.flush(timeout_s=config.tracking.outage_wait_s)
         if unsent:
-            path = Path(loop["run_folder"]) / UNLOGGED_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps([{"step": step, "metrics": m} for step, m in unsent], indent=1))
-            print(f"[tracking] {len(unsent)} epochs of metrics could not reach MLflow; kept in {path}")
+            path = save_unsent(unsent, loop["run_folder"])
+            print(f"[tracking] {len(unsent)} epochs of metrics could not reach MLflow; kept in {path} until the "
+                  f"same command runs again")
     return stopped
 
 
@@ -207,12 +210,13 @@ def train_loop_per_worker(loop: dict) -> None:
 
 
 def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str, run_name: str,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, test_hooks: dict[str, str] | None = None):
     """Fit under Ray Train; returns Ray's ``Result`` (``.metrics``: rank 0's last report, ``.checkpoint``: the
     last one, ``.best_checkpoints``: ranked by ``monitor_top1``).
 
     Running again with the same ``run_name`` and storage path continues from the last checkpoint.
-    ``callbacks`` go to the ``RunConfig`` (a Tune trial passes Ray's ``TuneReportCallback``).
+    ``callbacks`` go to the ``RunConfig`` (a Tune trial passes Ray's ``TuneReportCallback``); ``test_hooks``
+    to the workers (default: this process's environment).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -221,7 +225,8 @@ def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: st
     storage = resolve_path(r.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config, files, tracking_uri, run_id, str(storage / run_name)),
+        train_loop_config=loop_config(config, files, tracking_uri, run_id, str(storage / run_name),
+                                      test_hooks),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)},
                                      placement_strategy=r.placement_strategy),

@@ -185,6 +185,22 @@ class MetricSender:
         return unsent
 
 
+UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the store did not take, kept beside the run's checkpoints
+
+
+def save_unsent(unsent: list[tuple[int, dict[str, float]]], run_folder: str | Path) -> Path:
+    """Keep metrics the store did not take as ``<run_folder>/unlogged_metrics.json``
+    (``[{"step": s, "metrics": {...}}]``, merged with what an earlier attempt kept there)."""
+    path = Path(run_folder) / UNLOGGED_FILE
+    kept = json.loads(path.read_text()) if path.is_file() else []
+    kept += [{"step": step, "metrics": metrics} for step, metrics in unsent]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(kept, indent=1))
+    partial.replace(path)
+    return path
+
+
 class TrackedRun:
     """One MLflow run, addressed by id; safe to re-create in another process (e.g. the rank-0 worker)."""
 
@@ -194,13 +210,9 @@ class TrackedRun:
         self._sender: MetricSender | None = None
 
     @classmethod
-    def find_or_create(cls, tracking_uri: str, experiment: str, run_key: str, run_name: str,
-                       params: dict[str, str], tags: dict[str, str] | None = None,
-                       parent_run_id: str | None = None) -> tuple[TrackedRun, bool]:
-        """The run tagged ``varcon.run_key=run_key`` in ``experiment``, reopened, or a new one holding ``params``
-        (nested under ``parent_run_id`` when given). Returns ``(run, resumed)``."""
-        from mlflow.entities import Param
-
+    def find(cls, tracking_uri: str, experiment: str, run_key: str) -> TrackedRun | None:
+        """The run tagged ``varcon.run_key=run_key`` in ``experiment``, or ``None`` (a missing experiment is
+        created)."""
         client = _client(tracking_uri)
         try:
             experiment_id = _experiment_id(client, experiment, tracking_uri)
@@ -209,9 +221,22 @@ class TrackedRun:
         except Exception as exc:  # MLflow raises several types for an unusable store
             raise TrackingError(f"cannot use the MLflow store {tracking_uri} ({exc}): check the URI or start the "
                                 f"server, or unset MLFLOW_TRACKING_URI to use the local SQLite store") from None
-        if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return cls(tracking_uri, found[0].info.run_id), True
+        return cls(tracking_uri, found[0].info.run_id) if found else None
+
+    @classmethod
+    def find_or_create(cls, tracking_uri: str, experiment: str, run_key: str, run_name: str,
+                       params: dict[str, str], tags: dict[str, str] | None = None,
+                       parent_run_id: str | None = None) -> tuple[TrackedRun, bool]:
+        """The run tagged ``varcon.run_key=run_key`` in ``experiment``, reopened, or a new one holding ``params``
+        (nested under ``parent_run_id`` when given). Returns ``(run, resumed)``."""
+        from mlflow.entities import Param
+
+        found = cls.find(tracking_uri, experiment, run_key)
+        if found is not None:
+            found.client.update_run(found.run_id, status="RUNNING")
+            return found, True
+        client = _client(tracking_uri)
+        experiment_id = _experiment_id(client, experiment, tracking_uri)
         all_tags = {**(tags or {}), RUN_KEY_TAG: run_key}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -239,6 +264,25 @@ class TrackedRun:
     def flush(self, timeout_s: float = 60.0, while_failing: bool = True) -> list[tuple[int, dict[str, float]]]:
         """Wait for queued metrics; returns those still unsent after ``timeout_s`` (the store is down)."""
         return self._sender.flush(timeout_s, while_failing) if self._sender else []
+
+    def log_saved_metrics(self, run_folder: str | Path) -> int:
+        """Send the metrics ``save_unsent`` kept in ``run_folder`` (steps the run already holds are skipped, so a
+        batch whose reply was lost is not logged twice), then remove the file; returns how many values went."""
+        from mlflow.entities import Metric
+
+        path = Path(run_folder) / UNLOGGED_FILE
+        if not path.is_file():
+            return 0
+        entries = json.loads(path.read_text())
+        keys = {key for entry in entries for key in entry["metrics"]}
+        logged = {key: {step for step, _ in self.metric_history(key)} for key in keys}
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, entry["step"]) for entry in entries
+                 for key, value in sorted(entry["metrics"].items()) if entry["step"] not in logged[key]]
+        for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
+        path.unlink()
+        return len(batch)
 
     def last_step(self, key: str) -> int:
         """The largest step logged for ``key`` (0 when none)."""

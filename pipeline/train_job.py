@@ -47,7 +47,8 @@ def run_name(config: ExperimentConfig) -> str:
 def open_run(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_key: str,
              parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
     """The training's MLflow run, found again by ``run_key`` or created with the resolved config (params and
-    ``config.yaml``), the dataset manifests and the environment."""
+    ``config.yaml``), the dataset manifests and the environment. A run found again first gets the metrics an
+    earlier attempt could not send (``<storage>/<run_key>/unlogged_metrics.json``)."""
     tracked, resumed = TrackedRun.find_or_start(
         config, tracking_uri, run_key, parent_run_id=parent_run_id,
         tags={"varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
@@ -57,13 +58,17 @@ def open_run(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, r
         for beton in filter(None, (files.train, files.test)):
             tracked.log_artifact(manifest_path(beton), "dataset")
         tracked.log_environment()
+    elif sent := tracked.log_saved_metrics(resolve_path(config.ray.storage_path) / run_key):
+        print(f"[tracking] sent {sent} metric values an earlier attempt kept while MLflow was unreachable")
     return tracked, resumed
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
-          tags: dict[str, str] | None = None, callbacks: list | None = None) -> TrainOutcome:
+          tags: dict[str, str] | None = None, callbacks: list | None = None,
+          test_hooks: dict[str, str] | None = None) -> TrainOutcome:
     """Train under Ray Train, or continue the run of the same name from its last checkpoint. ``parent_run_id``
-    nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
+    nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``; ``test_hooks`` (fault
+    injection, tests only) to the workers."""
     from pipeline.ray_train import init_ray, require_resources, run_training
 
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
@@ -78,7 +83,7 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         f"{tracking_uri}); effective learning rate {config.optim.lr} for a global batch of "
         f"{config.optim.global_batch_size} images on {config.ray.num_workers} workers")
     try:
-        result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks)
+        result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks, test_hooks)
     except BaseException as exc:
         try:
             tracked.fail(exc)
@@ -87,7 +92,10 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         raise
     from pipeline.ray_train import STOPPED_PREFIX
 
-    reason = tracked.tags().get(ERROR_TAG, "")
+    try:
+        reason = tracked.tags().get(ERROR_TAG, "")
+    except Exception:  # noqa: BLE001 - the store is down: record_outcome below reports it with the model path
+        reason = ""
     if reason.startswith(STOPPED_PREFIX) and result.metrics.get("epoch", 0) < config.optim.epochs:
         tracked.fail()  # the worker tagged the reason
         checkpoint_path = result.checkpoint.path if result.checkpoint else "none"

@@ -1,7 +1,13 @@
-"""Shared fixtures: one Ray instance per test session, isolated working directories, the prepared digits data."""
+"""Shared fixtures: one Ray instance per test session, isolated working directories, the prepared digits data,
+MLflow servers on loopback."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 
 import pytest
 
@@ -37,7 +43,63 @@ def ray_session():
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
+    # MLflow's HTTP client retries a refused connection for minutes by default; the product's own sender
+    # retries on top of it, so tests of a server outage let Ray workers fail each call at once
+    ray.init(address=cluster.address, log_to_driver=False,
+             runtime_env={"env_vars": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+class MlflowServer:
+    """``varcon ui``'s command (``pipeline.tracking.ui_command``) serving ``store`` on a free loopback port, in
+    its own process group (``process.pid``), so that it can be killed whole, also from another process."""
+
+    def __init__(self, store: str) -> None:
+        from pipeline.tracking import ui_command
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.command = ui_command(store, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True,
+                                        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + 120
+        while True:  # the server takes a few seconds to start: poll its health endpoint
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"`{' '.join(self.command)}` did not start") from None
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # killed already (an outage test)
+                pass
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+@pytest.fixture
+def mlflow_server():
+    """``mlflow_server(store)`` starts an ``MlflowServer``; all are stopped after the test."""
+    servers = []
+
+    def start(store: str) -> MlflowServer:
+        servers.append(MlflowServer(store).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -5,29 +5,20 @@ Chromium (Debian's ``chromium``) comes from the set-up step; the screenshot is k
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 
 import pytest
 
 from pipeline.config import REPO_ROOT, load_config
-from pipeline.tracking import TrackedRun, resolve_tracking_uri, ui_command
+from pipeline.tracking import TrackedRun, resolve_tracking_uri
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                 reason="chromium is not installed (scripts/setup.sh installs it)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_ui(varcon_home):
+def mlflow_ui(varcon_home, mlflow_server):
     """A store holding a sweep (parent run, two child trials), served on 127.0.0.1 by ``ui_command``."""
     uri = resolve_tracking_uri()
     parent, _ = TrackedRun.find_or_create(uri, "ui-check", "sweep", "sweep-digits", {"searcher": "random"})
@@ -37,25 +28,9 @@ def mlflow_ui(varcon_home):
         run.log_metrics({"knn_top1_k20": 0.5 + trial / 10}, step=1)
         run.end()
     parent.end()
-    port = free_port()
-    command = ui_command(uri, port)
-    assert command[command.index("--host") + 1] == "127.0.0.1"  # never bound to a public interface by default
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # the server takes a few seconds to start: poll its health endpoint
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"`{' '.join(command)}` did not start") from None
-            time.sleep(0.25)
-    yield base, parent
-    server.terminate()
-    server.wait(timeout=30)
+    server = mlflow_server(uri)
+    assert server.command[server.command.index("--host") + 1] == "127.0.0.1"  # never public by default
+    return server.url, parent
 
 
 def chromium(*args: str) -> str:

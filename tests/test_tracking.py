@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import plots
 from pipeline.config import flatten, load_config
-from pipeline.tracking import (MetricSender, TrackedRun, child_runs, installed_requirements, resolve_tracking_uri,
-                               system_description)
+from pipeline.tracking import (UNLOGGED_FILE, MetricSender, TrackedRun, child_runs, installed_requirements,
+                               resolve_tracking_uri, save_unsent, system_description)
 
 
 @pytest.fixture
@@ -40,6 +40,18 @@ def test_metrics_logged_in_the_background_arrive_once_per_step(store):
     assert run.metric_history("train_loss") == [(e, pytest.approx(1.0 / e)) for e in range(1, 6)]
     run.end()
     assert MlflowClient(store).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_saved_metrics_are_sent_later_without_repeating_a_step_the_run_holds(store, tmp_path):
+    run, _ = TrackedRun.find_or_create(store, "varcon", "k", "k", {})
+    run.log_metrics({"train_loss": 1.0}, step=1)  # this one reached the store, but its reply was lost
+    run.flush(timeout_s=30)
+    save_unsent([(1, {"train_loss": 1.0})], tmp_path)
+    save_unsent([(2, {"train_loss": 0.5, "knn_top1_k20": 0.9}), (3, {"train_loss": 0.25})], tmp_path)  # merged
+    assert run.log_saved_metrics(tmp_path) == 3
+    assert run.metric_history("train_loss") == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert run.metric_history("knn_top1_k20") == [(2, pytest.approx(0.9))]
+    assert not (tmp_path / UNLOGGED_FILE).exists() and run.log_saved_metrics(tmp_path) == 0
 
 
 def test_sender_retries_through_an_outage_without_losing_or_repeating_a_step():
