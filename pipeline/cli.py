@@ -87,6 +87,10 @@ def _cmd_tune(args) -> int:
     spec = load_sweep(args.config, args.overrides)
     outcome = run_sweep(spec)
     print(f"\nMLflow parent run: {outcome.parent_run_id} (one child run per trial)")
+    errored = [row for row in outcome.rows if row.status.startswith("error")]
+    if errored:
+        print(f"{len(errored)} of {len(outcome.rows)} trials ended with an error (status column above; the "
+              f"MLflow run's varcon.error tag has the full message)")
     if outcome.best is None:
         print("varcon: error: no trial completed every epoch; see the table above", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import engine
+from pipeline import checkpoint, engine
 from pipeline.cli import main
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.ray_train import EXPLOITS_TAG
@@ -67,8 +67,12 @@ def test_seeded_random_search_orders_the_asha_trials(tmp_path):
     assert lrs == [1e-5, 1e-5, 0.5, 0.5]
 
 
-def test_asha_sweep_stops_trials_nests_runs_and_writes_a_trainable_best_config(varcon_home, ray_session, tmp_path,
-                                                                                capsys):
+def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable_best_config(
+        varcon_home, ray_session, tmp_path, capsys, monkeypatch):
+    """The first trial (lr 1e-5) gets a NaN into its weights after epoch 1: it errors at epoch 2 with the reason,
+    its Tune retry does not train again, its epoch-1 checkpoint stays, and the other trials go on."""
+    monkeypatch.setenv("VARCON_TEST_NAN_AFTER_EPOCH", "1")
+    monkeypatch.setenv("VARCON_TEST_TRIAL", "1")
     assert main(["tune", "--config", str(write_asha_sweep(tmp_path)), *SHORT_EVAL]) == 0
     printed = capsys.readouterr().out
     client = store(varcon_home)
@@ -76,13 +80,28 @@ def test_asha_sweep_stops_trials_nests_runs_and_writes_a_trainable_best_config(v
     assert parent.info.status == "FINISHED"
     trial_ids = [run.data.tags["varcon.trial_id"] for run in children]
     assert len(children) == 4 and len(set(trial_ids)) == 4  # one child run per trial
+
+    (diverged,) = [run for run in children if run.info.status == "FAILED"]
+    assert float(diverged.data.params["optim.lr"]) == 1e-5
+    assert "training loss became nan at epoch 2" in diverged.data.tags["varcon.error"]
+    assert [m.step for m in client.get_metric_history(diverged.info.run_id, "train_loss")] == [1]  # no retry
+    (line,) = [line for line in printed.splitlines() if line.startswith(diverged.data.tags["varcon.trial_id"])]
+    assert "error: TrainingStopped: training t-asha-" in line and "training loss became nan" in line
+    assert "1 of 4 trials ended with an error" in printed
+    folder = varcon_home / ".cache" / "ray_results" / diverged.data.tags["varcon.run_key"]
+    (kept,) = [p for p in folder.glob("checkpoint_*") if p.is_dir()]  # the last good one, not overwritten
+    state = checkpoint.load(kept)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+
     stopped = [run for run in children if run.data.tags.get("varcon.stopped_early") == "true"]
     assert stopped and all(run.info.status == "KILLED" for run in stopped)
     for run in stopped:  # logged only the epochs it trained
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == [1]
     finished = [run for run in children if run.info.status == "FINISHED"]
-    assert finished and len(finished) + len(stopped) == 4
+    assert finished and len(finished) + len(stopped) == 3
+    assert client.get_metric_history(parent.info.run_id, "trials_error")[-1].value == 1
     best_run_id = parent.data.tags["varcon.best_run_id"]
     assert best_run_id in {run.info.run_id for run in finished}
     (version,) = client.search_model_versions("name='t-asha-best'")

@@ -114,13 +114,16 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int):
     """A new ``Tuner``, or the interrupted one restored from its storage folder (no finished trial repeats)."""
     from ray import tune
 
+    from pipeline.ray_train import test_hooks_from_env
     from tune import space
     from tune.trainables import population_trial, train_trial
 
     s = spec.settings
     own, _, _ = trial_resources(spec)
     function = population_trial if spec.population_based else train_trial
-    trainable = tune.with_resources(tune.with_parameters(function, spec=spec, parent_run_id=parent_run_id), own)
+    hooks = test_hooks_from_env()  # trials do not see the driver's environment
+    trainable = tune.with_resources(tune.with_parameters(function, spec=spec, parent_run_id=parent_run_id,
+                                                         test_hooks=hooks), own)
     storage = resolve_path(spec.base_config().ray.storage_path)
     path = storage / s.name
     if tune.Tuner.can_restore(str(path)):
@@ -174,7 +177,7 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
         trial_id = metrics.get("trial_id") or Path(result.path).name
         sampled = {p.key: result.config.get(p.key) for p in spec.space}
         done = metrics.get("epoch", 0)
-        status = (f"error: {str(result.error).splitlines()[0][:120]}" if result.error else
+        status = (f"error: {_error_line(result.error)}" if result.error else
                   "completed" if done >= epochs else "stopped early")
         run = runs.get(trial_id)
         row = TrialRow(trial_id, sampled, done, metrics.get(s.metric, float("nan")), status,
@@ -212,6 +215,13 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
     parent.log_metrics({f"trials_{k}": v for k, v in counts.items()}, step=0)
     parent.end()
     return SweepOutcome(parent.run_id, rows, best, best_path, registered)
+
+
+def _error_line(error: BaseException) -> str:
+    """``Type: message`` of a trial's own exception (Ray wraps it in a ``RayTaskError`` with a traceback)."""
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines() or [""]
+    return f"{type(cause).__name__}: {lines[0]}"[:300]
 
 
 def _finish_trial(spec: SweepSpec, result, trial_id: str, tracked: TrackedRun) -> None:
