@@ -1,31 +1,72 @@
-"""The whole path at a small size: `varcon train` -> FFCV files -> Ray Train (2 gloo workers) -> MLflow."""
+"""The whole path at a small size: `varcon train` -> FFCV files -> Ray Train (2 gloo workers) -> MLflow.
+
+The shared training places one worker per node of the session's 2-node Ray cluster (strict spread): the
+cross-worker gather, the global centroids and the checkpoints written to the shared storage path all cross a
+node boundary.
+"""
+import contextlib
+import io
+
 import mlflow
 import pytest
+import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors
 
 from pipeline.cli import main
 from pipeline.config import flatten, load_config
 from pipeline.data.ffcv_writer import read_manifest
 
-OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e"]
+OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e", "tracking.registered_model_name=e2e-encoder",
+             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD"]
 
 
-def test_train_command_records_a_complete_mlflow_run(varcon_home, ray_session, capsys):
-    overrides = [*OVERRIDES, "tracking.registered_model_name=e2e-encoder"]
-    assert main(["train", *overrides]) == 0
-    summary = capsys.readouterr().out
+def train_workers():
+    return list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=10000)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_session):
+    """One `varcon train` run in its own VARCON_HOME, shared by the tests that read its results: its home, what
+    it printed, and its Ray Train worker actors."""
+    home = tmp_path_factory.mktemp("e2e-home")
+    printed = io.StringIO()
+    before = {w.actor_id for w in train_workers()}
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setenv("VARCON_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["train", *OVERRIDES]) == 0
+    return home, printed.getvalue(), [w for w in train_workers() if w.actor_id not in before]
+
+
+def the_run(home):
+    client = MlflowClient(f"sqlite:///{home / '.cache' / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
+    return client, run
+
+
+def test_the_two_workers_ran_on_different_nodes_and_made_progress(trained):
+    home, _, workers = trained
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    assert len(workers) == 2 and len({w.node_id for w in workers}) == 2
+    assert list((home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*/state.pt")), "rank 0 wrote to storage"
+    client, run = the_run(home)
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 2 and losses[1] < losses[0], "training across nodes makes progress"
+
+
+def test_train_command_records_a_complete_mlflow_run(trained):
+    home, summary, _ = trained
     assert "knn_top1_k20 on the held-out split" in summary and "mlflow ui --backend-store-uri" in summary
 
-    beton = varcon_home / ".cache" / "data" / "digits" / "train.beton"
+    beton = home / ".cache" / "data" / "digits" / "train.beton"
     assert beton.is_file() and read_manifest(beton)["num_samples"] == 1347
 
-    client = MlflowClient(f"sqlite:///{varcon_home / '.cache' / 'mlflow' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("varcon")
-    (run,) = client.search_runs([experiment.experiment_id])
+    client, run = the_run(home)
     assert run.info.status == "FINISHED" and run.info.run_id in summary
-    assert run.data.params == flatten(load_config(None, overrides))
+    assert run.data.params == flatten(load_config(None, OVERRIDES))
 
     history = client.get_metric_history(run.info.run_id, "knn_top1_k20")
     assert sorted(m.step for m in history) == [0, 1, 2]  # random init, then each epoch
@@ -44,7 +85,7 @@ def test_train_command_records_a_complete_mlflow_run(varcon_home, ray_session, c
         "embedding_pca", "embedding_tsne", "knn_confusion_matrix", "learning_curves", "temperature_schedule")}
     assert listing("checkpoints/final") == {"checkpoints/final/state.pt"}
     assert listing("checkpoints/best") == {"checkpoints/best/state.pt"}
-    logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(varcon_home))))
+    logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(home))))
     assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
 
     mlflow.set_tracking_uri(client.tracking_uri)
@@ -77,15 +118,14 @@ def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home,
     assert "probe_top1" in run.data.metrics
 
 
-def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(varcon_home, ray_session, capsys):
-    assert main(["train", *OVERRIDES, "eval.few_shot_episodes=20"]) == 0
-    capsys.readouterr()
-    states = sorted((varcon_home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*/state.pt"))
+def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monkeypatch, capsys):
+    home, _, _ = trained
+    monkeypatch.setenv("VARCON_HOME", str(home))
+    states = sorted((home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*/state.pt"))
     folder = states[-1].parent  # checkpoint folders are named by time: the last is the final epoch
     assert main(["eval", "--checkpoint", str(folder), "eval.few_shot_episodes=20"]) == 0
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
-    client = MlflowClient(f"sqlite:///{varcon_home / '.cache' / 'mlflow' / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
+    _, run = the_run(home)
     assert printed["epoch"] == "2"
     # Same weights and data, but another process and thread count than the worker: features agree to float
     # rounding, so continuous metrics match closely and accuracies may move by a few of the 450 test samples.
