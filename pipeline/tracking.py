@@ -317,6 +317,9 @@ class TrackedRun:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
+    def delete_tag(self, key: str) -> None:
+        self.client.delete_tag(self.run_id, key)
+
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 

@@ -95,7 +95,7 @@ def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable
                                        if v.is_floating_point())
 
     stopped = [run for run in children if run.data.tags.get("varcon.stopped_early") == "true"]
-    assert stopped and all(run.info.status == "KILLED" for run in stopped)
+    assert stopped and all(run.info.status == "KILLED" and "varcon.error" not in run.data.tags for run in stopped)
     for run in stopped:  # logged only the epochs it trained
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == [1]
@@ -121,6 +121,29 @@ def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable
     reports = []
     engine.fit(config, files, torch.device("cpu"), lambda epoch, metrics, _: reports.append(epoch))
     assert reports == [0, 1]
+
+
+def test_a_trial_the_scheduler_stopped_ends_killed_even_if_its_teardown_failed_the_run(varcon_home, tmp_path):
+    """Tune stopping a trial takes its Ray Train controller down with it, which train() may record first as an
+    error (FAILED, varcon.error); the sweep's summary restores the scheduler's verdict."""
+    from types import SimpleNamespace
+
+    from pipeline.tracking import TrackedRun, resolve_tracking_uri
+    from tune.sweep import summarise
+
+    spec = load_sweep(write_asha_sweep(tmp_path)).with_absolute_paths()
+    uri = resolve_tracking_uri()
+    parent, _ = TrackedRun.find_or_create(uri, "varcon", "sweep:t-asha", "t-asha", {})
+    trial, _ = TrackedRun.find_or_create(uri, "varcon", "t-asha-abc", "t-asha-abc", {}, {"varcon.trial_id": "abc"},
+                                         parent_run_id=parent.run_id)
+    trial.fail(RuntimeError("ActorDiedError: the TrainController died"))
+    stopped = SimpleNamespace(metrics={"trial_id": "abc", "epoch": 1, "monitor_top1": 0.5}, path="x", error=None,
+                              config={"optim.lr": 0.5, "loss.tau1": 0.1, "loss.eps": 0.01})
+    outcome = summarise(spec, [stopped], parent, log=lambda *_: None)
+    assert [row.status for row in outcome.rows] == ["stopped early"] and outcome.best is None
+    run = MlflowClient(uri).get_run(trial.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["varcon.stopped_early"] == "true"
+    assert "varcon.error" not in run.data.tags
 
 
 def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_session, capsys):

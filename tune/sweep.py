@@ -17,7 +17,7 @@ import yaml
 from ray.tune import Callback
 
 from pipeline.config import ConfigError, resolve_path, to_dict
-from pipeline.tracking import TrackedRun, check_reachable, child_runs
+from pipeline.tracking import ERROR_TAG, TrackedRun, check_reachable, child_runs
 from pipeline.train_job import REGISTERED_TAG
 from tune.spec import SweepSpec
 
@@ -186,7 +186,11 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
         if run is None:
             continue
         tracked = TrackedRun(parent.tracking_uri, run.info.run_id)
-        if status == "stopped early" and run.info.status == "RUNNING":
+        if status == "stopped early" and run.info.status != "KILLED":
+            # the scheduler's stop; the trial's teardown may have ended the run FAILED first (its Ray Train
+            # controller dies with it, and train() records that as an error)
+            if ERROR_TAG in run.data.tags:
+                tracked.delete_tag(ERROR_TAG)
             tracked.set_tags({STOPPED_TAG: "true"})
             tracked.end("KILLED")
         elif status == "completed" and run.info.status == "RUNNING":
