@@ -102,6 +102,19 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+def _lookup(tracking_uri: str, experiment: str, run_key: str):
+    """``(client, experiment id, id of the run tagged run_key or None)``; a missing experiment is created."""
+    client = _client(tracking_uri)
+    try:
+        experiment_id = _experiment_id(client, experiment, tracking_uri)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                   max_results=1)
+    except Exception as exc:  # MLflow raises several types for an unusable store
+        raise TrackingError(f"cannot use the MLflow store {tracking_uri} ({exc}): check the URI or start the "
+                            f"server, or unset MLFLOW_TRACKING_URI to use the local SQLite store") from None
+    return client, experiment_id, found[0].info.run_id if found else None
+
+
 class MetricSender:
     """Sends metric batches from a background thread, in order; retries with exponential backoff while the
     store is unreachable, keeping what is unsent in memory.
@@ -213,15 +226,8 @@ class TrackedRun:
     def find(cls, tracking_uri: str, experiment: str, run_key: str) -> TrackedRun | None:
         """The run tagged ``varcon.run_key=run_key`` in ``experiment``, or ``None`` (a missing experiment is
         created)."""
-        client = _client(tracking_uri)
-        try:
-            experiment_id = _experiment_id(client, experiment, tracking_uri)
-            found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                                       max_results=1)
-        except Exception as exc:  # MLflow raises several types for an unusable store
-            raise TrackingError(f"cannot use the MLflow store {tracking_uri} ({exc}): check the URI or start the "
-                                f"server, or unset MLFLOW_TRACKING_URI to use the local SQLite store") from None
-        return cls(tracking_uri, found[0].info.run_id) if found else None
+        _, _, run_id = _lookup(tracking_uri, experiment, run_key)
+        return cls(tracking_uri, run_id) if run_id else None
 
     @classmethod
     def find_or_create(cls, tracking_uri: str, experiment: str, run_key: str, run_name: str,
@@ -231,12 +237,10 @@ class TrackedRun:
         (nested under ``parent_run_id`` when given). Returns ``(run, resumed)``."""
         from mlflow.entities import Param
 
-        found = cls.find(tracking_uri, experiment, run_key)
-        if found is not None:
-            found.client.update_run(found.run_id, status="RUNNING")
-            return found, True
-        client = _client(tracking_uri)
-        experiment_id = _experiment_id(client, experiment, tracking_uri)
+        client, experiment_id, run_id = _lookup(tracking_uri, experiment, run_key)
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+            return cls(tracking_uri, run_id), True
         all_tags = {**(tags or {}), RUN_KEY_TAG: run_key}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id

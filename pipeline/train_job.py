@@ -90,13 +90,11 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         except Exception:  # noqa: BLE001 - the training's own error matters more than the store's
             pass
         raise
-    from pipeline.ray_train import STOPPED_PREFIX
-
     try:
-        reason = tracked.tags().get(ERROR_TAG, "")
+        reason = stopped_reason(tracked)
     except Exception:  # noqa: BLE001 - the store is down: record_outcome below reports it with the model path
         reason = ""
-    if reason.startswith(STOPPED_PREFIX) and result.metrics.get("epoch", 0) < config.optim.epochs:
+    if reason and result.metrics.get("epoch", 0) < config.optim.epochs:
         tracked.fail()  # the worker tagged the reason
         checkpoint_path = result.checkpoint.path if result.checkpoint else "none"
         raise TrainingStopped(f"training {name} {reason} (last good checkpoint: {checkpoint_path})")
@@ -108,6 +106,14 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         outcome.tracking_problem = (f"MLflow did not take the final results ({type(exc).__name__}: {exc}); the "
                                     f"trained model is saved locally in {final}")
     return outcome
+
+
+def stopped_reason(tracked: TrackedRun) -> str:
+    """Why the run's training ended itself (its ``varcon.error`` from a non-finite loss), else ``""``."""
+    from pipeline.ray_train import STOPPED_PREFIX
+
+    reason = tracked.tags().get(ERROR_TAG, "")
+    return reason if reason.startswith(STOPPED_PREFIX) else ""
 
 
 def state_paths(result, last_folder: str | None = None) -> tuple[str | None, str | None]:

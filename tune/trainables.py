@@ -38,13 +38,12 @@ def hooks_for_trial(test_hooks: dict[str, str]) -> dict[str, str]:
 
 def refuse_stopped(config, tracking_uri: str) -> None:
     """Raise ``TrainingStopped`` with the recorded reason if this trial's run already stopped itself."""
-    from pipeline.ray_train import STOPPED_PREFIX
-    from pipeline.tracking import ERROR_TAG, TrackedRun
-    from pipeline.train_job import TrainingStopped, run_name
+    from pipeline.tracking import TrackedRun
+    from pipeline.train_job import TrainingStopped, run_name, stopped_reason
 
     found = TrackedRun.find(tracking_uri, config.tracking.experiment, run_name(config))
-    reason = found.tags().get(ERROR_TAG, "") if found else ""
-    if reason.startswith(STOPPED_PREFIX):
+    reason = stopped_reason(found) if found else ""
+    if reason:
         raise TrainingStopped(f"training {run_name(config)} {reason} (not retried)")
 
 
