@@ -1,5 +1,6 @@
-# The two commands a newcomer needs (see README.md). Both set up first; set-up is idempotent.
-.PHONY: setup demo test
+# The two commands a newcomer needs (see README.md), plus the unit tier for the developer loop. All set up first;
+# set-up is idempotent.
+.PHONY: setup demo test test-fast lint
 
 setup:
 	bash scripts/setup.sh
@@ -7,6 +8,12 @@ setup:
 demo: setup
 	.venv/bin/varcon train
 
-test: setup
+lint: setup
+	.venv/bin/ruff check pipeline tune tests bench
+
+test: lint
 	bash scripts/check_job_submit.sh
 	.venv/bin/python -m pytest
+
+test-fast: lint
+	.venv/bin/python -m pytest -m "not cluster"

@@ -4,8 +4,10 @@
 
 Trains the digits default in this process (engine only, 1 worker, kNN every epoch) against a fresh SQLite store
 and times every tracking call made on the training thread:
-- pipeline (async): ``TrackedRun.log_metrics`` enqueues each epoch's metrics for the background sender and the
-  worker waits for the send before reporting the checkpoint (``flush``), as ``run_worker`` does;
+- pipeline: what the training thread does for tracking: ``RunRecord.add`` per epoch (the worker's part; it goes
+  into each checkpoint) and, here in the same thread, the forwarding of each checkpoint's new entries to a
+  background ``MetricSender`` (which the pipeline runs in Ray Train's controller, another process: the figure is
+  an upper bound);
 - sync per epoch: the same metrics through ``MlflowClient.log_batch`` directly;
 - sync per step (the naive pattern the engine avoids): one ``log_batch`` of the step metrics per step,
   measured for the same number of steps.
@@ -33,20 +35,22 @@ def main() -> None:
     from mlflow.entities import Metric
 
     from pipeline import engine
-    from pipeline.config import load_config
-    from pipeline.data import prepare_datasets
-    from pipeline.tracking import TrackedRun, resolve_tracking_uri
+    from pipeline.checkpoint import RunRecord
+    from pipeline.config import flatten, load_config
+    from pipeline.data import prepare_dataset
+    from pipeline.tracking import MetricSender, create_run, resolve_tracking_uri
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as home:
         os.environ["VARCON_HOME"] = home
         config = load_config(None, ["ray.num_workers=1", f"optim.epochs={args.epochs}", "optim.warmup_epochs=0",
                                     "eval.linear_probe_epochs=0", "eval.few_shot_episodes=0", "name=bench"])
-        files = prepare_datasets(config.data, Path(home) / "data", log=lambda *_: None)
+        files = prepare_dataset(config.data, Path(home) / "data", log=lambda *_: None)
         uri = resolve_tracking_uri()
-        async_run, _ = TrackedRun.find_or_start(config, uri, "bench-async")
-        sync_run, _ = TrackedRun.find_or_start(config, uri, "bench-sync")
-        step_run, _ = TrackedRun.find_or_start(config, uri, "bench-steps")
+        async_run, sync_run, step_run = (create_run(uri, "varcon", key, key, flatten(config))
+                                         for key in ("bench-async", "bench-sync", "bench-steps"))
+        record = RunRecord(async_run.run_id, "bench-async", "")
+        sender = MetricSender(lambda batch: async_run.client.log_batch(async_run.run_id, metrics=batch))
         spent = {"pipeline": 0.0, "sync per epoch": 0.0, "sync per step": 0.0}
         steps = {"count": 0}
 
@@ -56,9 +60,9 @@ def main() -> None:
             spent[kind] += time.perf_counter() - start
 
         def on_epoch_end(epoch, metrics, training):
-            def pipeline_logging():  # as pipeline.ray_train.run_worker does before each checkpoint
-                async_run.log_metrics(metrics, step=epoch)
-                async_run.flush(timeout_s=30, while_failing=False)
+            def pipeline_logging():  # run_worker records, the controller's RecordForwarder sends
+                record.add(epoch, metrics)
+                sender.submit(record.own_entries(after_step=epoch - 1))
 
             timed("pipeline", pipeline_logging)
             now = int(time.time() * 1000)
@@ -68,12 +72,13 @@ def main() -> None:
                 step_metrics = {k: v for k, v in metrics.items() if k.startswith("train_")}
                 for _ in range(len(training.train_batches)):
                     steps["count"] += 1
-                    batch = [Metric(k, float(v), now, steps["count"]) for k, v in step_metrics.items()]
-                    timed("sync per step", lambda: step_run.client.log_batch(step_run.run_id, metrics=batch))
+                    step_batch = [Metric(k, float(v), now, steps["count"]) for k, v in step_metrics.items()]
+                    timed("sync per step",
+                          lambda b=step_batch: step_run.client.log_batch(step_run.run_id, metrics=b))
 
         start = time.perf_counter()
         engine.fit(config, files, torch.device("cpu"), on_epoch_end)
-        timed("pipeline", lambda: async_run.flush())
+        timed("pipeline", lambda: sender.close())
         total = time.perf_counter() - start
         train_time = total - spent["sync per epoch"] - spent["sync per step"]  # only the pipeline's own path
 

@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"varcon: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from pipeline.train_job import TrainingStopped
+        from pipeline.train_job import TrainingDiverged
 
-        if not isinstance(exc, TrainingStopped):
+        if not isinstance(exc, TrainingDiverged):
             raise
         if args.debug:
             traceback.print_exc()

@@ -299,9 +299,11 @@ def validate(config: ExperimentConfig) -> None:
     need(d.dataset not in ("cifar10", "cifar100", "imagefolder") or bool(d.root) or d.download,
          f"data.root is empty: set it to the folder holding the {d.dataset} data")
     need(d.download is False or d.dataset in ("cifar10", "cifar100"), "data.download works for cifar10/cifar100 only")
-    need(d.write_mode in WRITE_MODES, f"data.write_mode={d.write_mode!r} is unknown: use one of {', '.join(WRITE_MODES)}")
+    need(d.write_mode in WRITE_MODES,
+         f"data.write_mode={d.write_mode!r} is unknown: use one of {', '.join(WRITE_MODES)}")
     need(d.on_bad_image in ("fail", "skip"), f"data.on_bad_image={d.on_bad_image!r} must be fail or skip")
-    need(d.verify_hash in ("auto", "always", "never"), f"data.verify_hash={d.verify_hash!r} must be auto, always or never")
+    need(d.verify_hash in ("auto", "always", "never"),
+         f"data.verify_hash={d.verify_hash!r} must be auto, always or never")
     need(d.num_classes >= 2 and d.train_samples >= 1 and d.test_samples >= 1,
          "data.num_classes must be >= 2 and data.train_samples, data.test_samples >= 1")
     need(d.max_resolution >= 0 and 1 <= d.jpeg_quality <= 100 and 0 <= d.compress_probability <= 1,

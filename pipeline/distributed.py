@@ -44,13 +44,3 @@ def loss_scale_for_global_batch() -> int:
     """Factor applied to the loss before backward so DDP's averaging yields the global-loss gradient."""
     return world_size()
 
-
-def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Average a dict of scalar tensors over ranks (one collective for the whole dict)."""
-    if not is_distributed() or not values:
-        return values
-    keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float() for k in keys])
-    dist.all_reduce(stacked)
-    stacked /= dist.get_world_size()
-    return dict(zip(keys, stacked.unbind()))

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import distributed
+from pipeline import checkpoint, distributed
 from pipeline.data.augment import ColorAugment
-from pipeline.data.ffcv_writer import DatasetFiles
+from pipeline.data.prepare import PreparedDataset
 from pipeline.data.loaders import eval_loaders, train_loader
 from pipeline.evaluation import dispersion, extract_features, few_shot_ncm, knn_predict, linear_probe
 from pipeline.losses import build_loss
-from pipeline.models import build_model
+from pipeline.models import build_model, unwrap
 from pipeline.schedules import temperatures_at
 
 
@@ -111,14 +111,7 @@ class Training:
     amp_dtype: torch.dtype | None
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = model.module if hasattr(model, "module") else model
-    return getattr(model, "_orig_mod", model)
-
-
-def build_training(config, files: DatasetFiles, device: torch.device,
+def build_training(config, files: PreparedDataset, device: torch.device,
                    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> Training:
     """Data, model, loss, optimiser and schedule for this worker; the global batch is split evenly."""
     world = distributed.world_size()
@@ -157,7 +150,7 @@ class Evaluator:
     queries. ``knn`` runs every few epochs; ``final`` adds the linear probe, few-shot and dispersion metrics.
     """
 
-    def __init__(self, config, files: DatasetFiles, batch_size: int = 512) -> None:
+    def __init__(self, config, files: PreparedDataset, batch_size: int = 512) -> None:
         loaders = eval_loaders(config, files, batch_size)
         self.train, self.test = loaders["train"], loaders["test"]
         self.eval_config, self.num_classes, self.seed = config.eval, files.num_classes, config.seed
@@ -214,18 +207,16 @@ def set_temperatures(loss_fn: nn.Module, config, epoch: int) -> dict[str, float]
     return {"tau1": temperatures.tau1, "eps": temperatures.eps}
 
 
-def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callable[[int, dict, Training], None],
+def fit(config, files: PreparedDataset, device: torch.device, on_epoch_end: Callable[[int, dict, Training], None],
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None,
         on_final_features: Callable[[FinalFeatures], None] | None = None) -> Training:
     """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs
     on every rank after every epoch; epoch 0 reports the randomly initialised encoder. ``resume`` (a
     ``pipeline.checkpoint`` state) continues after its epoch. Evaluation runs on rank 0 only; the last epoch
-    also reports the final evaluation (linear probe, few-shot, dispersion) and, after ``on_epoch_end``, hands
-    the test features to ``on_final_features``. Each epoch first applies the temperature schedule. A NaN or
-    infinite epoch loss raises ``NonFiniteLossError`` before that epoch is reported.
+    also reports the final evaluation (linear probe, few-shot, dispersion) and,
+    before that, hands the test features to ``on_final_features``. Each epoch first applies the temperature
+    schedule. A NaN or infinite epoch loss raises ``NonFiniteLossError`` before that epoch is reported.
     """
-    from pipeline import checkpoint
-
     training = build_training(config, files, device, wrap_model)
     start = checkpoint.restore(training, resume) + 1 if resume else 1
     evaluator = Evaluator(config, files) if distributed.rank() == 0 else None
@@ -248,7 +239,7 @@ def fit(config, files: DatasetFiles, device: torch.device, on_epoch_end: Callabl
             metrics.update(final_metrics)
         elif evaluator is not None and epoch % config.eval.every_epochs == 0:
             metrics.update(evaluator.knn(training.model, training.eval_preprocess, device))
-        on_epoch_end(epoch, metrics, training)
         if final_features is not None and on_final_features is not None:
             on_final_features(final_features)
+        on_epoch_end(epoch, metrics, training)
     return training

@@ -39,14 +39,6 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     return torch.cat(predictions) if predictions else test_feats.new_zeros(0, dtype=torch.long)
 
 
-def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-             test_labels: torch.Tensor, k: int, temperature: float, num_classes: int,
-             chunk_size: int = 1024) -> float:
-    """Top-1 accuracy of ``knn_predict`` on the queries."""
-    predicted = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size)
-    return (predicted == test_labels).sum().item() / max(test_feats.shape[0], 1)
-
-
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
                  batch_size: int = 256, seed: int = 0) -> dict[str, float]:

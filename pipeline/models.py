@@ -92,3 +92,10 @@ def build_model(config, num_classes: int) -> nn.Module:
     if config.loss.name == "cross_entropy":
         return ClassifierModel(encoder, feature_dim, num_classes)
     return ContrastiveModel(encoder, feature_dim, config.model.head_hidden_dim, config.model.embedding_dim)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and/or torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)

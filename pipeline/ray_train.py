@@ -1,38 +1,39 @@
 """Ray Train V2 glue: the only module that talks to Ray Train.
 
 ``run_training`` builds a ``TorchTrainer`` from the config (workers, CPU/GPU, storage) and fits it; every worker
-runs ``train_loop_per_worker``, which hands the plain-PyTorch engine a DDP wrapper and a per-epoch callback that
-logs to MLflow (rank 0 only) and reports to Ray (every rank, once per epoch).
+runs ``run_worker``, which hands the plain-PyTorch engine a DDP wrapper and a per-epoch callback that reports to
+Ray on every rank, once per epoch. Workers do not talk to MLflow: rank 0 writes each checkpoint with the run's
+``RunRecord`` (every metric value so far), and ``RecordForwarder``, a callback in Ray Train's controller, sends
+each persisted checkpoint's new entries to MLflow from the report stream. Metrics therefore reach MLflow only once
+a checkpoint covers them, and a restart (which replays epochs after the last checkpoint) never logs a step twice.
 
-The loop itself (``run_worker``) only needs a small ``Session`` (report, last checkpoint, rank, device, model
-wrapper), so a single-process Ray Tune trial (population-based training, ``tune/``) runs the same code.
+The loop only needs a small ``Session`` (report, last checkpoint, rank, device, model wrapper), so a
+single-process Ray Tune trial (population-based training, ``tune/``) runs the same code.
 """
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import tempfile
-from dataclasses import asdict
+import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from pipeline import checkpoint, engine
-from pipeline.config import ExperimentConfig, from_dict, resolve_path, to_dict
-from pipeline.data.ffcv_writer import DatasetFiles
-
-TEST_HOOKS = ("VARCON_TEST_FAIL_AT_EPOCH", "VARCON_TEST_NAN_AFTER_EPOCH", "VARCON_TEST_TRIAL")
-MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
-STOPPED_PREFIX = "stopped: "  # a varcon.error value for a training that ended itself (non-finite loss)
-EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id}: checkpoints this run continued from
+from pipeline import checkpoint, engine, faults
+from pipeline.checkpoint import RunRecord
+from pipeline.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from pipeline.data.prepare import PreparedDataset
+from pipeline.names import DIVERGED, EPOCH, MONITOR
+from pipeline.models import unwrap
 
 
 class Session(Protocol):
     """What the training loop needs from Ray (Train or Tune)."""
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
-    def last_checkpoint_state(self) -> dict | None: ...
+    def last_checkpoint(self): ...  # a Ray ``Checkpoint`` or None
     def rank(self) -> int: ...
     def device(self) -> torch.device: ...
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -47,10 +48,10 @@ class RayTrainSession:
         found = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=found)
 
-    def last_checkpoint_state(self) -> dict | None:
+    def last_checkpoint(self):
         import ray.train
 
-        return checkpoint_state(ray.train.get_checkpoint())
+        return ray.train.get_checkpoint()
 
     def rank(self) -> int:
         import ray.train
@@ -68,169 +69,160 @@ class RayTrainSession:
         return ray.train.torch.prepare_model(model)
 
 
-def checkpoint_state(found) -> dict | None:
-    """The training state inside a Ray (Train or Tune) ``Checkpoint``, or ``None`` for no checkpoint."""
-    if found is None:
-        return None
-    with found.as_directory() as folder:
-        return checkpoint.load(folder)
+def read_record(found) -> RunRecord:
+    """The ``RunRecord`` of a Ray (Train or Tune) ``Checkpoint``, read through its own filesystem (local, shared
+    or a bucket) without fetching the weights."""
+    with found.filesystem.open_input_stream(f"{found.path}/{checkpoint.RECORD_FILE}") as stream:
+        return RunRecord.from_json(stream.read().decode())
 
 
-def test_hooks_from_env() -> dict[str, str]:
-    """The test hooks set in this process's environment (see ``_injected_failure``). Ray workers and Tune
-    trials do not see variables set after the cluster started, so the driver reads them and passes them on."""
-    return {key: os.environ[key] for key in TEST_HOOKS if key in os.environ}
+def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str, run_key: str,
+                    identity: str) -> dict:
+    """The plain-data argument of ``run_worker`` (it crosses process boundaries), with the faults a test
+    injects into this run (``pipeline.faults``)."""
+    return {"experiment": to_dict(config), "dataset": data.as_dict(), "run_id": run_id, "run_key": run_key,
+            "identity": identity, "faults": faults.for_run(run_key)}
 
 
-def _injected_failure(hooks: dict, epoch: int, resumed: bool, training: engine.Training) -> None:
-    """Test hooks, set in the driver's environment. ``VARCON_TEST_FAIL_AT_EPOCH=k`` makes rank 0 raise once,
-    after epoch k's checkpoint of a fresh start. ``VARCON_TEST_NAN_AFTER_EPOCH=k`` puts a NaN into the weights
-    after epoch k's checkpoint, so the next epoch's loss is not finite. In a sweep, ``VARCON_TEST_TRIAL=n``
-    confines the hooks to the n-th trial (``tune.trainables.hooks_for_trial``). Killing processes is left to
-    the tests themselves (``tests/test_faults.py``).
-    """
-    if hooks.get("VARCON_TEST_NAN_AFTER_EPOCH") == str(epoch):
-        with torch.no_grad():
-            next(engine.unwrap(training.model).parameters()).fill_(float("nan"))
-    if not resumed and hooks.get("VARCON_TEST_FAIL_AT_EPOCH") == str(epoch):
-        raise RuntimeError(f"injected failure after epoch {epoch} (VARCON_TEST_FAIL_AT_EPOCH)")
-
-
-def loop_config(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str,
-                run_folder: str, test_hooks: dict[str, str] | None = None) -> dict:
-    """The plain-data argument of ``run_worker`` (it crosses process boundaries); ``test_hooks`` default to
-    this process's environment."""
-    return {"experiment": to_dict(config), "dataset": asdict(files), "tracking_uri": tracking_uri,
-            "run_id": run_id, "run_folder": run_folder,
-            "test_hooks": test_hooks_from_env() if test_hooks is None else test_hooks}
-
-
-def run_worker(loop: dict, session: Session) -> str | None:
+def run_worker(argument: dict, session: Session) -> str | None:
     """One worker: restore the last checkpoint if any, train, report every epoch on every rank.
 
-    Rank 0 writes a checkpoint every ``ray.checkpoint_every`` epochs and at the end. The metrics of the epochs
-    up to a checkpoint go to MLflow just before it is reported (Tune may stop or exploit the trial inside that
-    report); epochs a restart redoes are not logged again (steps up to the run's last logged one are skipped).
-    After the final epoch rank 0 logs the embedding and confusion-matrix plots; metrics the tracking store
-    still has not taken after ``tracking.outage_wait_s`` go to ``<run folder>/unlogged_metrics.json``. Returns
-    why the training stopped early (a non-finite loss), else ``None``.
+    Rank 0 writes a checkpoint (``state.pt`` and the ``RunRecord``) every ``ray.checkpoint_every`` epochs and
+    at the end; the last one also holds the embedding and confusion-matrix plots. A checkpoint of another run
+    (a PBT/PB2 exploit) continues that run's lineage in this run's record. A non-finite loss ends the training
+    on every rank (all see the same global loss) with one more report carrying ``diverged``: the reason, which
+    reaches a sweep through Tune's results; retrying from the last checkpoint would meet the same NaN. Returns
+    that reason (rank 0's return value reaches the driver as the ``Result``'s ``return_value``), else ``None``.
     """
-    from pipeline.tracking import ERROR_TAG, TrackedRun, save_unsent
-
-    config = from_dict(loop["experiment"])
-    files = DatasetFiles(**loop["dataset"])
+    config = from_dict(argument["experiment"])
+    data = PreparedDataset.from_dict(argument["dataset"])
     rank = session.rank()
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
     device = session.device()
-    resume = session.last_checkpoint_state()
-    run_id = loop["run_id"]
-    tracked = TrackedRun(loop["tracking_uri"], run_id) if rank == 0 else None
-    logged_through = tracked.last_step("train_loss") if tracked is not None and resume is not None else -1
-    if tracked is not None and resume is not None and resume.get("tracking_run_id") not in ("", run_id):
-        _record_exploit(tracked, resume)
-    unlogged: list[tuple[int, dict]] = []
+    found = session.last_checkpoint()
+    state, record = None, RunRecord(argument["run_id"], argument["run_key"], argument["identity"])
+    if found is not None:
+        with found.as_directory() as folder:
+            state, record = checkpoint.load(folder), checkpoint.load_record(folder)
+        if record.run_id != argument["run_id"]:
+            print(f"[pbt] continuing from run {record.run_id}'s checkpoint after epoch {record.epoch}")
+            record = record.continued_by(argument["run_id"], argument["run_key"], argument["identity"])
     monitor_key = f"knn_top1_k{config.eval.knn_k[0]}"
-    monitor = {MONITOR: float("-inf")}
+    last_report = {EPOCH: record.epoch, MONITOR: record.monitor(monitor_key, record.epoch)}
+    plots = Path(tempfile.mkdtemp(prefix="varcon-plots-"))
 
     def on_epoch_end(epoch: int, metrics: dict, training: engine.Training) -> None:
-        unlogged.append((epoch, metrics))
-        if monitor_key in metrics:
-            monitor[MONITOR] = metrics[monitor_key]
-        report = {**metrics, **monitor, "epoch": epoch}
+        record.add(epoch, metrics)
+        record.epoch = epoch
+        last_report.update(metrics)
+        last_report.update({EPOCH: epoch, MONITOR: record.monitor(monitor_key, epoch)})
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs)
-        if due and tracked is not None:
-            for logged_epoch, logged in unlogged:
-                if logged_epoch > logged_through:
-                    tracked.log_metrics(logged, step=logged_epoch)
-            tracked.flush(timeout_s=30, while_failing=False)  # an outage does not hold the training
-        if due:
-            unlogged.clear()
         if due and rank == 0:
             with tempfile.TemporaryDirectory() as folder:
-                state = checkpoint.capture(training, epoch, run_id)
-                state["config"] = loop["experiment"]
-                checkpoint.save(state, folder)
-                session.report(report, folder)
+                checkpoint.save(folder, checkpoint.capture(training, epoch, argument["experiment"]), record)
+                if any(plots.iterdir()):
+                    shutil.copytree(plots, Path(folder) / checkpoint.PLOTS_FOLDER)
+                session.report(dict(last_report), folder)
         else:
-            session.report(report, None)
+            session.report(dict(last_report), None)
         if rank == 0:
-            _injected_failure(loop["test_hooks"], epoch, resume is not None, training)
+            faults.after_epoch(argument["faults"], epoch, state is not None, unwrap(training.model))
 
     def on_final_features(final: engine.FinalFeatures) -> None:
-        _log_final_plots(tracked, final, files.num_classes)
+        _draw_final_plots(final, data.num_classes, plots)
 
-    stopped = None
     try:
-        engine.fit(config, files, device, on_epoch_end, wrap_model=session.wrap_model, resume=resume,
+        engine.fit(config, data, device, on_epoch_end, wrap_model=session.wrap_model, resume=state,
                    on_final_features=on_final_features if rank == 0 else None)
     except engine.NonFiniteLossError as exc:
-        # Every rank sees the same (global) loss, so all stop at the same epoch. Retrying from the last
-        # checkpoint would meet the same NaN: end cleanly instead, keeping that checkpoint and saying why.
-        stopped = f"{STOPPED_PREFIX}{exc}"
-        if tracked is not None:
-            tracked.set_tags({ERROR_TAG: stopped})
-    if tracked is not None:
-        unsent = tracked.flush(timeout_s=config.tracking.outage_wait_s)
-        if unsent:
-            path = save_unsent(unsent, loop["run_folder"])
-            print(f"[tracking] {len(unsent)} epochs of metrics could not reach MLflow; kept in {path} until the "
-                  f"same command runs again")
-    return stopped
+        session.report({**last_report, DIVERGED: str(exc)}, None)
+        return str(exc)
+    finally:
+        shutil.rmtree(plots, ignore_errors=True)
+    return None
 
 
-def _record_exploit(tracked, state: dict) -> None:
-    """A checkpoint written by another run (a PBT/PB2 exploit): append ``{epoch, donor_run_id}`` to the run's
-    ``varcon.exploits`` tag, which traces the weights' lineage (and so the temperature schedule they saw)."""
-    exploits = json.loads(tracked.tags().get(EXPLOITS_TAG, "[]"))
-    exploits.append({"epoch": state["epoch"], "donor_run_id": state["tracking_run_id"]})
-    tracked.set_tags({EXPLOITS_TAG: json.dumps(exploits)})
-    print(f"[pbt] continuing from run {state['tracking_run_id']}'s checkpoint after epoch {state['epoch']}")
-
-
-def _log_final_plots(tracked, final: engine.FinalFeatures, num_classes: int) -> None:
-    """PCA and t-SNE of the test features, and the kNN confusion matrix, as ``plots/*.png``. A tracking
-    outage costs the plots, never the training."""
+def _draw_final_plots(final: engine.FinalFeatures, num_classes: int, folder: Path) -> None:
+    """PCA and t-SNE of the test features, and the kNN confusion matrix, as PNGs in ``folder``. Plots are a
+    by-product: a failure is reported, never raised."""
     from pipeline import plots
 
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            features, labels = final.features.numpy(), final.labels.numpy()
-            for method in ("pca", "tsne"):
-                plots.embedding_plot(features, labels, method, Path(folder) / f"embedding_{method}.png")
-            plots.confusion_matrix_plot(labels, final.knn_predictions.numpy(), num_classes,
-                                        Path(folder) / "knn_confusion_matrix.png",
-                                        f"kNN (k={final.knn_k}) confusion, test split")
-            tracked.log_artifacts(folder, "plots")
-        except Exception as exc:  # noqa: BLE001 - plots are a by-product; report and go on
-            print(f"[tracking] could not log the final plots: {exc}")
+    try:
+        features, labels = final.features.numpy(), final.labels.numpy()
+        for method in ("pca", "tsne"):
+            plots.embedding_plot(features, labels, method, folder / f"embedding_{method}.png")
+        plots.confusion_matrix_plot(labels, final.knn_predictions.numpy(), num_classes,
+                                    folder / "knn_confusion_matrix.png", f"kNN (k={final.knn_k}) confusion, test split")
+    except Exception as exc:  # noqa: BLE001
+        print(f"[plots] could not draw the final plots: {exc}")
 
 
-def train_loop_per_worker(loop: dict) -> None:
-    run_worker(loop, RayTrainSession())
+class RecordForwarding:
+    """Sends the new entries of each persisted checkpoint's ``RunRecord`` to its MLflow run, in the background
+    (``MetricSender``: an outage is retried, never blocks). Runs where the report stream arrives: Ray Train's
+    controller (``RecordForwarder``) or a sweep's driver (Tune's ``on_checkpoint``). What it cannot send is
+    still in the checkpoint: the run's owner re-sends the final record when it finishes the run."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self._senders: dict = {}
+        self._sent_through: dict[str, int] = {}
+
+    def __getstate__(self) -> dict:  # callbacks are pickled (to the controller, into Tune's state): no threads
+        return {"tracking_uri": self.tracking_uri}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["tracking_uri"])
+
+    def forward(self, found) -> None:
+        from pipeline.tracking import MetricSender, TrackedRun
+
+        record = read_record(found)
+        if record.run_id not in self._senders:
+            run = TrackedRun(self.tracking_uri, record.run_id)
+            self._senders[record.run_id] = MetricSender(lambda batch: run.client.log_batch(run.run_id, metrics=batch))
+        self._senders[record.run_id].submit(record.own_entries(self._sent_through.get(record.run_id, -1)))
+        self._sent_through[record.run_id] = record.epoch
 
 
-def run_training(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_id: str, run_name: str,
-                 callbacks: list | None = None, test_hooks: dict[str, str] | None = None):
-    """Fit under Ray Train; returns Ray's ``Result`` (``.metrics``: rank 0's last report, ``.checkpoint``: the
-    last one, ``.best_checkpoints``: ranked by ``monitor_top1``).
+def _record_forwarder(tracking_uri: str):
+    from ray.train import UserCallback
 
-    Running again with the same ``run_name`` and storage path continues from the last checkpoint.
-    ``callbacks`` go to the ``RunConfig`` (a Tune trial passes Ray's ``TuneReportCallback``); ``test_hooks``
-    to the workers (default: this process's environment).
-    """
+    class RecordForwarder(UserCallback):
+        """``RecordForwarding`` on Ray Train's report stream."""
+
+        def __init__(self) -> None:
+            self.forwarding = RecordForwarding(tracking_uri)
+
+        def after_report(self, run_context, metrics, checkpoint=None):
+            if checkpoint is not None:
+                self.forwarding.forward(checkpoint)
+
+    return RecordForwarder()
+
+
+def train_loop_per_worker(argument: dict) -> str | None:
+    return run_worker(argument, RayTrainSession())  # rank 0's return value is the Result's ``return_value``
+
+
+def run_training(config: ExperimentConfig, argument: dict, run_key: str, storage_path: str, tracking_uri: str,
+                 callbacks: list | tuple = ()):
+    """Fit under Ray Train; returns Ray's ``Result`` (``.return_value``: why the loss diverged, else ``None``;
+    ``.checkpoint``: the last one). Running again with the same ``run_key`` and storage path continues from the
+    last checkpoint. ``callbacks`` go to the ``RunConfig`` after the record forwarder (a Tune trial passes
+    Ray's ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = config.ray
-    storage = resolve_path(r.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config, files, tracking_uri, run_id, str(storage / run_name),
-                                      test_hooks),
+        train_loop_config=argument,
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)},
                                      placement_strategy=r.placement_strategy),
-        run_config=RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks,
+        run_config=RunConfig(name=run_key, storage_path=storage_path,
+                             callbacks=[_record_forwarder(tracking_uri), *callbacks],
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MONITOR,
                                                                 checkpoint_score_order="max")),
@@ -257,11 +249,7 @@ def require_resources(cpus: float, gpus: float, wait_s: float, log=print) -> dic
     """The cluster's resources once they hold ``cpus`` CPUs and ``gpus`` GPUs. On a running cluster the
     autoscaler gets ``wait_s`` seconds to add nodes; then (and at once on a local instance) a ``ConfigError``
     names the shortfall, instead of a run that waits forever."""
-    import time
-
     import ray
-
-    from pipeline.config import ConfigError
 
     deadline = time.monotonic() + (0.0 if _started_locally else wait_s)
     announced = False

@@ -3,9 +3,11 @@
 The default store is a SQLite file under ``<workdir>/.cache/mlflow`` (MLflow 3 refuses the old ``./mlruns`` file
 store by default); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point elsewhere (the cluster's server).
 
-A training is one run, found again by its ``varcon.run_key`` tag after a restart; a sweep is a parent run whose
-trials are child runs (``mlflow.parentRunId``). Metrics go through a background ``MetricSender``: the training
-thread only enqueues, and a tracking outage is retried and buffered instead of stopping the training.
+A training is one run, found again by its ``varcon.run_key`` tag on every attempt; a sweep is a parent run whose
+trials are child runs (``mlflow.parentRunId``). Metric values arrive as entries ``[step, key, value,
+timestamp_ms]`` whose timestamp was fixed when the value was first recorded (``pipeline.checkpoint.RunRecord``),
+so sending an entry again is a no-op: MLflow's store keeps one row per (key, step, timestamp, value). A
+background ``MetricSender`` sends them without blocking its caller and retries through an outage.
 """
 from __future__ import annotations
 
@@ -19,17 +21,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ExperimentConfig, flatten, workdir
+from pipeline.config import workdir
+from pipeline.names import MODEL_URI_TAG, PARENT_TAG, RUN_KEY_TAG
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE_LENGTH = 6000
-RUN_KEY_TAG = "varcon.run_key"  # identifies one training across restarts and re-submissions
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows children under the parent
-MODEL_URI_TAG = "varcon.model_uri"  # where the run's final encoder was logged (for the Model Registry)
-ERROR_TAG = "varcon.error"  # why a run failed or stopped
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
 URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -102,17 +102,83 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _lookup(tracking_uri: str, experiment: str, run_key: str):
-    """``(client, experiment id, id of the run tagged run_key or None)``; a missing experiment is created."""
-    client = _client(tracking_uri)
+@dataclass
+class FoundRun:
+    """An existing run as the store holds it."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metric_keys: list[str]
+
+
+def _guarded(tracking_uri: str, call):
     try:
-        experiment_id = _experiment_id(client, experiment, tracking_uri)
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                                   max_results=1)
+        return call()
     except Exception as exc:  # MLflow raises several types for an unusable store
         raise TrackingError(f"cannot use the MLflow store {tracking_uri} ({exc}): check the URI or start the "
                             f"server, or unset MLFLOW_TRACKING_URI to use the local SQLite store") from None
-    return client, experiment_id, found[0].info.run_id if found else None
+
+
+def find_run(tracking_uri: str, experiment: str, run_key: str) -> FoundRun | None:
+    """The run tagged ``varcon.run_key=run_key`` in ``experiment`` (one search), or ``None``. A local SQLite
+    store that does not exist yet holds no run (and is not created by asking)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return None
+    client = _client(tracking_uri)
+
+    def search():
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        return client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                  max_results=1)
+
+    runs = _guarded(tracking_uri, search)
+    if not runs:
+        return None
+    run = runs[0]
+    return FoundRun(run.info.run_id, run.info.status, dict(run.data.params), dict(run.data.tags),
+                    list(run.data.metrics))
+
+
+def create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, str],
+               tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> TrackedRun:
+    """A new run tagged ``varcon.run_key=run_key`` holding ``params`` (nested under ``parent_run_id``)."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    all_tags = {**(tags or {}), RUN_KEY_TAG: run_key}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+
+    def create() -> str:
+        run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=all_tags)
+        batch = [Param(key, str(value)[:MAX_PARAM_VALUE_LENGTH]) for key, value in sorted(params.items())]
+        for start in range(0, len(batch), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run.info.run_id, params=batch[start:start + MAX_PARAMS_PER_BATCH])
+        return run.info.run_id
+
+    return TrackedRun(tracking_uri, _guarded(tracking_uri, create))
+
+
+def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, str],
+                       tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
+    """The run of ``run_key``, reopened, or a new one; returns ``(run, resumed)``. For runs without checkpoints
+    (a sweep's parent run)."""
+    found = find_run(tracking_uri, experiment, run_key)
+    if found is None:
+        return create_run(tracking_uri, experiment, run_key, run_name, params, tags), False
+    run = TrackedRun(tracking_uri, found.run_id)
+    run.reopen()
+    return run, True
+
+
+def _as_metrics(entries: list) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(key, float(value), int(stamp), int(step)) for step, key, value, stamp in entries]
 
 
 class MetricSender:
@@ -136,13 +202,10 @@ class MetricSender:
         self._thread = threading.Thread(target=self._run, name="mlflow-metric-sender", daemon=True)
         self._thread.start()
 
-    def submit(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), stamp, step) for key, value in sorted(metrics.items())]
+    def submit(self, entries: list) -> None:
+        """Queue ``[step, key, value, timestamp_ms]`` entries."""
         with self._condition:
-            self._unsent.extend(entries)
+            self._unsent.extend(_as_metrics(entries))
             self._condition.notify_all()
 
     def _run(self) -> None:
@@ -198,99 +261,24 @@ class MetricSender:
         return unsent
 
 
-UNLOGGED_FILE = "unlogged_metrics.json"  # metrics the store did not take, kept beside the run's checkpoints
-
-
-def save_unsent(unsent: list[tuple[int, dict[str, float]]], run_folder: str | Path) -> Path:
-    """Keep metrics the store did not take as ``<run_folder>/unlogged_metrics.json``
-    (``[{"step": s, "metrics": {...}}]``, merged with what an earlier attempt kept there)."""
-    path = Path(run_folder) / UNLOGGED_FILE
-    kept = json.loads(path.read_text()) if path.is_file() else []
-    kept += [{"step": step, "metrics": metrics} for step, metrics in unsent]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(kept, indent=1))
-    partial.replace(path)
-    return path
-
-
 class TrackedRun:
     """One MLflow run, addressed by id; safe to re-create in another process (e.g. the rank-0 worker)."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.client = _client(tracking_uri)
-        self._sender: MetricSender | None = None
-
-    @classmethod
-    def find(cls, tracking_uri: str, experiment: str, run_key: str) -> TrackedRun | None:
-        """The run tagged ``varcon.run_key=run_key`` in ``experiment``, or ``None`` (a missing experiment is
-        created)."""
-        _, _, run_id = _lookup(tracking_uri, experiment, run_key)
-        return cls(tracking_uri, run_id) if run_id else None
-
-    @classmethod
-    def find_or_create(cls, tracking_uri: str, experiment: str, run_key: str, run_name: str,
-                       params: dict[str, str], tags: dict[str, str] | None = None,
-                       parent_run_id: str | None = None) -> tuple[TrackedRun, bool]:
-        """The run tagged ``varcon.run_key=run_key`` in ``experiment``, reopened, or a new one holding ``params``
-        (nested under ``parent_run_id`` when given). Returns ``(run, resumed)``."""
-        from mlflow.entities import Param
-
-        client, experiment_id, run_id = _lookup(tracking_uri, experiment, run_key)
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-            return cls(tracking_uri, run_id), True
-        all_tags = {**(tags or {}), RUN_KEY_TAG: run_key}
-        if parent_run_id:
-            all_tags[PARENT_TAG] = parent_run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        batch = [Param(key, str(value)[:MAX_PARAM_VALUE_LENGTH]) for key, value in sorted(params.items())]
-        for start in range(0, len(batch), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run.info.run_id, params=batch[start:start + MAX_PARAMS_PER_BATCH])
-        return cls(tracking_uri, run.info.run_id), False
-
-    @classmethod
-    def find_or_start(cls, config: ExperimentConfig, tracking_uri: str, run_key: str,
-                      tags: dict[str, str] | None = None,
-                      parent_run_id: str | None = None) -> tuple[TrackedRun, bool]:
-        """The training run of ``config``: its resolved, flattened config as params."""
-        return cls.find_or_create(tracking_uri, config.tracking.experiment, run_key, config.name, flatten(config),
-                                  tags, parent_run_id)
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Enqueue one step's metrics; a background thread sends them (see ``MetricSender``)."""
-        if self._sender is None:
-            self._sender = MetricSender(lambda batch: self.client.log_batch(self.run_id, metrics=batch))
-        self._sender.submit(metrics, step)
+        """Send one step's metrics now (a sweep's parent run; trainings send their records' entries)."""
+        self.log_entries([[step, key, value, int(time.time() * 1000)] for key, value in sorted(metrics.items())])
 
-    def flush(self, timeout_s: float = 60.0, while_failing: bool = True) -> list[tuple[int, dict[str, float]]]:
-        """Wait for queued metrics; returns those still unsent after ``timeout_s`` (the store is down)."""
-        return self._sender.flush(timeout_s, while_failing) if self._sender else []
-
-    def log_saved_metrics(self, run_folder: str | Path) -> int:
-        """Send the metrics ``save_unsent`` kept in ``run_folder`` (steps the run already holds are skipped, so a
-        batch whose reply was lost is not logged twice), then remove the file; returns how many values went."""
-        from mlflow.entities import Metric
-
-        path = Path(run_folder) / UNLOGGED_FILE
-        if not path.is_file():
-            return 0
-        entries = json.loads(path.read_text())
-        keys = {key for entry in entries for key in entry["metrics"]}
-        logged = {key: {step for step, _ in self.metric_history(key)} for key in keys}
-        stamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), stamp, entry["step"]) for entry in entries
-                 for key, value in sorted(entry["metrics"].items()) if entry["step"] not in logged[key]]
-        for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
-        path.unlink()
-        return len(batch)
-
-    def last_step(self, key: str) -> int:
-        """The largest step logged for ``key`` (0 when none)."""
-        return max((step for step, _ in self.metric_history(key)), default=0)
+    def log_entries(self, entries: list) -> None:
+        """Send ``[step, key, value, timestamp_ms]`` entries now, in batches; entries the run already holds are
+        kept once by the store."""
+        metrics = _as_metrics(entries)
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
@@ -327,18 +315,11 @@ class TrackedRun:
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
-    def fail(self, error: BaseException | None = None) -> None:
-        """End the run as FAILED, with ``error`` (if given) as its ``varcon.error`` tag."""
-        if error is not None:
-            self.set_tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:4000]})
-        self.end("FAILED", flush_timeout_s=10)
+    def reopen(self) -> None:
+        self.client.update_run(self.run_id, status="RUNNING")
 
-    def end(self, status: str = "FINISHED", flush_timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
-        """Send what is queued, mark the run ended; returns metrics that could not be sent."""
-        unsent = self._sender.close(flush_timeout_s) if self._sender else []
-        self._sender = None
+    def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-        return unsent
 
     # -- models ----------------------------------------------------------------------------------------------
     def log_pytorch_model(self, model, name: str, example_input) -> str:

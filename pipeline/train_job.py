@@ -1,159 +1,294 @@
-"""One training job from the driver's side: data prepared, MLflow run opened, Ray Train fit, outcome logged."""
+"""A training's lifecycle, from the driver's side: resolve -> prepare data -> open the run -> train under Ray ->
+record the outcome. ``train`` reads in that order; Tune trials use the same ``start_run`` and ``finish_run``.
+
+- **Identity**: ``RunPlan`` derives the run key from what changes the trajectory (``pipeline.identity``), so a
+  re-run with other operational settings continues the same run. Its checkpoints live in
+  ``<ray.storage_path>/<run key>``; its MLflow run carries the key as a tag.
+- **Opening** (``open_run``) compares the store with the checkpoints and refuses what would log a step twice:
+  an MLflow run with metrics but no checkpoint at this storage path, a checkpoint whose MLflow run this store does
+  not hold, a run key whose recorded trajectory differs. A resumed run records the changed operational keys in
+  ``attempts/<n>.yaml``.
+- **Truth**: what the run did is in its checkpoints (``pipeline.checkpoint.RunRecord``) and Ray's result (why it
+  stopped); nothing is read back from MLflow to decide anything.
+- **Final status**: ``finish_run`` (re-sends the final record, logs plots, checkpoints, the encoder) and
+  ``end_run`` set it; for a single training ``train`` calls them, for a sweep the sweep driver does, once per
+  trial.
+"""
 from __future__ import annotations
 
+import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline import checkpoint, plots
-from pipeline.config import ExperimentConfig, config_hash, resolve_path, to_dict
-from pipeline.data.ffcv_writer import DatasetFiles, manifest_path
-from pipeline.data.loaders import prepare_data
+from pipeline import checkpoint, identity, plots
+from pipeline.checkpoint import RunRecord
+from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
+from pipeline.data.manifest import manifest_path
+from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
 from pipeline.models import build_model
-from pipeline.tracking import ERROR_TAG, MODEL_URI_TAG, TrackedRun, check_reachable, resolve_tracking_uri
+from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
+                            REGISTERED_TAG, RUN_FOLDER_TAG)
+from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
-REGISTERED_TAG = "varcon.registered_model"
 
 
-class TrainingStopped(RuntimeError):
+class TrainingDiverged(RuntimeError):
     """The training ended itself before its last epoch (a non-finite loss); the message says why and where the
     last good checkpoint is."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything fixed before any work: the config, its identity and where the run lives."""
+
+    config: ExperimentConfig
+    run_key: str
+    identity: str
+    tracking_uri: str
+    storage_path: Path
+    run_folder: Path | None  # None: a population trial, whose checkpoints Tune keeps
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, own_checkpoints: bool = True) -> RunPlan:
+        storage = resolve_path(config.ray.storage_path)
+        key = identity.run_key(config)
+        return cls(config, key, identity.identity_digest(config), resolve_tracking_uri(config.tracking.tracking_uri),
+                   storage, storage / key if own_checkpoints else None)
+
+
+@dataclass
+class Checkpointed:
+    """A checkpoint folder and its record."""
+
+    folder: Path
+    record: RunRecord
+
+
+def checkpoints_in(run_folder: Path | None) -> list[Checkpointed]:
+    """The checkpoints Ray Train kept in a run folder, oldest epoch first."""
+    if run_folder is None or not run_folder.is_dir():
+        return []
+    found = [Checkpointed(folder, checkpoint.load_record(folder)) for folder in run_folder.glob("checkpoint_*")
+             if (folder / checkpoint.RECORD_FILE).is_file()]
+    return sorted(found, key=lambda c: c.record.epoch)
+
+
+@dataclass
+class OpenRun:
+    plan: RunPlan
+    data: PreparedDataset
+    run: TrackedRun
+    latest: Checkpointed | None  # the run's latest checkpoint when it was opened
 
 
 @dataclass
 class TrainOutcome:
     run_id: str
     tracking_uri: str
-    final_metrics: dict[str, float]
-    initial_metrics: dict[str, float]  # epoch 0: the randomly initialised encoder
-    model_path: str | None  # the final checkpoint's state.pt, on local (or shared) storage
+    record: RunRecord  # what the run produced, from its final checkpoint
+    model_path: str | None  # the final checkpoint's state.pt
     best_model_path: str | None  # the checkpoint with the best kNN monitor
+    diverged: str = ""  # why the training ended itself, from Ray's result
     tracking_problem: str | None = None  # set when MLflow did not take the final results
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        return {"epoch": self.record.epoch, **self.record.at(self.record.epoch)}
+
+    @property
+    def initial_metrics(self) -> dict[str, float]:
+        return self.record.at(0)
 
 
-def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> DatasetFiles:
-    return prepare_data(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
-
-
-def run_name(config: ExperimentConfig) -> str:
-    """``ray.run_name``, else ``<name>-<config hash>``: the same command names the same run, so it resumes."""
-    return config.ray.run_name or f"{config.name}-{config_hash(config)}"
-
-
-def open_run(config: ExperimentConfig, files: DatasetFiles, tracking_uri: str, run_key: str,
-             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
-    """The training's MLflow run, found again by ``run_key`` or created with the resolved config (params and
-    ``config.yaml``), the dataset manifests and the environment. A run found again first gets the metrics an
-    earlier attempt could not send (``<storage>/<run_key>/unlogged_metrics.json``)."""
-    tracked, resumed = TrackedRun.find_or_start(
-        config, tracking_uri, run_key, parent_run_id=parent_run_id,
-        tags={"varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
-              "varcon.schedule": config.loss.schedule.kind, **(tags or {})})
-    if not resumed:
-        tracked.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
-        for beton in filter(None, (files.train, files.test)):
-            tracked.log_artifact(manifest_path(beton), "dataset")
-        tracked.log_environment()
-    elif sent := tracked.log_saved_metrics(resolve_path(config.ray.storage_path) / run_key):
-        print(f"[tracking] sent {sent} metric values an earlier attempt kept while MLflow was unreachable")
-    return tracked, resumed
+def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> PreparedDataset:
+    return prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
-          tags: dict[str, str] | None = None, callbacks: list | None = None,
-          test_hooks: dict[str, str] | None = None) -> TrainOutcome:
-    """Train under Ray Train, or continue the run of the same name from its last checkpoint. ``parent_run_id``
-    nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``; ``test_hooks`` (fault
-    injection, tests only) to the workers."""
-    from pipeline.ray_train import init_ray, require_resources, run_training
+          tags: dict[str, str] | None = None, callbacks: list | tuple = ()) -> TrainOutcome:
+    """Train under Ray Train, or continue the run of the same identity from its last checkpoint.
+    ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
+    from pipeline.ray_train import init_ray, require_resources
 
-    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
-    check_reachable(tracking_uri)
+    plan = RunPlan.of(config)
+    check_reachable(plan.tracking_uri)
     init_ray()
     r = config.ray
     require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
-    files = prepare(config, log)
-    name = run_name(config)
-    tracked, resumed = open_run(config, files, tracking_uri, name, parent_run_id, tags)
-    log(f"{'continuing' if resumed else 'starting'} Ray Train run {name} (MLflow run {tracked.run_id} in "
-        f"{tracking_uri}); effective learning rate {config.optim.lr} for a global batch of "
-        f"{config.optim.global_batch_size} images on {config.ray.num_workers} workers")
+    opened = start_run(plan, log, parent_run_id, tags)
     try:
-        result = run_training(config, files, tracking_uri, tracked.run_id, name, callbacks, test_hooks)
+        outcome = train_opened(opened, log, callbacks)
     except BaseException as exc:
-        try:
-            tracked.fail(exc)
-        except Exception:  # noqa: BLE001 - the training's own error matters more than the store's
-            pass
+        end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
         raise
+    if outcome.diverged:
+        try:
+            finish_run(opened, outcome, completed=False)
+        except Exception:  # noqa: BLE001 - the store may be down: the divergence is what to report
+            pass
+        end_run(opened.run, "FAILED", error=f"diverged: {outcome.diverged}", guard=True)
+        raise TrainingDiverged(f"training {plan.run_key} stopped: {outcome.diverged} (last good checkpoint: "
+                               f"{outcome.model_path or 'none'})")
     try:
-        reason = stopped_reason(tracked)
-    except Exception:  # noqa: BLE001 - the store is down: record_outcome below reports it with the model path
-        reason = ""
-    if reason and result.metrics.get("epoch", 0) < config.optim.epochs:
-        tracked.fail()  # the worker tagged the reason
-        checkpoint_path = result.checkpoint.path if result.checkpoint else "none"
-        raise TrainingStopped(f"training {name} {reason} (last good checkpoint: {checkpoint_path})")
-    final, best = state_paths(result)
-    outcome = TrainOutcome(tracked.run_id, tracking_uri, dict(result.metrics), {}, final, best)
-    try:
-        record_outcome(config, files, tracked, outcome)
+        finish_run(opened, outcome)
+        end_run(opened.run, "FINISHED")
     except Exception as exc:  # noqa: BLE001 - an outage must not lose the trained model: its path is printed
         outcome.tracking_problem = (f"MLflow did not take the final results ({type(exc).__name__}: {exc}); the "
-                                    f"trained model is saved locally in {final}")
+                                    f"trained model is saved in {outcome.model_path}; run the same command again "
+                                    f"once the store is back to send them")
     return outcome
 
 
-def stopped_reason(tracked: TrackedRun) -> str:
-    """Why the run's training ended itself (its ``varcon.error`` from a non-finite loss), else ``""``."""
-    from pipeline.ray_train import STOPPED_PREFIX
-
-    reason = tracked.tags().get(ERROR_TAG, "")
-    return reason if reason.startswith(STOPPED_PREFIX) else ""
-
-
-def state_paths(result, last_folder: str | None = None) -> tuple[str | None, str | None]:
-    """The ``state.pt`` of a Ray ``Result``'s last checkpoint (or of ``last_folder``) and of its best one by
-    the kNN monitor (the last one when none is ranked)."""
-    from pipeline.ray_train import MONITOR
-
-    folder = result.checkpoint.path if result.checkpoint else last_folder
-    final = str(Path(folder) / checkpoint.STATE_FILE) if folder else None
-    best_checkpoint = result.get_best_checkpoint(MONITOR, "max") if result.best_checkpoints else None
-    best = str(Path(best_checkpoint.path) / checkpoint.STATE_FILE) if best_checkpoint else final
-    return final, best
+def start_run(plan: RunPlan, log=print, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+              prepared: dict[str, PreparedDataset] | None = None) -> OpenRun:
+    """Prepare the data (or take it from ``prepared``, keyed by ``dataset_key``) and open the MLflow run."""
+    data = (prepared or {}).get(dataset_key(plan.config.data)) or prepare(plan.config, log)
+    return open_run(plan, data, log, parent_run_id, tags)
 
 
-def record_outcome(config: ExperimentConfig, files: DatasetFiles, tracked: TrackedRun, outcome: TrainOutcome) -> None:
-    """Log the checkpoints, the final encoder as an MLflow PyTorch model (registered when
-    ``tracking.registered_model_name`` is set), learning-curve and temperature plots; end the run.
-    Idempotent: re-running a finished training logs no second model or model version."""
-    histories = tracked.metric_histories()
-    outcome.initial_metrics = {key: value for key, history in histories.items() if key.startswith("knn_")
-                               for step, value in history if step == 0}
+def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = ()) -> TrainOutcome:
+    """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already)."""
+    from pipeline.ray_train import run_training, worker_argument
+
+    plan, config = opened.plan, opened.plan.config
+    if opened.latest is not None and opened.latest.record.epoch >= config.optim.epochs:
+        log(f"run {plan.run_key} has trained all {config.optim.epochs} epochs already: nothing to train (a "
+            f"finished run is not evaluated again here: `varcon eval --checkpoint {opened.latest.folder}` "
+            f"evaluates it with other eval.* settings)")
+        return outcome_from_checkpoints(opened)
+    log(f"{'continuing' if opened.latest else 'starting'} Ray Train run {plan.run_key} (MLflow run "
+        f"{opened.run.run_id} in {plan.tracking_uri}); effective learning rate {config.optim.lr} for a global "
+        f"batch of {config.optim.global_batch_size} images on {config.ray.num_workers} workers")
+    argument = worker_argument(config, opened.data, opened.run.run_id, plan.run_key, plan.identity)
+    result = run_training(config, argument, plan.run_key, str(plan.storage_path), plan.tracking_uri, callbacks)
+    return outcome_from_checkpoints(opened, diverged=result.return_value or "")
+
+
+def outcome_from_checkpoints(opened: OpenRun, diverged: str = "", kept: list[Checkpointed] | None = None,
+                             best: Checkpointed | None = None) -> TrainOutcome:
+    """The outcome of a run from its checkpoints (``kept``, default: those in its run folder): the final one,
+    and the best by the kNN monitor (``best``, default: ranked among ``kept``)."""
+    kept = checkpoints_in(opened.plan.run_folder) if kept is None else kept
+    if not kept:
+        record = RunRecord(opened.run.run_id, opened.plan.run_key, opened.plan.identity)
+        return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, record, None, None, diverged)
+    final = kept[-1]
+    monitor_key = f"knn_top1_k{opened.plan.config.eval.knn_k[0]}"
+    best = best or max(kept, key=lambda c: (c.record.monitor(monitor_key, c.record.epoch), c.record.epoch))
+    return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, final.record,
+                        str(final.folder / checkpoint.STATE_FILE), str(best.folder / checkpoint.STATE_FILE), diverged)
+
+
+def open_run(plan: RunPlan, data: PreparedDataset, log=print, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> OpenRun:
+    """The run's MLflow run, found again by its run key or created with the resolved config (params and
+    ``config.yaml``), the dataset manifests and the environment; refuses what would log a step twice."""
+    config = plan.config
+    found = find_run(plan.tracking_uri, config.tracking.experiment, plan.run_key)
+    kept = checkpoints_in(plan.run_folder)
+    latest = kept[-1] if kept else None
+    fresh = ("start a fresh run with another `name` or `ray.run_name` (see README: Run lifecycle)")
+    if latest is not None and latest.record.identity != plan.identity:
+        changed = identity.changed_keys(found.params, config) if found else {}
+        listed = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items())
+                           if k not in identity.OPERATIONAL) or "see its config.yaml"
+        raise ConfigError(f"ray.run_name={plan.run_key} names a run trained with other settings ({listed}): "
+                          f"{fresh}")
+    if latest is not None and (found is None or found.run_id != latest.record.run_id):
+        raise ConfigError(f"the checkpoints in {plan.run_folder} belong to MLflow run {latest.record.run_id}, which "
+                          f"the store {plan.tracking_uri} (experiment {config.tracking.experiment}) does not hold: "
+                          f"point tracking.tracking_uri/tracking.experiment at the store that holds it, or {fresh}")
+    if latest is None and found is not None and found.metric_keys and plan.run_folder is not None:
+        raise ConfigError(f"MLflow run {found.run_id} of run {plan.run_key} already holds metrics, but no checkpoint "
+                          f"of it is in {plan.run_folder} (it was trained with checkpoints in "
+                          f"{found.tags.get(RUN_FOLDER_TAG, 'another folder')}): set ray.storage_path back to the "
+                          f"storage that holds them, or {fresh}")
+    if found is None:
+        run = _create(plan, data, parent_run_id, tags)
+    else:
+        run = TrackedRun(plan.tracking_uri, found.run_id)
+        run.reopen()
+        _record_attempt(run, found, config, log)
+    return OpenRun(plan, data, run, latest)
+
+
+def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tags: dict[str, str] | None):
+    config = plan.config
+    all_tags = {"varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
+                "varcon.schedule": config.loss.schedule.kind, RUN_FOLDER_TAG: str(plan.run_folder or ""),
+                ATTEMPTS_TAG: "1", **(tags or {})}
+    run = create_run(plan.tracking_uri, config.tracking.experiment, plan.run_key, config.name, flatten(config),
+                     all_tags, parent_run_id)
+    run.log_text(yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
+    for beton in filter(None, (data.train, data.test)):
+        run.log_artifact(manifest_path(beton), "dataset")
+    run.log_environment()
+    return run
+
+
+def _record_attempt(run: TrackedRun, found, config: ExperimentConfig, log) -> None:
+    """A resumed run's new attempt: ``attempts/<n>.yaml`` holds the keys whose values differ from the run's
+    (write-once) params, and the resolved config; ``varcon.attempts`` counts them."""
+    attempt = int(found.tags.get(ATTEMPTS_TAG, "1")) + 1
+    changed = identity.changed_keys(found.params, config)
+    run.log_text(yaml.safe_dump({"changed": {k: {"recorded": a, "now": b} for k, (a, b) in changed.items()},
+                                 "config": to_dict(config)}, sort_keys=False), f"attempts/{attempt}.yaml")
+    run.set_tags({ATTEMPTS_TAG: str(attempt)})
+    if changed:
+        log(f"attempt {attempt} of run {found.tags.get('varcon.run_key', '')} with changed settings: "
+            + ", ".join(f"{k}={b} (was {a})" for k, (a, b) in sorted(changed.items())))
+
+
+def end_run(run: TrackedRun, status: str, error: str = "", early_stopped: bool = False, guard: bool = False) -> None:
+    """Set a run's final status: ``FINISHED``, ``KILLED`` (``early_stopped``: a scheduler's stop) or ``FAILED``
+    with ``error``. ``guard``: a store outage is ignored (the caller has a more important error to report)."""
+    try:
+        if error:
+            run.set_tags({ERROR_TAG: error[:4000]})
+        elif ERROR_TAG in run.tags():
+            run.delete_tag(ERROR_TAG)  # an earlier attempt's error; this one ended otherwise
+        if early_stopped:
+            run.set_tags({EARLY_STOPPED_TAG: "true"})
+        run.end(status)
+    except Exception:  # noqa: BLE001
+        if not guard:
+            raise
+
+
+def finish_run(opened: OpenRun, outcome: TrainOutcome, completed: bool = True) -> None:
+    """Send the final record (idempotent), the exploit lineage and the learning-curve and temperature plots; for a
+    ``completed`` training also the workers' plots, the checkpoints, the final encoder as an MLflow PyTorch model
+    and its registration (``tracking.registered_model_name``). Idempotent: a second call logs no second model or
+    model version. The status is ``end_run``'s."""
+    run, config, record = opened.run, opened.plan.config, outcome.record
+    run.log_entries(record.own_entries())
+    if record.exploits:
+        run.set_tags({EXPLOITS_TAG: json.dumps(record.exploits)})
+    histories = record.history()
     with tempfile.TemporaryDirectory() as folder:
         plots.learning_curves_plot(histories, Path(folder) / "learning_curves.png")
         plots.temperature_plot(histories, Path(folder) / "temperature_schedule.png")
-        tracked.log_artifacts(folder, "plots")
-    if outcome.model_path is None:
-        tracked.end()
+        run.log_artifacts(folder, "plots")
+    if not completed or outcome.model_path is None:
         return
+    final_folder = Path(outcome.model_path).parent
+    if (final_folder / checkpoint.PLOTS_FOLDER).is_dir():
+        run.log_artifacts(final_folder / checkpoint.PLOTS_FOLDER, "plots")
     if config.tracking.log_checkpoints:
-        tracked.log_artifact(outcome.model_path, "checkpoints/final")
-        tracked.log_artifact(outcome.best_model_path, "checkpoints/best")
-    tags = tracked.tags()
+        run.log_artifact(outcome.model_path, "checkpoints/final")
+        run.log_artifact(outcome.best_model_path, "checkpoints/best")
+    tags = run.tags()
     if MODEL_URI_TAG not in tags:
-        state = checkpoint.load(Path(outcome.model_path).parent)
-        model = build_model(config, files.num_classes)
-        model.load_state_dict(state["model"])
+        model = build_model(config, opened.data.num_classes)
+        model.load_state_dict(checkpoint.load(final_folder)["model"])
         size = config.data.image_size
-        tracked.log_pytorch_model(model.encoder, ENCODER_MODEL, torch.zeros(2, 3, size, size))
+        run.log_pytorch_model(model.encoder, ENCODER_MODEL, torch.zeros(2, 3, size, size))
     name = config.tracking.registered_model_name
     if name and REGISTERED_TAG not in tags:
-        version = tracked.register_model(name)
-        tracked.set_tags({REGISTERED_TAG: f"{name}/{version}"})
-    tracked.end()
+        run.set_tags({REGISTERED_TAG: f"{name}/{run.register_model(name)}"})

@@ -1,8 +1,14 @@
 """Shared fixtures: one Ray instance per test session, isolated working directories, the prepared digits data,
-MLflow servers on loopback."""
+MLflow servers on loopback, injected faults.
+
+Tests that use the Ray cluster or a tracking server are marked ``cluster`` here; ``make test-fast`` runs the
+others (``-m "not cluster"``).
+"""
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import signal
 import socket
 import subprocess
@@ -14,6 +20,29 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# where tests write the faults they inject (pipeline.faults); every Ray process of the session gets the variable
+FAULTS_FILE = os.path.join(tempfile.mkdtemp(prefix="varcon-faults-"), "faults.json")
+os.environ["VARCON_FAULTS_FILE"] = FAULTS_FILE
+CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture
+def inject_faults():
+    """``inject_faults(**faults)`` writes the faults file (see ``pipeline.faults``); it is removed after the test."""
+    def write(**faults) -> None:
+        with open(FAULTS_FILE, "w") as handle:
+            json.dump(faults, handle)
+
+    yield write
+    for path in (FAULTS_FILE, FAULTS_FILE + ".lock"):
+        if os.path.exists(path):
+            os.remove(path)
 
 
 @pytest.fixture
@@ -28,9 +57,9 @@ def varcon_home(tmp_path, monkeypatch):
 def digits_files(tmp_path_factory):
     """The default digits splits written once per session."""
     from pipeline.config import load_config
-    from pipeline.data import prepare_datasets
+    from pipeline.data import prepare_dataset
 
-    return prepare_datasets(load_config().data, tmp_path_factory.mktemp("data"), log=lambda *_: None)
+    return prepare_dataset(load_config().data, tmp_path_factory.mktemp("data"), log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +75,7 @@ def ray_session():
     # MLflow's HTTP client retries a refused connection for minutes by default; the product's own sender
     # retries on top of it, so tests of a server outage let Ray workers fail each call at once
     ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"env_vars": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}})
+             runtime_env={"env_vars": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "VARCON_FAULTS_FILE": FAULTS_FILE}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

@@ -17,7 +17,8 @@ def test_prepare_writes_synthetic_files(varcon_home, capsys):
     args = ["prepare", "data.dataset=synthetic", "data.train_samples=40", "data.test_samples=10"]
     assert main(args) == 0
     assert "(40 samples)" in capsys.readouterr().out
-    assert (varcon_home / ".cache" / "data" / "synthetic" / "train.beton").is_file()
+    (beton,) = (varcon_home / ".cache" / "data").glob("synthetic-*/train.beton")
+    assert beton.is_file()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -36,7 +37,7 @@ def test_bad_data_input_exits_2_with_one_line(varcon_home, capsys, args, fragmen
 def test_corrupt_beton_is_refused_before_training(varcon_home, capsys):
     args = ["prepare", "data.dataset=synthetic", "data.train_samples=40", "data.test_samples=10"]
     assert main(args) == 0
-    beton = varcon_home / ".cache" / "data" / "synthetic" / "train.beton"
+    (beton,) = (varcon_home / ".cache" / "data").glob("synthetic-*/train.beton")
     beton.write_bytes(beton.read_bytes()[:-64])
     assert main(["train", *args[1:]]) == 2  # refused before Ray or MLflow start
     assert "truncated or altered" in capsys.readouterr().err
@@ -46,7 +47,7 @@ def test_corrupt_beton_is_refused_before_training(varcon_home, capsys):
 def test_prepare_repairs_what_train_refused(varcon_home, capsys):
     args = ["data.dataset=synthetic", "data.train_samples=40", "data.test_samples=10"]
     assert main(["prepare", *args]) == 0
-    beton = varcon_home / ".cache" / "data" / "synthetic" / "test.beton"
+    (beton,) = (varcon_home / ".cache" / "data").glob("synthetic-*/test.beton")
     beton.write_bytes(beton.read_bytes()[:-64])
     assert main(["prepare", *args]) == 0
     assert "rewriting" in capsys.readouterr().out

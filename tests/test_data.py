@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +13,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from pipeline.config import DataConfig, load_config
-from pipeline.data import DataError, prepare_datasets, verify_beton
-from pipeline.data import ffcv_writer
+from pipeline.data import DataError, dataset_folder, prepare_dataset, verify_beton
+from pipeline.data import manifest as manifests
 from pipeline.data.ffcv_loader import EvalLoader, TwoViewLoader
-from pipeline.data.ffcv_writer import manifest_path, read_manifest
+from pipeline.data.manifest import manifest_path, read_manifest
 from pipeline.data.sources import digits, load_source
 from pipeline.data.torchvision_loader import TorchvisionEvalLoader, TorchvisionTwoViewLoader
 
@@ -102,7 +103,7 @@ def test_synthetic_source_is_deterministic_and_balanced():
 def test_cifar_pickles_round_trip_through_beton(tmp_path, num_classes):
     images, labels = write_cifar(tmp_path / "src", num_classes)
     config = data_config(dataset=f"cifar{num_classes}", root=str(tmp_path / "src"))
-    files = prepare_datasets(config, tmp_path / "cache", log=lambda *_: None)
+    files = prepare_dataset(config, tmp_path / "cache", log=lambda *_: None)
     assert (files.num_classes, files.num_train, files.num_test) == (num_classes, 40, 20)
     read_images, read_labels = zip(*EvalLoader(files.train, 16, 32))
     np.testing.assert_array_equal(torch.cat(read_labels).numpy(), labels)
@@ -112,7 +113,7 @@ def test_cifar_pickles_round_trip_through_beton(tmp_path, num_classes):
 def test_image_folder_round_trip_with_jpeg_storage(tmp_path):
     root = write_image_folder(tmp_path / "src")
     config = data_config(dataset="imagefolder", root=str(root), image_size=24, write_mode="jpg", max_resolution=32)
-    files = prepare_datasets(config, tmp_path / "cache", log=lambda *_: None)
+    files = prepare_dataset(config, tmp_path / "cache", log=lambda *_: None)
     manifest = read_manifest(files.train)
     assert manifest["class_names"] == ["cat", "dog", "eel"] and manifest["num_samples"] == 12
     assert manifest["settings"]["write_mode"] == "jpg" and manifest["fields"]["image"] == "RGBImageField"
@@ -138,24 +139,25 @@ def test_beton_round_trip_counts_and_labels(digits_files):
 def test_prepare_reuses_cache_and_rewrites_on_changed_settings(tmp_path):
     data = load_config().data
     messages = []
-    prepare_datasets(data, tmp_path, log=messages.append)
-    stamp = (tmp_path / "digits" / "train.beton").stat().st_mtime_ns
-    prepare_datasets(data, tmp_path, log=messages.append)
-    assert len(messages) == 2 and (tmp_path / "digits" / "train.beton").stat().st_mtime_ns == stamp
-    data.split_seed = 1
-    prepare_datasets(data, tmp_path, log=messages.append)
-    assert len(messages) == 4
-    assert json.loads((tmp_path / "digits" / "train.beton.manifest.json").read_text())["settings"]["split_seed"] == 1
-    assert not list(tmp_path.glob("digits/.*tmp*")), "no temporary files left behind"
+    files = prepare_dataset(data, tmp_path, log=messages.append)
+    stamp = os.stat(files.train).st_mtime_ns
+    data.loader_threads, data.verify_hash = 4, "never"  # reading settings: the same files
+    assert prepare_dataset(data, tmp_path, log=messages.append) == files
+    assert len(messages) == 2 and os.stat(files.train).st_mtime_ns == stamp
+    data.split_seed = 1  # another split: other files, in another folder; the first ones stay
+    other = prepare_dataset(data, tmp_path, log=messages.append)
+    assert len(messages) == 4 and other.train != files.train and os.stat(files.train).st_mtime_ns == stamp
+    assert json.loads(manifest_path(other.train).read_text())["settings"]["split_seed"] == 1
+    assert not list(tmp_path.rglob(".*tmp*")) and not list(tmp_path.glob("*.lock")), "nothing left behind"
 
 
 def test_changed_source_files_are_rewritten(tmp_path):
     root = write_image_folder(tmp_path / "src")
     config = data_config(dataset="imagefolder", root=str(root))
     messages = []
-    prepare_datasets(config, tmp_path / "cache", log=messages.append)
+    prepare_dataset(config, tmp_path / "cache", log=messages.append)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cat" / "new.png")
-    files = prepare_datasets(config, tmp_path / "cache", log=messages.append)
+    files = prepare_dataset(config, tmp_path / "cache", log=messages.append)
     assert files.num_train == 13 and len([m for m in messages if m.startswith("writing")]) == 4
 
 
@@ -163,9 +165,9 @@ def test_interrupted_write_leaves_nothing_that_looks_valid(tmp_path, monkeypatch
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ffcv_writer, "sha256_of", interrupted)
+    monkeypatch.setattr(manifests, "sha256_of", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_datasets(data_config(dataset="synthetic", train_samples=20, test_samples=10), tmp_path)
+        prepare_dataset(data_config(dataset="synthetic", train_samples=20, test_samples=10), tmp_path)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -174,7 +176,7 @@ def test_interrupted_write_leaves_nothing_that_looks_valid(tmp_path, monkeypatch
 @pytest.fixture
 def small_files(tmp_path):
     config = data_config(dataset="synthetic", train_samples=64, test_samples=16, verify_hash="always")
-    return config, prepare_datasets(config, tmp_path, log=lambda *_: None), tmp_path
+    return config, prepare_dataset(config, tmp_path, log=lambda *_: None), tmp_path
 
 
 def test_truncated_beton_is_refused(small_files):
@@ -221,7 +223,7 @@ def test_bad_image_folders_name_the_fix(tmp_path, setup, fragment):
     root = tmp_path / "src"
     setup(root)
     with pytest.raises(DataError, match=fragment):
-        prepare_datasets(data_config(dataset="imagefolder", root=str(root)), tmp_path / "cache")
+        prepare_dataset(data_config(dataset="imagefolder", root=str(root)), tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
 
@@ -229,8 +231,8 @@ def test_unreadable_image_fails_or_is_skipped_and_counted(tmp_path):
     root = write_image_folder(tmp_path / "src")
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(DataError, match="unreadable image .*broken.jpg.*on_bad_image=skip"):
-        prepare_datasets(data_config(dataset="imagefolder", root=str(root)), tmp_path / "cache")
-    files = prepare_datasets(data_config(dataset="imagefolder", root=str(root), on_bad_image="skip"),
+        prepare_dataset(data_config(dataset="imagefolder", root=str(root)), tmp_path / "cache")
+    files = prepare_dataset(data_config(dataset="imagefolder", root=str(root), on_bad_image="skip"),
                              tmp_path / "cache", log=lambda *_: None)
     assert files.num_train == 12 and read_manifest(files.train)["skipped_unreadable"] == 1
 
@@ -281,7 +283,7 @@ def _shard_rank(rank, port, path, results):
 
 def test_two_ranks_read_disjoint_shards_covering_the_data(tmp_path):
     config = data_config(dataset="synthetic", train_samples=128, test_samples=8)
-    files = prepare_datasets(config, tmp_path, log=lambda *_: None)
+    files = prepare_dataset(config, tmp_path, log=lambda *_: None)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -299,7 +301,57 @@ def test_prepare_with_repair_rewrites_a_damaged_file(small_files):
     with open(files.train, "r+b") as handle:
         handle.truncate(100)
     with pytest.raises(DataError, match="truncated or altered"):
-        prepare_datasets(config, root, log=lambda *_: None)
+        prepare_dataset(config, root, log=lambda *_: None)
     messages = []
-    repaired = prepare_datasets(config, root, log=messages.append, repair=True)
+    repaired = prepare_dataset(config, root, log=messages.append, repair=True)
     assert "rewriting" in messages[0] and verify_beton(repaired.train)["num_samples"] == 64
+
+
+# ---------------------------------------------------------------- the cache: keyed by what is stored, one writer
+
+def test_cache_folders_are_keyed_by_what_is_stored(tmp_path):
+    """Two ImageFolder datasets (say ImageNet-100 and ImageNet-1K) never share files; the training crop size
+    does not change the stored bytes when max_resolution fixes them, nor do JPEG settings of raw storage."""
+    first = write_image_folder(tmp_path / "first")
+    second = write_image_folder(tmp_path / "second", classes=("ant", "bee"))
+    a = data_config(dataset="imagefolder", root=str(first), max_resolution=32, image_size=24)
+    b = data_config(dataset="imagefolder", root=str(second), max_resolution=32, image_size=24)
+    files_a = prepare_dataset(a, tmp_path / "cache", log=lambda *_: None)
+    files_b = prepare_dataset(b, tmp_path / "cache", log=lambda *_: None)
+    assert Path(files_a.train).parent != Path(files_b.train).parent
+    assert (files_a.num_classes, files_b.num_classes) == (3, 2)
+    assert prepare_dataset(a, tmp_path / "cache", log=lambda *_: None) == files_a  # b did not overwrite a
+    same_bytes = data_config(dataset="imagefolder", root=str(first), max_resolution=32, image_size=16,
+                             jpeg_quality=50)
+    assert dataset_folder(same_bytes, tmp_path) == dataset_folder(a, tmp_path)
+    for changed in ({"max_resolution": 40}, {"write_mode": "jpg"}, {"on_bad_image": "skip"}):
+        assert dataset_folder(data_config(**{**vars(a), **changed}), tmp_path) != dataset_folder(a, tmp_path)
+
+
+def _prepare_in_process(cache, queue):
+    messages = []
+    queue.put("started")
+    prepare_dataset(data_config(dataset="synthetic", train_samples=400, test_samples=100), cache,
+                    log=messages.append)
+    queue.put(sum(m.startswith("writing") for m in messages))
+
+
+def test_concurrent_writers_of_one_folder_write_it_once(tmp_path):
+    """Two processes (two sweep trials, say) preparing the same data: the lock lets one write, the other finds
+    the files current and only verifies them."""
+    from filelock import FileLock
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    processes = [ctx.Process(target=_prepare_in_process, args=(tmp_path, queue)) for _ in range(2)]
+    folder = dataset_folder(data_config(dataset="synthetic", train_samples=400, test_samples=100), tmp_path)
+    with FileLock(str(folder) + ".lock"):  # both start while the folder is taken, then race for it
+        for process in processes:
+            process.start()
+        assert [queue.get(timeout=120) for _ in processes] == ["started", "started"]
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    assert sorted(queue.get(timeout=10) for _ in processes) == [0, 2]  # one wrote both splits, one wrote nothing
+    (folder,) = [p for p in tmp_path.iterdir()]
+    verify_beton(folder / "train.beton", "always")

@@ -54,13 +54,13 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(dig
 
     def stop_after_two(epoch, metrics, training):
         if epoch == 2:
-            saved["state"] = checkpoint.capture(training, epoch, "run-123")
+            saved["state"] = checkpoint.capture(training, epoch, {"name": "run-123"})
             raise Interrupted
 
     with pytest.raises(Interrupted):
         engine.fit(config, digits_files, device, stop_after_two)
     state = saved["state"]
-    assert state["epoch"] == 2 and state["loader_epoch"] == 2 and state["tracking_run_id"] == "run-123"
+    assert state["epoch"] == 2 and state["loader_epoch"] == 2 and state["config"] == {"name": "run-123"}
 
     epochs = []
     resumed = engine.fit(config, digits_files, device, lambda epoch, m, t: epochs.append(epoch), resume=state)
@@ -76,16 +76,19 @@ def test_checkpoint_round_trips_through_disk_with_weights_only(digits_files, tmp
 
     config = load_config(None, DETERMINISTIC[:1] + ["optim.epochs=1", "optim.warmup_epochs=0"])
     training = engine.build_training(config, digits_files, torch.device("cpu"))
-    checkpoint.save(checkpoint.capture(training, 1, "abc"), tmp_path)
+    record = checkpoint.RunRecord("run-abc", "key", "digest", epoch=1)
+    record.add(1, {"train_loss": 0.5})
+    checkpoint.save(tmp_path, checkpoint.capture(training, 1, {"name": "abc"}), record)
     loaded = checkpoint.load(tmp_path)  # torch.load(weights_only=True) inside
-    assert loaded["epoch"] == 1 and loaded["tracking_run_id"] == "abc"
+    assert loaded["epoch"] == 1 and loaded["config"] == {"name": "abc"}
+    assert checkpoint.load_record(tmp_path) == record
     other = engine.build_training(config, digits_files, torch.device("cpu"))
     assert checkpoint.restore(other, loaded) == 1
 
 
 def test_final_evaluation_reports_probe_fewshot_and_dispersion(digits_files):
-    config = load_config(None, ["ray.num_workers=1", "optim.epochs=1", "optim.warmup_epochs=0", "eval.linear_probe_epochs=5",
-                                "eval.few_shot_episodes=20"])
+    config = load_config(None, ["ray.num_workers=1", "optim.epochs=1", "optim.warmup_epochs=0",
+                                "eval.linear_probe_epochs=5", "eval.few_shot_episodes=20"])
     reports = {}
     engine.fit(config, digits_files, torch.device("cpu"), lambda epoch, m, _: reports.update({epoch: m}))
     final = reports[1]
@@ -94,9 +97,7 @@ def test_final_evaluation_reports_probe_fewshot_and_dispersion(digits_files):
         assert key in final
     assert 0.5 < final["probe_top1"] <= final["probe_top5"] <= 1.0
     assert 0.2 < final["fewshot_5way_1shot"] <= 1.0
-    # after one epoch VarCon's features are still nearly collinear (inter ~ intra ~ 0.99): only bounds here,
-    # the ordering is tested on constructed features in test_evaluation
-    assert -1.0 <= final["dispersion_inter_cos"] <= 1.0 + 1e-5 and -1.0 <= final["dispersion_intra_cos"] <= 1.0 + 1e-5
+    # dispersion's values are checked on constructed features in test_evaluation
 
 
 def test_a_non_finite_loss_raises_before_its_epoch_is_reported(digits_files):

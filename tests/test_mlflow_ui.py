@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from pipeline.config import REPO_ROOT, load_config
-from pipeline.tracking import TrackedRun, resolve_tracking_uri
+from pipeline.config import REPO_ROOT, flatten, load_config
+from pipeline.tracking import create_run, resolve_tracking_uri
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
 def mlflow_ui(varcon_home, mlflow_server):
     """A store holding a sweep (parent run, two child trials), served on 127.0.0.1 by ``ui_command``."""
     uri = resolve_tracking_uri()
-    parent, _ = TrackedRun.find_or_create(uri, "ui-check", "sweep", "sweep-digits", {"searcher": "random"})
+    parent = create_run(uri, "ui-check", "sweep", "sweep-digits", {"searcher": "random"})
     for trial in range(2):
         config = load_config(None, [f"name=trial-{trial}", "tracking.experiment=ui-check"])
-        run, _ = TrackedRun.find_or_start(config, uri, f"trial-{trial}", parent_run_id=parent.run_id)
+        run = create_run(uri, "ui-check", f"trial-{trial}", config.name, flatten(config), parent_run_id=parent.run_id)
         run.log_metrics({"knn_top1_k20": 0.5 + trial / 10}, step=1)
         run.end()
     parent.end()

@@ -17,7 +17,7 @@ from ray.util.state import list_actors
 
 from pipeline.cli import main
 from pipeline.config import flatten, load_config
-from pipeline.data.ffcv_writer import read_manifest
+from pipeline.data.manifest import read_manifest
 
 OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e", "tracking.registered_model_name=e2e-encoder",
              "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD"]
@@ -61,7 +61,7 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     home, summary, _ = trained
     assert "knn_top1_k20 on the held-out split" in summary and "mlflow ui --backend-store-uri" in summary
 
-    beton = home / ".cache" / "data" / "digits" / "train.beton"
+    (beton,) = (home / ".cache" / "data").glob("digits-*/train.beton")
     assert beton.is_file() and read_manifest(beton)["num_samples"] == 1347
 
     client, run = the_run(home)
@@ -101,21 +101,23 @@ def test_bad_override_exits_2_before_any_work(varcon_home, capsys):
     assert not (varcon_home / ".cache").exists()
 
 
-def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home, ray_session, monkeypatch):
+def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home, ray_session, inject_faults):
     args = ["train", "optim.epochs=3", "optim.warmup_epochs=0", "ray.max_failures=0", "name=resume",
             "eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
-    monkeypatch.setenv("VARCON_TEST_FAIL_AT_EPOCH", "2")
+    inject_faults(fail_after_epoch=2)
     with pytest.raises(Exception, match="injected failure"):
         main(args)
-    monkeypatch.delenv("VARCON_TEST_FAIL_AT_EPOCH")
-    assert main(args) == 0
+    inject_faults()  # the fault is gone; the re-run raises ray.max_failures, which does not change the run
+    assert main([*args, "ray.max_failures=5"]) == 0
 
     client = MlflowClient(f"sqlite:///{varcon_home / '.cache' / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and "varcon.error" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")) == [0, 1, 2, 3]
     assert "probe_top1" in run.data.metrics
+    attempt = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "attempts/2.yaml", str(varcon_home))))
+    assert attempt["changed"] == {"ray.max_failures": {"recorded": "0", "now": "5"}}
 
 
 def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monkeypatch, capsys):
@@ -132,3 +134,41 @@ def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monk
     tolerance = {"dispersion_intra_cos": 1e-3, "knn_top1_k20": 0.01, "probe_top1": 0.02, "fewshot_5way_5shot": 0.02}
     for key, abs_tol in tolerance.items():
         assert float(printed[key]) == pytest.approx(run.data.metrics[key], abs=abs_tol), key
+
+
+def test_operational_changes_continue_the_finished_run_without_training_again(trained, monkeypatch, capsys):
+    """Another max_failures, resource wait, outage wait, loader thread count or evaluation setting is the same run:
+    nothing is trained, the store keeps one run, and the attempt records what changed."""
+    home, _, _ = trained
+    monkeypatch.setenv("VARCON_HOME", str(home))
+    changed = ["ray.max_failures=5", "ray.resource_wait_s=1", "tracking.outage_wait_s=7", "data.loader_threads=2",
+               "eval.linear_probe_epochs=7"]
+    folders = sorted(p.name for p in (home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*"))
+    assert main(["train", *OVERRIDES, *changed]) == 0
+    printed = capsys.readouterr().out
+    assert "has trained all 2 epochs already" in printed and "varcon eval --checkpoint" in printed
+    assert sorted(p.name for p in (home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*")) == folders
+    client, run = the_run(home)  # still exactly one run
+    assert run.info.status == "FINISHED" and int(run.data.tags["varcon.attempts"]) >= 2
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")) == [0, 1, 2]
+    (version,) = client.search_model_versions("name='e2e-encoder'")  # no second model version
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("ray.storage_path=elsewhere", "no checkpoint of it is in"),
+    ("tracking.tracking_uri=sqlite:///{home}/other.db", "which the store sqlite:///"),
+    ("loss.tau1=0.2", "names a run trained with other settings (loss.tau1: 0.1 -> 0.2)"),
+])
+def test_a_run_whose_store_and_checkpoints_disagree_is_refused(trained, monkeypatch, capsys, change, fragment):
+    """Never a restart into a run that would log steps twice: a moved storage path, another store, or a run key
+    given by hand for other settings each end with one line naming the fix, before anything is trained."""
+    home, _, _ = trained
+    monkeypatch.setenv("VARCON_HOME", str(home))
+    from pipeline.identity import run_key
+
+    key = run_key(load_config(None, OVERRIDES))
+    extra = [f"ray.run_name={key}"] if change.startswith("loss.") else []
+    assert main(["train", *OVERRIDES, *extra, change.format(home=home)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("varcon: error:") and fragment in err and len(err.splitlines()) == 1, err
+    assert "fresh run" in err and not (home / "elsewhere").exists() and not (home / "other.db").exists()

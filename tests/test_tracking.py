@@ -10,8 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import plots
 from pipeline.config import flatten, load_config
-from pipeline.tracking import (UNLOGGED_FILE, MetricSender, TrackedRun, child_runs, installed_requirements,
-                               resolve_tracking_uri, save_unsent, system_description)
+from pipeline.checkpoint import RunRecord
+from pipeline.tracking import (MetricSender, child_runs, create_run, find_or_create_run, find_run,
+                               installed_requirements, resolve_tracking_uri, system_description)
 
 
 @pytest.fixture
@@ -19,39 +20,38 @@ def store(varcon_home):
     return resolve_tracking_uri()
 
 
-def test_find_or_start_reopens_the_run_of_the_same_key_and_nests_children(store):
+def test_runs_are_found_again_by_their_key_and_nest_under_a_parent(store):
     config = load_config(None, ["name=child"])
-    parent, resumed = TrackedRun.find_or_create(store, "varcon", "sweep-1", "sweep-1", {"searcher": "random"})
-    assert not resumed
-    child, resumed = TrackedRun.find_or_start(config, store, "trial-a", parent_run_id=parent.run_id,
-                                              tags={"varcon.trial_id": "a"})
-    again, resumed_again = TrackedRun.find_or_start(config, store, "trial-a", parent_run_id=parent.run_id)
-    assert not resumed and resumed_again and again.run_id == child.run_id
+    parent, resumed = find_or_create_run(store, "varcon", "sweep-1", "sweep-1", {"searcher": "random"})
+    assert not resumed and find_run(store, "varcon", "trial-a") is None
+    child = create_run(store, "varcon", "trial-a", config.name, flatten(config), {"varcon.trial_id": "a"},
+                       parent_run_id=parent.run_id)
+    found = find_run(store, "varcon", "trial-a")
+    assert found.run_id == child.run_id and found.params == flatten(config) and found.metric_keys == []
+    again, resumed_again = find_or_create_run(store, "varcon", "sweep-1", "sweep-1", {})
+    assert resumed_again and again.run_id == parent.run_id
     (listed,) = child_runs(store, parent.run_id)
     assert listed.info.run_id == child.run_id and listed.data.tags["varcon.trial_id"] == "a"
-    assert listed.data.params == flatten(config)
 
 
-def test_metrics_logged_in_the_background_arrive_once_per_step(store):
-    run, _ = TrackedRun.find_or_create(store, "varcon", "k", "k", {})
-    for epoch in range(1, 6):
-        run.log_metrics({"train_loss": 1.0 / epoch, "tau1": 0.1}, step=epoch)
-    assert run.flush(timeout_s=30) == []
-    assert run.metric_history("train_loss") == [(e, pytest.approx(1.0 / e)) for e in range(1, 6)]
+def test_entries_sent_again_are_kept_once(store):
+    """The exactly-once rule: an entry keeps the timestamp it was recorded with, so a restart or a finisher that
+    sends a record again adds nothing, while a value recorded anew for the same step would be a second row."""
+    run = create_run(store, "varcon", "k", "k", {})
+    record = RunRecord(run.run_id, "k", "x")
+    for epoch in range(3):
+        record.add(epoch, {"train_loss": 1.0 / (epoch + 1), "tau1": 0.1})
+    run.log_entries(record.own_entries(after_step=0))  # steps 1-2 arrived, then the sender's reply was lost
+    run.log_entries(record.own_entries())  # the whole record again, from its checkpoint
+    run.log_entries(record.own_entries())
+    assert run.metric_history("train_loss") == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    assert [step for step, _ in run.metric_history("tau1")] == [0, 1, 2]
+    retrained = RunRecord(run.run_id, "k", "x")
+    retrained.add(2, {"train_loss": 0.25})  # what a replayed epoch would log: MLflow keeps it as a second value
+    run.log_entries(retrained.entries)
+    assert [step for step, _ in run.metric_history("train_loss")] == [0, 1, 2, 2]
     run.end()
     assert MlflowClient(store).get_run(run.run_id).info.status == "FINISHED"
-
-
-def test_saved_metrics_are_sent_later_without_repeating_a_step_the_run_holds(store, tmp_path):
-    run, _ = TrackedRun.find_or_create(store, "varcon", "k", "k", {})
-    run.log_metrics({"train_loss": 1.0}, step=1)  # this one reached the store, but its reply was lost
-    run.flush(timeout_s=30)
-    save_unsent([(1, {"train_loss": 1.0})], tmp_path)
-    save_unsent([(2, {"train_loss": 0.5, "knn_top1_k20": 0.9}), (3, {"train_loss": 0.25})], tmp_path)  # merged
-    assert run.log_saved_metrics(tmp_path) == 3
-    assert run.metric_history("train_loss") == [(1, 1.0), (2, 0.5), (3, 0.25)]
-    assert run.metric_history("knn_top1_k20") == [(2, pytest.approx(0.9))]
-    assert not (tmp_path / UNLOGGED_FILE).exists() and run.log_saved_metrics(tmp_path) == 0
 
 
 def test_sender_retries_through_an_outage_without_losing_or_repeating_a_step():
@@ -66,8 +66,8 @@ def test_sender_retries_through_an_outage_without_losing_or_repeating_a_step():
         done.set()
 
     sender = MetricSender(flaky_send, retry_base_s=0.001, on_error=errors.append)
-    sender.submit({"a": 1.0, "b": 2.0}, step=1)
-    sender.submit({"a": 3.0}, step=2)
+    sender.submit([[1, "a", 1.0, 10], [1, "b", 2.0, 10]])
+    sender.submit([[2, "a", 3.0, 20]])
     assert sender.close(timeout_s=30) == []
     assert sorted(sent) == [(1, "a", 1.0), (1, "b", 2.0), (2, "a", 3.0)]
     assert len(errors) == sender.failures >= 3
@@ -76,13 +76,13 @@ def test_sender_retries_through_an_outage_without_losing_or_repeating_a_step():
 def test_sender_hands_back_what_a_dead_store_never_took():
     sender = MetricSender(lambda batch: (_ for _ in ()).throw(ConnectionError("down")), retry_base_s=0.001,
                           on_error=lambda exc: None)
-    sender.submit({"a": 1.0}, step=1)
-    sender.submit({"a": 2.0, "b": 0.5}, step=2)
+    sender.submit([[1, "a", 1.0, 10]])
+    sender.submit([[2, "a", 2.0, 20], [2, "b", 0.5, 20]])
     assert sender.close(timeout_s=0.2) == [(1, {"a": 1.0}), (2, {"a": 2.0, "b": 0.5})]
 
 
 def test_logged_encoder_loads_back_and_registers(store):
-    run, _ = TrackedRun.find_or_create(store, "varcon", "model-run", "model-run", {})
+    run = create_run(store, "varcon", "model-run", "model-run", {})
     encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     example = torch.randn(2, 3, 8, 8)
     model_uri = run.log_pytorch_model(encoder, "encoder", example)
@@ -105,7 +105,7 @@ def test_logged_environment_leaves_secrets_out(store, monkeypatch):
     assert description["environment"]["RAY_ADDRESS"] == "http://***@head:8265"
     assert "torch==" in installed_requirements() and "mlflow==" in installed_requirements()
 
-    run, _ = TrackedRun.find_or_create(store, "varcon", "env-run", "env-run", {})
+    run = create_run(store, "varcon", "env-run", "env-run", {})
     run.log_environment()
     files = {a.path for a in run.client.list_artifacts(run.run_id, "environment")}
     assert files == {"environment/requirements.txt", "environment/system.json"}

@@ -1,28 +1,33 @@
 """Sweep files, search spaces and discovered schedules, without running Ray Tune."""
-import glob
-import json
 
 import optuna
 import pytest
 
-from pipeline.config import ConfigError, build_config, load_config
-from pipeline.ray_train import EXPLOITS_TAG
-from pipeline.tracking import TrackedRun, resolve_tracking_uri
+from pipeline.config import REPO_ROOT, ConfigError, build_config, load_config
+from pipeline.checkpoint import RunRecord
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import load_sweep
 from tune.sweep import concurrency
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/tune/*.yaml")))
+SWEEPS = sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml"))
+
+
+def test_the_bundled_sweeps_are_found():
+    # found from the repository, wherever pytest runs
+    assert {"digits_asha.yaml", "digits_pbt.yaml", "digits_pb2.yaml"} <= {p.name for p in SWEEPS}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_bundled_sweeps_load(path):
     spec = load_sweep(path)
-    assert spec.space and spec.base_config().name
+    assert spec.space and spec.base.name
 
 
 def test_overrides_reach_the_sweep_and_the_experiment():
     spec = load_sweep(None, ["tune.num_samples=3", "optim.epochs=2", "tune.grace_period=1"])
-    assert spec.settings.num_samples == 3 and spec.base_config().optim.epochs == 2
+    assert spec.settings.num_samples == 3 and spec.base.optim.epochs == 2
     trial = spec.trial_config({"loss.tau1": 0.2, "optim.weight_decay": 1e-5}, "abc12")
     assert (trial.name, trial.ray.run_name, trial.loss.tau1, trial.optim.weight_decay) == \
         ("digits-asha-abc12", "digits-asha-abc12", 0.2, 1e-5)
@@ -96,25 +101,23 @@ def test_a_trial_larger_than_the_cluster_is_refused():
     assert concurrency(load_sweep(None, ["tune.max_concurrent_trials=1"]), {"CPU": 8.0}) == 1
 
 
-def test_lineage_follows_exploits_into_a_replayable_schedule(varcon_home):
-    uri = resolve_tracking_uri()
-
-    def run(key, tau1_by_epoch, exploits=()):
-        tracked, _ = TrackedRun.find_or_create(uri, "varcon", key, key, {})
+def test_lineage_follows_exploits_into_a_replayable_schedule():
+    """Records continued across exploits carry the schedule of the weights' whole lineage."""
+    def trained(record, tau1_by_epoch):
         for epoch, tau1 in tau1_by_epoch.items():
-            tracked.log_metrics({"tau1": tau1, "eps": tau1 / 10}, step=epoch)
-        tracked.flush()
-        if exploits:
-            tracked.set_tags({EXPLOITS_TAG: json.dumps([{"epoch": e, "donor_run_id": d} for e, d in exploits])})
-        return tracked.run_id
+            record.add(epoch, {"tau1": tau1, "eps": tau1 / 10, "train_loss": 1.0})
+            record.epoch = epoch
+        return record
 
-    donor = run("donor", {1: 0.2, 2: 0.2, 3: 0.1, 4: 0.1})
+    donor = trained(RunRecord("donor", "donor", "x"), {1: 0.2, 2: 0.2})
     # b's own epochs 1-2 (tau1 0.3) were replaced by the donor's at epoch 2, then it trained on at 0.15
-    b = run("b", {1: 0.3, 2: 0.3, 3: 0.15, 4: 0.15}, exploits=[(2, donor)])
-    # c took b's checkpoint after epoch 3
-    c = run("c", {1: 0.4, 2: 0.4, 3: 0.4, 4: 0.08}, exploits=[(3, b)])
-    lineage = lineage_schedule(uri, c)
+    b = trained(donor.continued_by("b", "b", "x"), {3: 0.15})
+    # c took b's checkpoint after epoch 3, then trained epoch 4 at 0.08
+    c = trained(b.continued_by("c", "c", "x"), {4: 0.08})
+    lineage = lineage_schedule(c)
     assert [(e, t) for e, t, _ in lineage] == [(1, 0.2), (2, 0.2), (3, 0.15), (4, 0.08)]
+    assert c.exploits == [{"epoch": 2, "donor_run_id": "donor"}, {"epoch": 3, "donor_run_id": "b"}]
+    assert [entry[0] for entry in c.own_entries()] == [4, 4, 4]  # only epoch 4 is c's own to send
     schedule = as_piecewise(lineage)
     assert schedule["epochs"] == [1, 3, 4] and schedule["tau1_values"] == pytest.approx([0.2, 0.15, 0.08])
     config = build_config({"optim": {"epochs": 4}, "loss": {"schedule": schedule}})

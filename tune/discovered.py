@@ -1,34 +1,22 @@
-"""The temperature schedule a population-based trial actually trained with, read back from MLflow.
+"""The temperature schedule a population-based trial's weights actually trained with.
 
-A PBT/PB2 trial's weights at epoch e went through its own epochs after its last exploit and, before that, through
-the donor's lineage up to the exploit epoch (``varcon.exploits`` tags, written by the worker on restore). Following
-those links gives ``[(epoch, tau1, eps)]`` for epochs 1..E, which ``as_piecewise`` turns into a
-``loss.schedule`` that ``varcon train`` replays.
+A PBT/PB2 trial's final ``RunRecord`` holds the per-epoch ``tau1`` and ``eps`` of its weights' whole lineage: its
+own epochs after its last exploit and, before that, the donor's (inherited with the checkpoint, recursively).
+``lineage_schedule`` reads ``[(epoch, tau1, eps)]`` for epochs 1..E from it, and ``as_piecewise`` turns that into
+a ``loss.schedule`` that ``varcon train`` replays.
 """
 from __future__ import annotations
 
-import json
-
-from pipeline.ray_train import EXPLOITS_TAG
-from pipeline.tracking import TrackedRun
+from pipeline.checkpoint import RunRecord
 
 Lineage = list[tuple[int, float, float]]
 
 
-def lineage_schedule(tracking_uri: str, run_id: str, until_epoch: int | None = None, depth: int = 0) -> Lineage:
-    """``[(epoch, tau1, eps)]`` of the weights of ``run_id`` up to ``until_epoch`` (default: its last epoch)."""
-    if depth > 1000:
-        raise RuntimeError(f"exploit lineage of run {run_id} does not end: the varcon.exploits tags form a cycle")
-    run = TrackedRun(tracking_uri, run_id)
-    tau1, eps = dict(run.metric_history("tau1")), dict(run.metric_history("eps"))
-    last = until_epoch if until_epoch is not None else max(tau1, default=0)
-    exploits = [e for e in json.loads(run.tags().get(EXPLOITS_TAG, "[]")) if e["epoch"] <= last]
-    prefix, start = [], 1
-    if exploits:
-        link = exploits[-1]
-        prefix = lineage_schedule(tracking_uri, link["donor_run_id"], link["epoch"], depth + 1)
-        start = link["epoch"] + 1
-    return prefix + [(e, tau1[e], eps[e]) for e in range(start, last + 1) if e in tau1 and e in eps]
+def lineage_schedule(record: RunRecord) -> Lineage:
+    """``[(epoch, tau1, eps)]`` of the weights of ``record``, for every trained epoch."""
+    history = record.history()
+    tau1, eps = dict(history.get("tau1", [])), dict(history.get("eps", []))
+    return [(epoch, tau1[epoch], eps[epoch]) for epoch in sorted(tau1) if epoch in eps and epoch >= 1]
 
 
 def as_piecewise(lineage: Lineage) -> dict:

@@ -13,6 +13,7 @@ and the scheduler. Loading checks everything before any cluster resource is touc
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,9 @@ class SweepSpec:
     def population_based(self) -> bool:
         return self.settings.scheduler in ("pbt", "pb2")
 
-    def base_config(self) -> ExperimentConfig:
+    @functools.cached_property
+    def base(self) -> ExperimentConfig:
+        """The experiment every trial starts from (built once per spec)."""
         return build_config(self.experiment)
 
     def trial_config(self, sampled: dict, trial_id: str) -> ExperimentConfig:
@@ -174,7 +177,7 @@ def _validate(spec: SweepSpec) -> None:
          "tune.perturbation_interval must be >= 1, tune.quantile_fraction in (0, 0.5], "
          "tune.resample_probability in [0, 1]")
     need(bool(spec.space), "space is empty: add at least one key to search")
-    base = spec.base_config()
+    base = spec.base
     epochs = base.optim.epochs
     sampled = {p.key: p for p in spec.space}
     for p in spec.space:

@@ -1,14 +1,16 @@
 """``varcon tune``: run a sweep with Ray Tune, or resume the interrupted sweep of the same name, then report it.
 
-The sweep is an MLflow parent run (found again by name); each trial is a child run. At the end: a table of
-trials, ``<output_dir>/<name>/best_config.yaml`` (a config ``varcon train --config`` accepts; for PBT/PB2 the
-discovered temperature schedule as a piecewise ``loss.schedule``) and the best encoder registered.
+The sweep is an MLflow parent run (found again by name); each trial is a child run. The driver prepares the data
+once for the trials, and at the end it is the one owner of every trial's outcome (``summarise``): it finishes
+each trial's MLflow run from Tune's result and the trial's checkpoints (completed, early-stopped by the
+scheduler, diverged, errored), writes a table of trials, ``<output_dir>/<name>/best_config.yaml`` (a config
+``varcon train --config`` accepts; for PBT/PB2 the discovered temperature schedule as a piecewise
+``loss.schedule``) and registers the best encoder.
 """
 from __future__ import annotations
 
 import csv
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +18,17 @@ from pathlib import Path
 import yaml
 from ray.tune import Callback
 
+from pipeline import checkpoint, faults, plots
 from pipeline.config import ConfigError, resolve_path, to_dict
-from pipeline.tracking import ERROR_TAG, TrackedRun, check_reachable, child_runs
-from pipeline.train_job import REGISTERED_TAG
+from pipeline.data.prepare import dataset_key
+from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
+from pipeline.ray_train import RecordForwarding
+from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
+from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
+                                outcome_from_checkpoints, prepare)
+from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import SweepSpec
 
-STOPPED_TAG = "varcon.stopped_early"
 DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
 
 
@@ -31,7 +38,7 @@ class TrialRow:
     sampled: dict
     epochs: int
     metric: float
-    status: str  # completed | stopped early | error: ...
+    status: str  # completed | early-stopped | error: ...
     run_id: str = ""
 
 
@@ -46,7 +53,7 @@ class SweepOutcome:
 
 def trial_resources(spec: SweepSpec) -> tuple[dict, float, float]:
     """Tune resources of one trial's own process, and the CPUs and GPUs one whole trial occupies."""
-    r = spec.base_config().ray
+    r = spec.base.ray
     if spec.population_based:  # the trial process trains itself
         own = {"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)}
         return own, r.cpus_per_worker, float(r.use_gpu)
@@ -76,7 +83,7 @@ def _scheduler(spec: SweepSpec):
 
     from tune import space
 
-    s, epochs = spec.settings, spec.base_config().optim.epochs
+    s, epochs = spec.settings, spec.base.optim.epochs
     if s.scheduler == "asha":
         # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once, which would cut off the
         # trial's own ending (final checkpoint, model logging); trials end by themselves after their last epoch
@@ -95,41 +102,36 @@ def _scheduler(spec: SweepSpec):
     return FIFOScheduler()
 
 
-class ExitAfterTrials(Callback):
-    """Test hook: with ``VARCON_TEST_EXIT_AFTER_TRIALS=n`` in the driver's environment, the sweep driver dies (exit
-    code 3) once n trials have completed, as with a lost head node or a killed job. Read at call time, so a
-    restored sweep (which restores this callback too) runs on when the variable is gone."""
+class ForwardTrialRecords(Callback):
+    """Population trials report their checkpoints to Tune: the driver forwards each one's record to MLflow
+    (``pipeline.ray_train.RecordForwarding``), also the checkpoint at which a trial is paused for an exploit."""
 
-    def __init__(self) -> None:
-        self.completed = 0
+    def __init__(self, tracking_uri: str) -> None:
+        self.forwarding = RecordForwarding(tracking_uri)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.completed += 1
-        after = os.environ.get("VARCON_TEST_EXIT_AFTER_TRIALS")
-        if after and self.completed >= int(after):
-            os._exit(3)
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.forwarding.forward(checkpoint)
 
 
-def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int):
+def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: dict):
     """A new ``Tuner``, or the interrupted one restored from its storage folder (no finished trial repeats)."""
     from ray import tune
 
-    from pipeline.ray_train import test_hooks_from_env
     from tune import space
     from tune.trainables import population_trial, train_trial
 
-    s = spec.settings
+    s, base = spec.settings, spec.base
     own, _, _ = trial_resources(spec)
     function = population_trial if spec.population_based else train_trial
-    hooks = test_hooks_from_env()  # trials do not see the driver's environment
     trainable = tune.with_resources(tune.with_parameters(function, spec=spec, parent_run_id=parent_run_id,
-                                                         test_hooks=hooks), own)
-    storage = resolve_path(spec.base_config().ray.storage_path)
+                                                         prepared=prepared), own)
+    storage = resolve_path(base.ray.storage_path)
     path = storage / s.name
     if tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False), True
     search = None if spec.population_based else space.searcher(spec)
+    callbacks = [ForwardTrialRecords(base.tracking.tracking_uri)] if spec.population_based else []
     return tune.Tuner(
         trainable,
         param_space=space.population_param_space(spec) if spec.population_based else None,
@@ -138,63 +140,51 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int):
         run_config=tune.RunConfig(name=s.name, storage_path=str(storage),
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                                  callbacks=[ExitAfterTrials()]),
+                                  callbacks=callbacks + faults.sweep_callbacks()),
     ), False
 
 
 def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     from pipeline.ray_train import init_ray, require_resources
-    from pipeline.train_job import prepare
 
     spec = spec.with_absolute_paths()
-    s = spec.settings
-    base = spec.base_config()
+    s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri
     check_reachable(tracking_uri)
     init_ray()
     _, cpus, gpus = trial_resources(spec)
     cluster = require_resources(cpus, gpus, base.ray.resource_wait_s, log)
     max_concurrent = concurrency(spec, cluster)
-    prepare(base, log)  # once, before trials start side by side
-    parent, resumed = TrackedRun.find_or_create(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
-                                                spec.describe(), tags={"varcon.sweep": s.name,
-                                                                       "varcon.kind": "sweep"})
-    tuner, restored = _tuner(spec, parent.run_id, max_concurrent)
+    prepared = {dataset_key(base.data): prepare(base, log)}  # once, before trials start side by side
+    parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
+                                         spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
+    tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared)
     log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher {s.searcher}, "
         f"scheduler {s.scheduler}, up to {max_concurrent} at a time (MLflow parent run {parent.run_id})")
     results = tuner.fit()
-    return summarise(spec, results, parent, log)
+    return summarise(spec, results, parent, prepared, log)
 
 
-def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepOutcome:
-    """Trial table, MLflow run statuses, PBT outcomes, best config YAML, registration, parent run metrics."""
-    s, base = spec.settings, spec.base_config()
+def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=print) -> SweepOutcome:
+    """Finish every trial's MLflow run (the one place that sets a trial's final status), then the trial table,
+    PBT outcomes, the best config YAML, registration and the parent run's metrics."""
+    s, base = spec.settings, spec.base
     epochs = base.optim.epochs
-    runs = {run.data.tags.get("varcon.trial_id"): run for run in child_runs(parent.tracking_uri, parent.run_id)}
-    rows = []
+    runs = {run.data.tags.get(TRIAL_ID_TAG): run for run in child_runs(parent.tracking_uri, parent.run_id)}
+    rows, records = [], {}
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         sampled = {p.key: result.config.get(p.key) for p in spec.space}
-        done = metrics.get("epoch", 0)
-        status = (f"error: {_error_line(result.error)}" if result.error else
-                  "completed" if done >= epochs else "stopped early")
+        done = metrics.get(EPOCH, 0)
+        diverged = metrics.get(DIVERGED, "")
+        status = (f"error: diverged: {diverged}" if diverged else f"error: {_error_line(result.error)}"
+                  if result.error else "completed" if done >= epochs else "early-stopped")
         run = runs.get(trial_id)
-        row = TrialRow(trial_id, sampled, done, metrics.get(s.metric, float("nan")), status,
-                       run.info.run_id if run else "")
-        rows.append(row)
-        if run is None:
-            continue
-        tracked = TrackedRun(parent.tracking_uri, run.info.run_id)
-        if status == "stopped early" and run.info.status != "KILLED":
-            # the scheduler's stop; the trial's teardown may have ended the run FAILED first (its Ray Train
-            # controller dies with it, and train() records that as an error)
-            if ERROR_TAG in run.data.tags:
-                tracked.delete_tag(ERROR_TAG)
-            tracked.set_tags({STOPPED_TAG: "true"})
-            tracked.end("KILLED")
-        elif status == "completed" and run.info.status == "RUNNING":
-            _finish_trial(spec, result, trial_id, tracked)
+        rows.append(TrialRow(trial_id, sampled, done, metrics.get(s.metric, float("nan")), status,
+                             run.info.run_id if run else ""))
+        if run is not None:
+            records[trial_id] = _finish_trial(spec, result, trial_id, run.info.run_id, status, prepared)
     completed = [r for r in rows if r.status == "completed" and r.run_id and not math.isnan(r.metric)]
     best = (max if s.mode == "max" else min)(completed, key=lambda r: r.metric) if completed else None
     _print_table(rows, s.metric, best, log)
@@ -205,7 +195,7 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
     best_path, registered = None, None
     if best is not None:
         best_path = out / "best_config.yaml"
-        best_path.write_text(yaml.safe_dump(best_config(spec, best, parent.tracking_uri), sort_keys=False))
+        best_path.write_text(yaml.safe_dump(best_config(spec, best, records[best.trial_id]), sort_keys=False))
         parent.log_artifact(best_path)
         parent.log_metrics({f"best_{s.metric}": best.metric}, step=epochs)
         tags = parent.tags()
@@ -215,10 +205,45 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, log=print) -> SweepO
             parent.set_tags({REGISTERED_TAG: registered})
         registered = registered or tags.get(REGISTERED_TAG)
         parent.set_tags({"varcon.best_run_id": best.run_id, "varcon.best_trial_id": best.trial_id})
-    counts = {status: sum(r.status.startswith(status) for r in rows) for status in ("completed", "stopped", "error")}
-    parent.log_metrics({f"trials_{k}": v for k, v in counts.items()}, step=0)
+    counts = {status: sum(r.status.startswith(status) for r in rows)
+              for status in ("completed", "early-stopped", "error")}
+    parent.log_metrics({f"trials_{k.replace('-', '_')}": v for k, v in counts.items()}, step=0)
     parent.end()
     return SweepOutcome(parent.run_id, rows, best, best_path, registered)
+
+
+def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: str, prepared: dict):
+    """End one trial's MLflow run from its checkpoints: the trial's Ray Train run folder, or for PBT/PB2 the
+    checkpoints Tune kept. A completed trial gets its artifacts and encoder (if the trial could not log them
+    itself) and, for PBT/PB2, the discovered schedule as a plot and a replayable YAML. Returns its final record."""
+    config = spec.trial_config({p.key: result.config[p.key] for p in spec.space}, trial_id)
+    plan = RunPlan.of(config, own_checkpoints=not spec.population_based)
+    data = prepared.get(dataset_key(config.data)) or prepare(config, log=lambda *_: None)
+    opened = OpenRun(plan, data, TrackedRun(plan.tracking_uri, run_id), None)
+    if spec.population_based:  # Tune keeps their checkpoints: the last one and the best few
+        found = [c for c, _ in result.best_checkpoints] + ([result.checkpoint] if result.checkpoint else [])
+        kept = sorted({c.path: Checkpointed(Path(c.path), checkpoint.load_record(c.path)) for c in found}.values(),
+                      key=lambda c: c.record.epoch)
+    else:
+        kept = checkpoints_in(plan.run_folder)
+    outcome = outcome_from_checkpoints(opened, (result.metrics or {}).get(DIVERGED, ""), kept)
+    completed = status == "completed"
+    finish_run(opened, outcome, completed=completed)
+    if completed and spec.population_based:
+        lineage = lineage_schedule(outcome.record)
+        with tempfile.TemporaryDirectory() as folder:
+            history = {"tau1": [(e, t) for e, t, _ in lineage], "eps": [(e, v) for e, _, v in lineage]}
+            plots.temperature_plot(history, Path(folder) / "discovered_schedule.png")
+            (Path(folder) / "discovered_schedule.yaml").write_text(
+                yaml.safe_dump({"loss": {"schedule": as_piecewise(lineage)}}, sort_keys=False))
+            opened.run.log_artifacts(folder, "plots")
+    if completed:
+        end_run(opened.run, "FINISHED")
+    elif status == "early-stopped":
+        end_run(opened.run, "KILLED", early_stopped=True)
+    else:
+        end_run(opened.run, "FAILED", error=status.removeprefix("error: "))
+    return outcome.record
 
 
 def _error_line(error: BaseException) -> str:
@@ -228,41 +253,15 @@ def _error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0]}"[:300]
 
 
-def _finish_trial(spec: SweepSpec, result, trial_id: str, tracked: TrackedRun) -> None:
-    """``train_job.record_outcome`` for a trial that trained every epoch but whose process ended first: a
-    PBT/PB2 trial (its checkpoints are Tune's), or a Ray Train trial that the scheduler stopped at its last
-    report. PBT/PB2 trials also get the discovered schedule as a plot and a replayable YAML."""
-    from pipeline import plots
-    from pipeline.train_job import TrainOutcome, prepare, record_outcome, state_paths
-    from tune.discovered import as_piecewise, lineage_schedule
-
-    config = spec.trial_config({p.key: result.config[p.key] for p in spec.space}, trial_id)
-    files = prepare(config, log=lambda *_: None)
-    # a Ray Train trial's last checkpoint path arrives as a metric through TuneReportCallback
-    final, best = state_paths(result, result.metrics.get("checkpoint_path"))
-    if spec.population_based:
-        lineage = lineage_schedule(tracked.tracking_uri, tracked.run_id)
-        with tempfile.TemporaryDirectory() as plot_folder:
-            history = {"tau1": [(e, t) for e, t, _ in lineage], "eps": [(e, v) for e, _, v in lineage]}
-            plots.temperature_plot(history, Path(plot_folder) / "discovered_schedule.png")
-            (Path(plot_folder) / "discovered_schedule.yaml").write_text(
-                yaml.safe_dump({"loss": {"schedule": as_piecewise(lineage)}}, sort_keys=False))
-            tracked.log_artifacts(plot_folder, "plots")
-    record_outcome(config, files, tracked, TrainOutcome(tracked.run_id, tracked.tracking_uri, dict(result.metrics),
-                                                        {}, final, best))
-
-
-def best_config(spec: SweepSpec, best: TrialRow, tracking_uri: str) -> dict:
+def best_config(spec: SweepSpec, best: TrialRow, record) -> dict:
     """The best trial's experiment as a standalone config: its sampled values; for PBT/PB2 the schedule its
-    weights went through; the base config's worker count; a fresh run name."""
+    weights went through (from its final ``record``); the base config's worker count; a fresh run name."""
     config = to_dict(spec.trial_config(best.sampled, best.trial_id))
-    base = spec.base_config()
+    base = spec.base
     config["name"] = f"{spec.settings.name}-best"
     config["ray"].update(run_name="", num_workers=base.ray.num_workers, checkpoint_every=base.ray.checkpoint_every)
     if spec.population_based:
-        from tune.discovered import as_piecewise, lineage_schedule
-
-        schedule = as_piecewise(lineage_schedule(tracking_uri, best.run_id))
+        schedule = as_piecewise(lineage_schedule(record))
         config["loss"]["schedule"] = {**config["loss"]["schedule"], **schedule}
         config["loss"]["tau1"], config["loss"]["eps"] = schedule["tau1_values"][0], schedule["eps_values"][0]
     return config

@@ -1,50 +1,29 @@
-"""The functions Ray Tune runs, one call per trial.
+"""The functions Ray Tune runs, one call per trial. Both open the trial's run with ``train_job.start_run`` and
+leave its final status to the sweep driver (``tune.sweep.summarise``), the one owner of trial outcomes.
 
 - ``train_trial`` (random/optuna with fifo/asha): the Ray Train V2 pattern: the trial builds its experiment from
-  the sampled values and runs ``pipeline.train_job.train``, i.e. a full ``TorchTrainer`` (DDP over
-  ``ray.num_workers``), nested under the sweep's MLflow parent run; Ray's ``TuneReportCallback`` forwards every
-  epoch's metrics to Tune, which is what ASHA stops on.
+  the sampled values and trains it under a full ``TorchTrainer`` (DDP over ``ray.num_workers``), nested under the
+  sweep's MLflow parent run; Ray's ``TuneReportCallback`` forwards every epoch to Tune, which is what ASHA stops
+  on. A trial that trains every epoch logs its artifacts and encoder itself (trials do that side by side).
 - ``population_trial`` (pbt/pb2): one training process per trial, reporting checkpoints to Tune itself, because a
   population-based exploit must hand a checkpoint from one trial to another and V2's Train-to-Tune callback
-  forwards metrics only. It runs the same worker loop (``pipeline.ray_train.run_worker``) as a Train worker.
+  forwards metrics only. It runs the same worker loop (``pipeline.ray_train.run_worker``) as a Train worker; the
+  sweep driver forwards its checkpoints' records to MLflow (``tune.sweep.ForwardTrialRecords``).
 
-A trial whose training stopped itself (a non-finite loss) raises ``TrainingStopped``, so Tune records it as
-errored with that reason; Tune's retry of it (``tune.max_failures``) raises again at once instead of replaying
-the divergence from the last checkpoint.
+A trial whose loss became non-finite returns normally with ``diverged`` in its last result: Tune does not retry
+it (the divergence would repeat), and the sweep driver records it as failed with the reason.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from pipeline.data.prepare import PreparedDataset
+from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG
 from tune.spec import SweepSpec
 
 
 def trial_tags(spec: SweepSpec, trial_id: str) -> dict[str, str]:
-    return {"varcon.sweep": spec.settings.name, "varcon.trial_id": trial_id}
-
-
-def hooks_for_trial(test_hooks: dict[str, str]) -> dict[str, str]:
-    """The driver's test hooks if they apply to the calling trial: ``VARCON_TEST_TRIAL=n`` confines them to the
-    n-th trial the search created (counted from 1: the number after the trial id in its folder name)."""
-    import ray.tune
-
-    only = test_hooks.get("VARCON_TEST_TRIAL")
-    context = ray.tune.get_context()
-    folder = Path(context.get_trial_dir()).name  # <trainable>_<trial id>_<n>_<sampled values>_<date>
-    return test_hooks if not only or f"_{context.get_trial_id()}_{only}_" in folder else {}
-
-
-def refuse_stopped(config, tracking_uri: str) -> None:
-    """Raise ``TrainingStopped`` with the recorded reason if this trial's run already stopped itself."""
-    from pipeline.tracking import TrackedRun
-    from pipeline.train_job import TrainingStopped, run_name, stopped_reason
-
-    found = TrackedRun.find(tracking_uri, config.tracking.experiment, run_name(config))
-    reason = stopped_reason(found) if found else ""
-    if reason:
-        raise TrainingStopped(f"training {run_name(config)} {reason} (not retried)")
+    return {SWEEP_TAG: spec.settings.name, TRIAL_ID_TAG: trial_id}
 
 
 class TuneSession:
@@ -59,12 +38,10 @@ class TuneSession:
         found = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=found)
 
-    def last_checkpoint_state(self) -> dict | None:
+    def last_checkpoint(self):
         import ray.tune
 
-        from pipeline.ray_train import checkpoint_state
-
-        return checkpoint_state(ray.tune.get_checkpoint())  # after a PBT exploit: the donor trial's checkpoint
+        return ray.tune.get_checkpoint()  # after a PBT exploit: the donor trial's checkpoint
 
     def rank(self) -> int:
         return 0
@@ -76,41 +53,33 @@ class TuneSession:
         return model
 
 
-def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, test_hooks: dict[str, str]) -> None:
+def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]):
     import ray.tune
+
+    from pipeline.train_job import RunPlan, start_run
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = spec.trial_config(sampled, trial_id)
+    plan = RunPlan.of(config, own_checkpoints=not spec.population_based)
+    return start_run(plan, lambda *_: None, parent_run_id, trial_tags(spec, trial_id), prepared)
+
+
+def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.tracking import resolve_tracking_uri
-    from pipeline.train_job import train
+    from pipeline.train_job import finish_run, train_opened
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    config = spec.trial_config(sampled, trial_id)
-    refuse_stopped(config, resolve_tracking_uri(config.tracking.tracking_uri))
-    train(config, parent_run_id=parent_run_id, tags=trial_tags(spec, trial_id), callbacks=[TuneReportCallback()],
-          test_hooks=hooks_for_trial(test_hooks))
+    opened = _open_trial(sampled, spec, parent_run_id, prepared)
+    outcome = train_opened(opened, lambda *_: None, callbacks=[TuneReportCallback()])
+    if not outcome.diverged and outcome.record.epoch >= opened.plan.config.optim.epochs:
+        finish_run(opened, outcome)
 
 
-def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, test_hooks: dict[str, str]) -> None:
-    import ray.tune
+def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str,
+                     prepared: dict[str, PreparedDataset]) -> None:
+    from pipeline.ray_train import run_worker, worker_argument
 
-    from pipeline.config import resolve_path
-    from pipeline.ray_train import loop_config, run_worker
-    from pipeline.tracking import resolve_tracking_uri
-    from pipeline.train_job import TrainingStopped, open_run, prepare, run_name
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    config = spec.trial_config(sampled, trial_id)
-    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
-    refuse_stopped(config, tracking_uri)
-    files = prepare(config, log=lambda *_: None)
-    name = run_name(config)
-    tracked, _ = open_run(config, files, tracking_uri, name, parent_run_id, trial_tags(spec, trial_id))
-    loop = loop_config(config, files, tracking_uri, tracked.run_id, str(resolve_path(config.ray.storage_path) / name),
-                       hooks_for_trial(test_hooks))
-    try:
-        stopped = run_worker(loop, TuneSession(config.ray.use_gpu))
-        if stopped:
-            raise TrainingStopped(f"trial {trial_id} {stopped}")
-    except Exception as exc:
-        tracked.fail(exc)
-        raise
+    opened = _open_trial(sampled, spec, parent_run_id, prepared)
+    plan = opened.plan
+    run_worker(worker_argument(plan.config, opened.data, opened.run.run_id, plan.run_key, plan.identity),
+               TuneSession(plan.config.ray.use_gpu))

@@ -1,9 +1,10 @@
-"""Data layer: dataset sources, the FFCV writer (atomic, with a manifest), FFCV and torchvision loaders, and
-the device-side colour augmentation.
+"""Data layer, in the order data flows: sources (``sources``), the FFCV writer (``ffcv_writer``), manifests
+(``manifest``), preparation of a config's dataset (``prepare``); then the FFCV and torchvision loaders
+(``loaders``) and the device-side colour augmentation (``augment``).
 """
-from pipeline.data.ffcv_writer import DatasetFiles, prepare_datasets, verify_beton
-from pipeline.data.loaders import eval_loaders, prepare_data, train_loader
+from pipeline.data.manifest import verify_beton
+from pipeline.data.prepare import PreparedDataset, dataset_folder, dataset_key, prepare_dataset
 from pipeline.data.sources import DataError, load_source
 
-__all__ = ["DataError", "DatasetFiles", "eval_loaders", "load_source", "prepare_data", "prepare_datasets",
-           "train_loader", "verify_beton"]
+__all__ = ["DataError", "PreparedDataset", "dataset_folder", "dataset_key", "load_source", "prepare_dataset",
+           "verify_beton"]

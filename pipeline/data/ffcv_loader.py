@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.data.ffcv_writer import verify_beton
+from pipeline.data.manifest import verify_beton
 
 
 def _crop_view(image_size: int, crop_scale_min: float, flip: bool) -> list:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,6 @@ class ImageFiles:
     class_names: list[str]
     source: str
     skipped: int = 0
-    stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_labels(self.labels, len(self.class_names), self.source)

@@ -1,0 +1,134 @@
+"""Data preparation: from a ``DataConfig`` to the files (or the source description) the loaders read.
+
+For the FFCV loader the train and test splits are written to ``<cache_root>/<dataset>-<key>/``, where the key
+is a digest of the settings that change the stored bytes (``stored_settings``): two configs that store the same
+data share the files, two that store different data never overwrite each other. Writers of one folder exclude
+each other with a file lock; a folder already written with the same settings from the same source is reused
+after it is verified against its manifests. The torchvision loader reads the source directly: nothing is
+written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.data import manifest as manifests
+from pipeline.data.ffcv_writer import write_beton
+from pipeline.data.sources import DataError, channel_stats, load_source, source_fingerprint
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """What the loaders and the model need to know about a prepared dataset: the ``.beton`` paths (empty for
+    the torchvision loader, which reads the source itself), sizes, classes and the train split's channel
+    statistics in [0, 1]."""
+
+    train: str
+    test: str
+    num_classes: int
+    num_train: int
+    num_test: int
+    channel_mean: tuple[float, float, float]
+    channel_std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PreparedDataset:
+        return cls(**{**raw, "channel_mean": tuple(raw["channel_mean"]), "channel_std": tuple(raw["channel_std"])})
+
+
+def max_resolution(d) -> int:
+    """Longest stored side: ``data.max_resolution``, else the training size."""
+    return d.max_resolution or d.image_size
+
+
+def stored_settings(d) -> dict:
+    """The settings of a ``DataConfig`` that change the stored bytes, and only those: the training crop size
+    counts only through ``max_resolution`` (and for generated sources, whose images it sizes); JPEG settings
+    only where JPEG is written."""
+    settings = {"dataset": d.dataset, "root": str(Path(d.root).expanduser().resolve()) if d.root else "",
+                "write_mode": d.write_mode, "max_resolution": max_resolution(d)}
+    if d.write_mode != "raw":
+        settings["jpeg_quality"] = d.jpeg_quality
+    if d.write_mode == "proportion":
+        settings["compress_probability"] = d.compress_probability
+    if d.dataset == "digits":
+        settings.update(image_size=d.image_size, test_fraction=d.test_fraction, split_seed=d.split_seed)
+    if d.dataset == "synthetic":
+        settings.update(image_size=d.image_size, num_classes=d.num_classes, train_samples=d.train_samples,
+                        test_samples=d.test_samples, split_seed=d.split_seed)
+    if d.dataset == "imagefolder":
+        settings.update(on_bad_image=d.on_bad_image)
+    return settings
+
+
+def dataset_key(d) -> str:
+    """``<dataset>-<digest of stored_settings>``: the cache folder's name, and what a sweep's driver and its
+    trials compare to share one preparation."""
+    digest = hashlib.sha256(json.dumps(stored_settings(d), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{d.dataset}-{digest}" if d.loader == "ffcv" else f"{d.dataset}-{digest}-source"
+
+
+def dataset_folder(d, cache_root: str | Path) -> Path:
+    return Path(cache_root) / dataset_key(d)
+
+
+def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False) -> PreparedDataset:
+    """The prepared dataset of ``DataConfig`` ``d``. FFCV: write the splits unless files written with the same
+    settings from the same source are there, then verify both against their manifests; a file that fails is
+    rewritten with ``repair`` (``varcon prepare``), else refused with a ``DataError`` (``varcon train``: a
+    damaged file is reported, never silently replaced). Torchvision: describe the source as it is."""
+    if d.loader != "ffcv":
+        splits = load_source(d, log)
+        mean, std = channel_stats(splits["train"])
+        return PreparedDataset("", "", len(splits["train"].class_names), len(splits["train"]), len(splits["test"]),
+                               tuple(mean), tuple(std))
+    settings, fingerprint = stored_settings(d), source_fingerprint(d)
+    folder = dataset_folder(d, cache_root)
+    paths = {split: folder / f"{split}.beton" for split in SPLITS}
+    if not all(manifests.is_current(path, settings, fingerprint) for path in paths.values()):
+        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=True)
+    try:
+        found = {split: manifests.verify_beton(path, d.verify_hash) for split, path in paths.items()}
+    except DataError as exc:
+        if not repair:
+            raise
+        log(f"{exc}: rewriting")
+        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=False)
+        found = {split: manifests.verify_beton(path, d.verify_hash) for split, path in paths.items()}
+    train, test = found["train"], found["test"]
+    if train["class_names"] != test["class_names"]:
+        raise DataError(f"the train and test splits of {d.dataset} list different classes: fix the source so "
+                        f"both use the same class set")
+    return PreparedDataset(str(paths["train"]), str(paths["test"]), train["num_classes"], train["num_samples"],
+                           test["num_samples"], tuple(train["channel_mean"]), tuple(train["channel_std"]))
+
+
+def _write_splits(d, paths: dict[str, Path], settings: dict, fingerprint: str, log, only_if_stale: bool) -> None:
+    """Read the source, then write every split under the folder's lock (another process may have written them
+    meanwhile: with ``only_if_stale`` they are then left as they are)."""
+    from filelock import FileLock
+
+    splits = load_source(d, log)  # a bad source fails here, before anything is written
+    folder = paths["train"].parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = Path(str(folder) + ".lock")
+    with FileLock(str(lock_file)):
+        try:
+            if only_if_stale and all(manifests.is_current(p, settings, fingerprint) for p in paths.values()):
+                return
+            workers = d.writer_workers or os.cpu_count() or 1
+            for name, path in paths.items():
+                log(f"writing {path} ({len(splits[name])} samples)")
+                write_beton(splits[name], path, settings, fingerprint, workers)
+        finally:
+            # removed while held: a waiting writer then finds its lock's file unlinked and takes a new one
+            # (filelock checks the link count after locking)
+            lock_file.unlink(missing_ok=True)

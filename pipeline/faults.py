@@ -1,0 +1,82 @@
+"""Fault injection for tests: the one module that knows about it.
+
+A test writes the faults it wants as JSON to the file named by ``$VARCON_FAULTS_FILE`` (the test session sets
+that variable for the driver and, through Ray's runtime environment, for every Ray process). Whoever builds a
+worker's plain-data argument (``pipeline.ray_train.worker_argument``) calls ``for_run(run_key)``, so the faults
+travel to the workers inside that argument and nowhere else. Keys:
+
+- ``fail_after_epoch: k``: rank 0 raises once, after epoch k's checkpoint of a fresh start.
+- ``nan_after_epoch: k``: rank 0 puts a NaN into the weights after epoch k, so the next epoch's loss is not finite.
+- ``runs: [i, ...]``: only the i-th distinct runs to ask get the faults, counted from 1 (in a sweep with
+  ``tune.max_concurrent_trials=1``: the i-th trial); a run gets the same answer on every later attempt.
+- ``exit_sweep_after_trials: n``: the sweep driver dies (exit code 3) once n trials have completed, as with a
+  lost head node (``sweep_callbacks``).
+
+Without the variable nothing is read and nothing is injected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FILE_VARIABLE = "VARCON_FAULTS_FILE"
+
+
+def _path() -> Path | None:
+    name = os.environ.get(FILE_VARIABLE)
+    return Path(name) if name else None
+
+
+def for_run(run_key: str) -> dict:
+    """The faults that apply to the run ``run_key`` (claiming one of ``runs`` if it is limited)."""
+    path = _path()
+    if path is None or not path.is_file():
+        return {}
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock"):
+        faults = json.loads(path.read_text() or "{}")
+        if "runs" not in faults:
+            return faults
+        askers = faults.setdefault("askers", [])
+        if run_key not in askers:
+            askers.append(run_key)
+            path.write_text(json.dumps(faults))
+        return faults if askers.index(run_key) + 1 in faults["runs"] else {}
+
+
+def after_epoch(faults: dict, epoch: int, resumed: bool, model) -> None:
+    """Rank 0's hook after epoch ``epoch`` was reported (``model``: the plain module)."""
+    import torch
+
+    if faults.get("nan_after_epoch") == epoch:
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+    if not resumed and faults.get("fail_after_epoch") == epoch:
+        raise RuntimeError(f"injected failure after epoch {epoch} (fail_after_epoch)")
+
+
+def sweep_callbacks() -> list:
+    """Tune callbacks for the sweep driver: the driver-death hook when asked for, else none."""
+    path = _path()
+    if path is None or not path.is_file() or "exit_sweep_after_trials" not in json.loads(path.read_text() or "{}"):
+        return []
+    from ray.tune import Callback
+
+    class ExitAfterTrials(Callback):
+        """Ends the driver once n trials completed; reads the file at call time, so a restored sweep (which
+        restores this callback too) runs on once the fault is gone."""
+
+        def __init__(self) -> None:
+            self.completed = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed += 1
+            current = _path()
+            limit = json.loads(current.read_text() or "{}").get("exit_sweep_after_trials") \
+                if current is not None and current.is_file() else None
+            if limit and self.completed >= limit:
+                os._exit(3)
+
+    return [ExitAfterTrials()]
