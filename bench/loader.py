@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.data.augment import ColorAugment
 from pipeline.data.ffcv_loader import TwoViewLoader
-from pipeline.data.ffcv_writer import prepare_datasets
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import load_source, synthetic
 from pipeline.data.torchvision_loader import TorchvisionTwoViewLoader
 
@@ -64,7 +64,7 @@ def write_jpeg_folder(root: Path, count: int, size: int) -> Path:
 def compare(name: str, config: DataConfig, cache: Path, batch: int, crop: int, threads: int, epochs: int,
             with_colour: bool) -> float:
     """Print one row (two with ``with_colour``); return the loader-only ratio ffcv / torchvision."""
-    files = prepare_datasets(config, cache / name, log=lambda *_: None)
+    files = prepare_dataset(config, cache / name, log=lambda *_: None)
     split = load_source(config, log=lambda *_: None)["train"]
     args = dict(batch_size=batch, image_size=crop, crop_scale_min=0.2, flip=True, distributed=False, seed=0)
     ffcv = TwoViewLoader(files.train, threads=threads, **args)

@@ -144,8 +144,8 @@ class TrackingConfig:
     experiment: str = "varcon"
     log_checkpoints: bool = True  # log the final and best full checkpoints (state.pt) as run artifacts
     registered_model_name: str = ""  # register the final encoder in the Model Registry under this name
-    outage_wait_s: float = 120.0  # at the end of a run, wait this long for an unreachable store, then keep the
-    # unsent metrics in <run folder>/unlogged_metrics.json (uploaded when the same command runs again)
+    outage_wait_s: float = 120.0  # at the end of a run, keep trying an unreachable store this long; then what it
+    # did not take stays in the final checkpoint and the same command sends it later
 
 
 @dataclass

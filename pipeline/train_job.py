@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,14 +136,22 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         end_run(opened.run, "FAILED", error=f"diverged: {outcome.diverged}", guard=True)
         raise TrainingDiverged(f"training {plan.run_key} stopped: {outcome.diverged} (last good checkpoint: "
                                f"{outcome.model_path or 'none'})")
-    try:
-        finish_run(opened, outcome)
-        end_run(opened.run, "FINISHED")
-    except Exception as exc:  # noqa: BLE001 - an outage must not lose the trained model: its path is printed
-        outcome.tracking_problem = (f"MLflow did not take the final results ({type(exc).__name__}: {exc}); the "
-                                    f"trained model is saved in {outcome.model_path}; run the same command again "
-                                    f"once the store is back to send them")
-    return outcome
+    deadline = time.monotonic() + config.tracking.outage_wait_s
+    while True:
+        try:
+            finish_run(opened, outcome)
+            end_run(opened.run, "FINISHED")
+            return outcome
+        except Exception as exc:  # noqa: BLE001 - an outage must not lose the trained model: its path is printed
+            problem = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            outcome.tracking_problem = (f"MLflow did not take the final results ({problem}); the trained model is "
+                                        f"saved in {outcome.model_path}; run the same command again once the store "
+                                        f"is back to send them")
+            return outcome
+        log(f"[tracking] MLflow did not take the final results ({problem}); retrying for up to "
+            f"{deadline - time.monotonic():.0f} s more (tracking.outage_wait_s)")
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
 def start_run(plan: RunPlan, log=print, parent_run_id: str | None = None, tags: dict[str, str] | None = None,

@@ -85,7 +85,8 @@ def test_server_killed_then_worker_killed_then_server_back_logs_every_step_exact
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this driver fails each call at once (workers too)
     (varcon_home / "server").mkdir()
     server = mlflow_server(f"sqlite:///{varcon_home / 'server' / 'mlflow.db'}")
-    overrides = [*SHORT, "name=outage", "ray.max_failures=1", f"tracking.tracking_uri={server.url}"]
+    overrides = [*SHORT, "name=outage", "ray.max_failures=1", f"tracking.tracking_uri={server.url}",
+                 "tracking.outage_wait_s=2"]
     config = load_config(None, overrides)
     outcome = train(config, callbacks=[KillAfterEpochs({1: KillProcessGroup(server.process.pid),
                                                         2: kill_a_train_worker})])
