@@ -19,6 +19,7 @@ machine without a GPU. The last line gives the loader-only ratios for the three 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +62,9 @@ def write_jpeg_folder(root: Path, count: int, size: int) -> Path:
     return root
 
 
+REPEATS = 3  # interleaved measurements per row; the row shows the median ratio and its spread (min-max)
+
+
 def compare(name: str, config: DataConfig, cache: Path, batch: int, crop: int, threads: int, epochs: int,
             with_colour: bool) -> float:
     """Print one row (two with ``with_colour``); return the loader-only ratio ffcv / torchvision."""
@@ -73,10 +77,13 @@ def compare(name: str, config: DataConfig, cache: Path, batch: int, crop: int, t
     if with_colour:
         augments["+ colour on cpu"] = ColorAugment(files.channel_mean, files.channel_std, 0.4, 0.8, 0.2)
     ratios = {}
-    for label, augment in augments.items():
-        f, t = images_per_s(ffcv, augment, epochs), images_per_s(tv, augment, epochs)
-        ratios[label] = f / t
-        print(f"{name:>24} {label:>16} {f:>8.0f} {t:>12.0f} {f / t:>7.2f}x", flush=True)
+    for label, augment in augments.items():  # the two loaders alternate, REPEATS times
+        pairs = [(images_per_s(ffcv, augment, epochs), images_per_s(tv, augment, epochs)) for _ in range(REPEATS)]
+        per_repeat = [f / t for f, t in pairs]
+        ratios[label] = statistics.median(per_repeat)
+        f, t = statistics.median(f for f, _ in pairs), statistics.median(t for _, t in pairs)
+        print(f"{name:>24} {label:>16} {f:>8.0f} {t:>12.0f} {ratios[label]:>7.2f}x "
+              f"({min(per_repeat):.2f}-{max(per_repeat):.2f})", flush=True)
     return ratios["loader only"]
 
 

@@ -11,12 +11,13 @@ and times every tracking call made on the training thread:
 - sync per epoch: the same metrics through ``MlflowClient.log_batch`` directly;
 - sync per step (the naive pattern the engine avoids): one ``log_batch`` of the step metrics per step,
   measured for the same number of steps.
-The last line is the pipeline's own figure, e.g. ``mlflow overhead: 0.4%``.
+Repeated ``--repeats`` times; the last line is the pipeline's own figure, the median with its spread.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +28,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
-    args = parser.parse_args()
-
+def one_training(epochs: int) -> tuple[dict[str, float], float, int]:
+    """Seconds each kind of tracking spent on the training thread, the training time and the step count."""
     from mlflow.entities import Metric
 
     from pipeline import engine
@@ -43,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as home:
         os.environ["VARCON_HOME"] = home
-        config = load_config(None, ["ray.num_workers=1", f"optim.epochs={args.epochs}", "optim.warmup_epochs=0",
+        config = load_config(None, ["ray.num_workers=1", f"optim.epochs={epochs}", "optim.warmup_epochs=0",
                                     "eval.linear_probe_epochs=0", "eval.few_shot_episodes=0", "name=bench"])
         files = prepare_dataset(config.data, Path(home) / "data", log=lambda *_: None)
         uri = resolve_tracking_uri()
@@ -82,11 +80,27 @@ def main() -> None:
         total = time.perf_counter() - start
         train_time = total - spent["sync per epoch"] - spent["sync per step"]  # only the pipeline's own path
 
-    print(f"training (digits, {args.epochs} epochs, {steps['count']} steps, kNN every epoch): {train_time:.1f} s")
-    for kind, seconds in spent.items():
-        print(f"{kind:>15}: {seconds * 1000:8.1f} ms on the training thread = {seconds / train_time:.3%}")
-    print(f"sync per step / pipeline: {spent['sync per step'] / max(spent['pipeline'], 1e-9):.0f}x")
-    print(f"mlflow overhead: {spent['pipeline'] / train_time:.2%}")
+    return spent, train_time, steps["count"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    runs = []
+    for repeat in range(args.repeats):  # each training times the three kinds side by side, epoch by epoch
+        spent, train_time, steps = one_training(args.epochs)
+        runs.append((spent, train_time))
+        shares = ", ".join(f"{kind} {seconds / train_time:.3%}" for kind, seconds in spent.items())
+        print(f"repeat {repeat + 1}: training (digits, {args.epochs} epochs, {steps} steps, kNN every epoch) "
+              f"{train_time:.1f} s; {shares}", flush=True)
+    overhead = [spent["pipeline"] / train_time for spent, train_time in runs]
+    per_step = [spent["sync per step"] / max(spent["pipeline"], 1e-9) for spent, _ in runs]
+    print(f"sync per step / pipeline: {statistics.median(per_step):.0f}x (min {min(per_step):.0f}, "
+          f"max {max(per_step):.0f})")
+    print(f"mlflow overhead: {statistics.median(overhead):.2%} (min {min(overhead):.2%}, max {max(overhead):.2%}, "
+          f"{len(overhead)} repeats)")
 
 
 if __name__ == "__main__":

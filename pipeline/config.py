@@ -130,7 +130,7 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     storage_path: str = ".cache/ray_results"  # Ray Train run storage (checkpoints); shared on a cluster
-    run_name: str = ""  # default: <name>-<hash of the config>, so re-running a command resumes it
+    run_name: str = ""  # the run key by hand; default <name>-<digest of the trajectory settings> (pipeline.identity)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)

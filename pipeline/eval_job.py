@@ -10,13 +10,13 @@ from pipeline.config import ConfigError, build_config
 from pipeline.data.augment import ColorAugment
 from pipeline.engine import Evaluator
 from pipeline.models import build_model
+from pipeline.train_job import prepare
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:
     """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file) with the config
     stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or GPU.
     """
-    from pipeline.train_job import prepare
 
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     try:

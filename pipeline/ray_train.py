@@ -21,12 +21,13 @@ from typing import Protocol
 
 import torch
 
-from pipeline import checkpoint, engine, faults
+from pipeline import checkpoint, engine, faults, plots
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from pipeline.data.prepare import PreparedDataset
-from pipeline.names import DIVERGED, EPOCH, MONITOR
 from pipeline.models import unwrap
+from pipeline.names import DIVERGED, EPOCH, MONITOR
+from pipeline.tracking import MetricSender, TrackedRun
 
 
 class Session(Protocol):
@@ -145,7 +146,6 @@ def run_worker(argument: dict, session: Session) -> str | None:
 def _draw_final_plots(final: engine.FinalFeatures, num_classes: int, folder: Path) -> None:
     """PCA and t-SNE of the test features, and the kNN confusion matrix, as PNGs in ``folder``. Plots are a
     by-product: a failure is reported, never raised."""
-    from pipeline import plots
 
     try:
         features, labels = final.features.numpy(), final.labels.numpy()
@@ -175,7 +175,6 @@ class RecordForwarding:
         self.__init__(state["tracking_uri"])
 
     def forward(self, found) -> None:
-        from pipeline.tracking import MetricSender, TrackedRun
 
         record = read_record(found)
         if record.run_id not in self._senders:

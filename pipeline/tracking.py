@@ -143,9 +143,10 @@ def find_run(tracking_uri: str, experiment: str, run_key: str) -> FoundRun | Non
                     list(run.data.metrics))
 
 
-def create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, str],
+def create_run(tracking_uri: str, experiment: str, run_key: str, display_name: str, params: dict[str, str],
                tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> TrackedRun:
-    """A new run tagged ``varcon.run_key=run_key`` holding ``params`` (nested under ``parent_run_id``)."""
+    """A new run tagged ``varcon.run_key=run_key`` holding ``params`` (nested under ``parent_run_id``), shown as
+    ``display_name`` in the UI."""
     from mlflow.entities import Param
 
     client = _client(tracking_uri)
@@ -154,7 +155,7 @@ def create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, 
         all_tags[PARENT_TAG] = parent_run_id
 
     def create() -> str:
-        run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=run_name, tags=all_tags)
+        run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=display_name, tags=all_tags)
         batch = [Param(key, str(value)[:MAX_PARAM_VALUE_LENGTH]) for key, value in sorted(params.items())]
         for start in range(0, len(batch), MAX_PARAMS_PER_BATCH):
             client.log_batch(run.info.run_id, params=batch[start:start + MAX_PARAMS_PER_BATCH])
@@ -163,13 +164,13 @@ def create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, 
     return TrackedRun(tracking_uri, _guarded(tracking_uri, create))
 
 
-def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, params: dict[str, str],
+def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, display_name: str, params: dict[str, str],
                        tags: dict[str, str] | None = None) -> tuple[TrackedRun, bool]:
     """The run of ``run_key``, reopened, or a new one; returns ``(run, resumed)``. For runs without checkpoints
     (a sweep's parent run)."""
     found = find_run(tracking_uri, experiment, run_key)
     if found is None:
-        return create_run(tracking_uri, experiment, run_key, run_name, params, tags), False
+        return create_run(tracking_uri, experiment, run_key, display_name, params, tags), False
     run = TrackedRun(tracking_uri, found.run_id)
     run.reopen()
     return run, True

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,8 @@ from pipeline.data.manifest import manifest_path
 from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
-                            REGISTERED_TAG, RUN_FOLDER_TAG)
+                            REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG)
+from pipeline.ray_train import init_ray, require_resources, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
@@ -96,7 +97,6 @@ class TrainOutcome:
     best_model_path: str | None  # the checkpoint with the best kNN monitor
     diverged: str = ""  # why the training ended itself, from Ray's result
     tracking_problem: str | None = None  # set when MLflow did not take the final results
-    notes: list[str] = field(default_factory=list)
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -115,40 +115,50 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
           tags: dict[str, str] | None = None, callbacks: list | tuple = ()) -> TrainOutcome:
     """Train under Ray Train, or continue the run of the same identity from its last checkpoint.
     ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
-    from pipeline.ray_train import init_ray, require_resources
-
-    plan = RunPlan.of(config)
+    plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
     init_ray()
     r = config.ray
     require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
-    opened = start_run(plan, log, parent_run_id, tags)
+    opened = start_run(plan, log, parent_run_id, tags)  # prepare the data, open the run
     try:
-        outcome = train_opened(opened, log, callbacks)
+        outcome = train_opened(opened, log, callbacks)  # train under Ray
     except BaseException as exc:
         end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
         raise
-    if outcome.diverged:
-        try:
-            finish_run(opened, outcome, completed=False)
-        except Exception:  # noqa: BLE001 - the store may be down: the divergence is what to report
-            pass
-        end_run(opened.run, "FAILED", error=f"diverged: {outcome.diverged}", guard=True)
-        raise TrainingDiverged(f"training {plan.run_key} stopped: {outcome.diverged} (last good checkpoint: "
-                               f"{outcome.model_path or 'none'})")
-    deadline = time.monotonic() + config.tracking.outage_wait_s
+    if outcome.diverged:  # record the outcome
+        _record_divergence(opened, outcome)
+    _finish_within_outage_wait(opened, outcome, log)
+    return outcome
+
+
+def _record_divergence(opened: OpenRun, outcome: TrainOutcome) -> None:
+    """End a diverged run as FAILED (as far as the store lets) and raise ``TrainingDiverged``."""
+    try:
+        finish_run(opened, outcome, completed=False)
+    except Exception:  # noqa: BLE001 - the store may be down: the divergence is what to report
+        pass
+    end_run(opened.run, "FAILED", error=f"diverged: {outcome.diverged}", guard=True)
+    raise TrainingDiverged(f"training {opened.plan.run_key} stopped: {outcome.diverged} (last good checkpoint: "
+                           f"{outcome.model_path or 'none'})")
+
+
+def _finish_within_outage_wait(opened: OpenRun, outcome: TrainOutcome, log) -> None:
+    """``finish_run`` and FINISHED, retried for ``tracking.outage_wait_s`` while the store is down; then
+    ``outcome.tracking_problem`` says where the model is (the final checkpoint keeps what was not sent)."""
+    deadline = time.monotonic() + opened.plan.config.tracking.outage_wait_s
     while True:
         try:
             finish_run(opened, outcome)
             end_run(opened.run, "FINISHED")
-            return outcome
+            return
         except Exception as exc:  # noqa: BLE001 - an outage must not lose the trained model: its path is printed
             problem = f"{type(exc).__name__}: {exc}"
         if time.monotonic() >= deadline:
             outcome.tracking_problem = (f"MLflow did not take the final results ({problem}); the trained model is "
                                         f"saved in {outcome.model_path}; run the same command again once the store "
                                         f"is back to send them")
-            return outcome
+            return
         log(f"[tracking] MLflow did not take the final results ({problem}); retrying for up to "
             f"{deadline - time.monotonic():.0f} s more (tracking.outage_wait_s)")
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
@@ -163,8 +173,6 @@ def start_run(plan: RunPlan, log=print, parent_run_id: str | None = None, tags: 
 
 def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = ()) -> TrainOutcome:
     """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already)."""
-    from pipeline.ray_train import run_training, worker_argument
-
     plan, config = opened.plan, opened.plan.config
     if opened.latest is not None and opened.latest.record.epoch >= config.optim.epochs:
         log(f"run {plan.run_key} has trained all {config.optim.epochs} epochs already: nothing to train (a "
@@ -179,17 +187,17 @@ def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = ()) -> Tr
     return outcome_from_checkpoints(opened, diverged=result.return_value or "")
 
 
-def outcome_from_checkpoints(opened: OpenRun, diverged: str = "", kept: list[Checkpointed] | None = None,
-                             best: Checkpointed | None = None) -> TrainOutcome:
+def outcome_from_checkpoints(opened: OpenRun, diverged: str = "",
+                             kept: list[Checkpointed] | None = None) -> TrainOutcome:
     """The outcome of a run from its checkpoints (``kept``, default: those in its run folder): the final one,
-    and the best by the kNN monitor (``best``, default: ranked among ``kept``)."""
+    and the best by the kNN monitor among them."""
     kept = checkpoints_in(opened.plan.run_folder) if kept is None else kept
     if not kept:
         record = RunRecord(opened.run.run_id, opened.plan.run_key, opened.plan.identity)
         return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, record, None, None, diverged)
     final = kept[-1]
     monitor_key = f"knn_top1_k{opened.plan.config.eval.knn_k[0]}"
-    best = best or max(kept, key=lambda c: (c.record.monitor(monitor_key, c.record.epoch), c.record.epoch))
+    best = max(kept, key=lambda c: (c.record.monitor(monitor_key, c.record.epoch), c.record.epoch))
     return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, final.record,
                         str(final.folder / checkpoint.STATE_FILE), str(best.folder / checkpoint.STATE_FILE), diverged)
 
@@ -250,7 +258,7 @@ def _record_attempt(run: TrackedRun, found, config: ExperimentConfig, log) -> No
                                  "config": to_dict(config)}, sort_keys=False), f"attempts/{attempt}.yaml")
     run.set_tags({ATTEMPTS_TAG: str(attempt)})
     if changed:
-        log(f"attempt {attempt} of run {found.tags.get('varcon.run_key', '')} with changed settings: "
+        log(f"attempt {attempt} of run {found.tags.get(RUN_KEY_TAG, '')} with changed settings: "
             + ", ".join(f"{k}={b} (was {a})" for k, (a, b) in sorted(changed.items())))
 
 
@@ -286,14 +294,14 @@ def finish_run(opened: OpenRun, outcome: TrainOutcome, completed: bool = True) -
         run.log_artifacts(folder, "plots")
     if not completed or outcome.model_path is None:
         return
-    final_folder = Path(outcome.model_path).parent
-    if (final_folder / checkpoint.PLOTS_FOLDER).is_dir():
-        run.log_artifacts(final_folder / checkpoint.PLOTS_FOLDER, "plots")
-    if config.tracking.log_checkpoints:
-        run.log_artifact(outcome.model_path, "checkpoints/final")
-        run.log_artifact(outcome.best_model_path, "checkpoints/best")
     tags = run.tags()
-    if MODEL_URI_TAG not in tags:
+    final_folder = Path(outcome.model_path).parent
+    if MODEL_URI_TAG not in tags:  # the encoder is logged last: with it, everything before it is there too
+        if (final_folder / checkpoint.PLOTS_FOLDER).is_dir():
+            run.log_artifacts(final_folder / checkpoint.PLOTS_FOLDER, "plots")
+        if config.tracking.log_checkpoints:
+            run.log_artifact(outcome.model_path, "checkpoints/final")
+            run.log_artifact(outcome.best_model_path, "checkpoints/best")
         model = build_model(config, opened.data.num_classes)
         model.load_state_dict(checkpoint.load(final_folder)["model"])
         size = config.data.image_size

@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, load_config,
                              resolve_path, set_dotted, to_dict, yaml_problem)
+from pipeline.tracking import resolve_tracking_uri
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
 SEARCHERS = ("random", "optuna")
@@ -93,7 +94,6 @@ class SweepSpec:
     def with_absolute_paths(self) -> SweepSpec:
         """The spec with the experiment's store, caches and data folder made absolute (and the tracking URI
         resolved) on the driver: trial processes run elsewhere, with another working directory."""
-        from pipeline.tracking import resolve_tracking_uri
 
         e = self.experiment
         values = {"tracking.tracking_uri": resolve_tracking_uri(e["tracking"]["tracking_uri"]),

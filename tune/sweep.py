@@ -22,12 +22,14 @@ from pipeline import checkpoint, faults, plots
 from pipeline.config import ConfigError, resolve_path, to_dict
 from pipeline.data.prepare import dataset_key
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
-from pipeline.ray_train import RecordForwarding
+from pipeline.ray_train import RecordForwarding, init_ray, require_resources
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
                                 outcome_from_checkpoints, prepare)
+from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import SweepSpec
+from tune.trainables import population_trial, train_trial
 
 DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
 
@@ -81,7 +83,6 @@ def _scheduler(spec: SweepSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
-    from tune import space
 
     s, epochs = spec.settings, spec.base.optim.epochs
     if s.scheduler == "asha":
@@ -118,7 +119,6 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
     from ray import tune
 
     from tune import space
-    from tune.trainables import population_trial, train_trial
 
     s, base = spec.settings, spec.base
     own, _, _ = trial_resources(spec)
@@ -145,7 +145,6 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
 
 
 def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
-    from pipeline.ray_train import init_ray, require_resources
 
     spec = spec.with_absolute_paths()
     s, base = spec.settings, spec.base

@@ -19,6 +19,8 @@ import torch
 
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG
+from pipeline.ray_train import run_worker, worker_argument
+from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
 from tune.spec import SweepSpec
 
 
@@ -56,7 +58,6 @@ class TuneSession:
 def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]):
     import ray.tune
 
-    from pipeline.train_job import RunPlan, start_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = spec.trial_config(sampled, trial_id)
@@ -67,7 +68,6 @@ def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train_job import finish_run, train_opened
 
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     outcome = train_opened(opened, lambda *_: None, callbacks=[TuneReportCallback()])
@@ -77,7 +77,6 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 
 def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str,
                      prepared: dict[str, PreparedDataset]) -> None:
-    from pipeline.ray_train import run_worker, worker_argument
 
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     plan = opened.plan

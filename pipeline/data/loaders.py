@@ -1,8 +1,10 @@
 """Loader factory: the FFCV loaders (default) or their torchvision twins (``data.loader=torchvision``)."""
 from __future__ import annotations
 
+from pipeline.data.ffcv_loader import EvalLoader, TwoViewLoader
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.sources import load_source
+from pipeline.data.torchvision_loader import TorchvisionEvalLoader, TorchvisionTwoViewLoader
 
 
 def train_loader(config, files: PreparedDataset, batch_size: int, distributed: bool):
@@ -11,11 +13,7 @@ def train_loader(config, files: PreparedDataset, batch_size: int, distributed: b
     args = dict(batch_size=batch_size, image_size=d.image_size, crop_scale_min=d.crop_scale_min,
                 flip=d.horizontal_flip, distributed=distributed, seed=config.seed)
     if d.loader == "ffcv":
-        from pipeline.data.ffcv_loader import TwoViewLoader
-
         return TwoViewLoader(files.train, threads=d.loader_threads, **args)
-    from pipeline.data.torchvision_loader import TorchvisionTwoViewLoader
-
     return TorchvisionTwoViewLoader(load_source(d, log=lambda *_: None)["train"], workers=d.loader_threads, **args)
 
 
@@ -23,12 +21,8 @@ def eval_loaders(config, files: PreparedDataset, batch_size: int) -> dict:
     """``{"train": ..., "test": ...}`` loaders of single centre views, every sample once, in order."""
     d = config.data
     if d.loader == "ffcv":
-        from pipeline.data.ffcv_loader import EvalLoader
-
         return {split: EvalLoader(getattr(files, split), batch_size, d.image_size, d.eval_crop_ratio,
                                   d.loader_threads) for split in ("train", "test")}
-    from pipeline.data.torchvision_loader import TorchvisionEvalLoader
-
     splits = load_source(d, log=lambda *_: None)
     return {split: TorchvisionEvalLoader(splits[split], batch_size, d.image_size, d.eval_crop_ratio,
                                          d.loader_threads) for split in ("train", "test")}
