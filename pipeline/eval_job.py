@@ -17,7 +17,6 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
     """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file) with the config
     stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or GPU.
     """
-
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     try:
         state = checkpoint.load(folder)

@@ -146,7 +146,6 @@ def run_worker(argument: dict, session: Session) -> str | None:
 def _draw_final_plots(final: engine.FinalFeatures, num_classes: int, folder: Path) -> None:
     """PCA and t-SNE of the test features, and the kNN confusion matrix, as PNGs in ``folder``. Plots are a
     by-product: a failure is reported, never raised."""
-
     try:
         features, labels = final.features.numpy(), final.labels.numpy()
         for method in ("pca", "tsne"):
@@ -175,7 +174,6 @@ class RecordForwarding:
         self.__init__(state["tracking_uri"])
 
     def forward(self, found) -> None:
-
         record = read_record(found)
         if record.run_id not in self._senders:
             run = TrackedRun(self.tracking_uri, record.run_id)

@@ -94,7 +94,6 @@ class SweepSpec:
     def with_absolute_paths(self) -> SweepSpec:
         """The spec with the experiment's store, caches and data folder made absolute (and the tracking URI
         resolved) on the driver: trial processes run elsewhere, with another working directory."""
-
         e = self.experiment
         values = {"tracking.tracking_uri": resolve_tracking_uri(e["tracking"]["tracking_uri"]),
                   "data.cache_dir": str(resolve_path(e["data"]["cache_dir"])),

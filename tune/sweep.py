@@ -83,7 +83,6 @@ def _scheduler(spec: SweepSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
-
     s, epochs = spec.settings, spec.base.optim.epochs
     if s.scheduler == "asha":
         # max_t one past the last epoch: ASHA stops a trial that reaches max_t at once, which would cut off the
@@ -118,8 +117,6 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
     """A new ``Tuner``, or the interrupted one restored from its storage folder (no finished trial repeats)."""
     from ray import tune
 
-    from tune import space
-
     s, base = spec.settings, spec.base
     own, _, _ = trial_resources(spec)
     function = population_trial if spec.population_based else train_trial
@@ -145,7 +142,6 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
 
 
 def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
-
     spec = spec.with_absolute_paths()
     s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri

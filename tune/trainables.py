@@ -58,7 +58,6 @@ class TuneSession:
 def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]):
     import ray.tune
 
-
     trial_id = ray.tune.get_context().get_trial_id()
     config = spec.trial_config(sampled, trial_id)
     plan = RunPlan.of(config, own_checkpoints=not spec.population_based)
@@ -68,7 +67,6 @@ def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     outcome = train_opened(opened, lambda *_: None, callbacks=[TuneReportCallback()])
     if not outcome.diverged and outcome.record.epoch >= opened.plan.config.optim.epochs:
@@ -77,7 +75,6 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 
 def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str,
                      prepared: dict[str, PreparedDataset]) -> None:
-
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     plan = opened.plan
     run_worker(worker_argument(plan.config, opened.data, opened.run.run_id, plan.run_key, plan.identity),
