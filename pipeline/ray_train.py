@@ -105,7 +105,11 @@ def run_worker(argument: dict, session: Session) -> str | None:
     if found is not None:
         with found.as_directory() as folder:
             state, record = checkpoint.load(folder), checkpoint.load_record(folder)
-        if record.run_id != argument["run_id"]:
+        if record.run_id != argument["run_id"] and record.run_key == argument["run_key"]:
+            raise RuntimeError(f"the checkpoint of run {record.run_key} belongs to MLflow run {record.run_id}, "
+                               f"which this tracking store does not hold: point tracking.tracking_uri at the store "
+                               f"that holds it, or start a fresh run")
+        if record.run_id != argument["run_id"]:  # another run's weights: a PBT/PB2 exploit
             print(f"[pbt] continuing from run {record.run_id}'s checkpoint after epoch {record.epoch}")
             record = record.continued_by(argument["run_id"], argument["run_key"], argument["identity"])
     monitor_key = f"knn_top1_k{config.eval.knn_k[0]}"
