@@ -77,6 +77,30 @@ def read_record(found) -> RunRecord:
         return RunRecord.from_json(stream.read().decode())
 
 
+def kept_checkpoints(run_folder: Path) -> list[str]:
+    """The folders of the checkpoints Ray Train registered for the run stored in ``run_folder`` (the latest and
+    the best by the monitor, ``CheckpointConfig``), read with Ray's own ``Result.from_path``; none when there is
+    no such run. A folder that a failed attempt wrote but Ray never registered is not among them: Ray does not
+    restore from it, so nothing may be read from it."""
+    import logging
+
+    from ray.train import Result
+
+    if not (run_folder / "checkpoint_manager_snapshot.json").is_file():
+        return []
+    logger = logging.getLogger("ray.train")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # from_path warns that a new run would need a new name: not ours to say
+    try:
+        result = Result.from_path(str(run_folder))
+    finally:
+        logger.setLevel(level)
+    found = [c.path for c, _ in result.best_checkpoints or []]
+    if result.checkpoint is not None and result.checkpoint.path not in found:
+        found.append(result.checkpoint.path)
+    return found
+
+
 def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str, run_key: str,
                     identity: str) -> dict:
     """The plain-data argument of ``run_worker`` (it crosses process boundaries), with the faults a test

@@ -11,6 +11,7 @@ background ``MetricSender`` sends them without blocking its caller and retries t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -176,6 +177,21 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, display
     return run, True
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """MLflow's fluent API (``log_model``, ``register_model``) reads a process-wide tracking URI, which
+    ``mlflow.set_tracking_uri`` also exports as ``$MLFLOW_TRACKING_URI`` to child processes: set it for the
+    call only, so that no later run in this process (a sweep driver, a test session) is sent to this store."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again
+
+
 def _as_metrics(entries: list) -> list:
     from mlflow.entities import Metric
 
@@ -332,14 +348,14 @@ class TrackedRun:
         import torchvision
         from mlflow.models import infer_signature
 
-        mlflow.set_tracking_uri(self.tracking_uri)
         with torch.no_grad():
             output = model.eval()(example_input)
         signature = infer_signature(example_input.numpy(), output.numpy())
         requirements = [f"torch=={torch.__version__.split('+')[0]}",
                         f"torchvision=={torchvision.__version__.split('+')[0]}"]
-        info = mlflow.pytorch.log_model(model, name=name, run_id=self.run_id, signature=signature,
-                                        pip_requirements=requirements, serialization_format="pickle")
+        with using_tracking_uri(self.tracking_uri):
+            info = mlflow.pytorch.log_model(model, name=name, run_id=self.run_id, signature=signature,
+                                            pip_requirements=requirements, serialization_format="pickle")
         self.set_tags({MODEL_URI_TAG: info.model_uri})
         return info.model_uri
 
@@ -350,8 +366,8 @@ class TrackedRun:
         model_uri = self.tags().get(MODEL_URI_TAG)
         if not model_uri:
             raise TrackingError(f"run {self.run_id} has no logged model to register: it did not finish training")
-        mlflow.set_tracking_uri(self.tracking_uri)
-        version = mlflow.register_model(model_uri, name, tags={"varcon.run_id": self.run_id})
+        with using_tracking_uri(self.tracking_uri):
+            version = mlflow.register_model(model_uri, name, tags={"varcon.run_id": self.run_id})
         return int(version.version)
 
 

@@ -33,7 +33,7 @@ from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG)
-from pipeline.ray_train import init_ray, require_resources, run_training, worker_argument
+from pipeline.ray_train import init_ray, kept_checkpoints, require_resources, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
@@ -72,11 +72,10 @@ class Checkpointed:
 
 
 def checkpoints_in(run_folder: Path | None) -> list[Checkpointed]:
-    """The checkpoints Ray Train kept in a run folder, oldest epoch first."""
-    if run_folder is None or not run_folder.is_dir():
+    """The checkpoints Ray Train registered for a run folder (``ray_train.kept_checkpoints``), oldest epoch first."""
+    if run_folder is None:
         return []
-    found = [Checkpointed(folder, checkpoint.load_record(folder)) for folder in run_folder.glob("checkpoint_*")
-             if (folder / checkpoint.RECORD_FILE).is_file()]
+    found = [Checkpointed(Path(folder), checkpoint.load_record(folder)) for folder in kept_checkpoints(run_folder)]
     return sorted(found, key=lambda c: c.record.epoch)
 
 

@@ -18,6 +18,7 @@ from ray.util.state import list_actors
 from pipeline.cli import main
 from pipeline.config import flatten, load_config
 from pipeline.data.manifest import read_manifest
+from pipeline.tracking import using_tracking_uri
 
 OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e", "tracking.registered_model_name=e2e-encoder",
              "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD"]
@@ -88,10 +89,10 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(home))))
     assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
 
-    mlflow.set_tracking_uri(client.tracking_uri)
     (version,) = client.search_model_versions("name='e2e-encoder'")
     assert version.run_id == run.info.run_id
-    encoder = mlflow.pytorch.load_model(f"models:/e2e-encoder/{version.version}")
+    with using_tracking_uri(client.tracking_uri):
+        encoder = mlflow.pytorch.load_model(f"models:/e2e-encoder/{version.version}")
     assert encoder(torch.zeros(3, 3, 32, 32)).shape[0] == 3
 
 
@@ -141,6 +142,7 @@ def test_operational_changes_continue_the_finished_run_without_training_again(tr
     nothing is trained, the store keeps one run, and the attempt records what changed."""
     home, _, _ = trained
     monkeypatch.setenv("VARCON_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     changed = ["ray.max_failures=5", "ray.resource_wait_s=1", "tracking.outage_wait_s=7", "data.loader_threads=2",
                "eval.linear_probe_epochs=7"]
     folders = sorted(p.name for p in (home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*"))
@@ -164,6 +166,7 @@ def test_a_run_whose_store_and_checkpoints_disagree_is_refused(trained, monkeypa
     given by hand for other settings each end with one line naming the fix, before anything is trained."""
     home, _, _ = trained
     monkeypatch.setenv("VARCON_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from pipeline.identity import run_key
 
     key = run_key(load_config(None, OVERRIDES))

@@ -1,5 +1,6 @@
 """MLflow tracking against a real SQLite store: runs, nesting, buffered metrics, models, the environment."""
 import json
+import os
 import threading
 
 import mlflow
@@ -12,7 +13,8 @@ from pipeline import plots
 from pipeline.config import flatten, load_config
 from pipeline.checkpoint import RunRecord
 from pipeline.tracking import (MetricSender, child_runs, create_run, find_or_create_run, find_run,
-                               installed_requirements, resolve_tracking_uri, system_description)
+                               installed_requirements, resolve_tracking_uri, system_description,
+                               using_tracking_uri)
 
 
 @pytest.fixture
@@ -88,8 +90,11 @@ def test_logged_encoder_loads_back_and_registers(store):
     model_uri = run.log_pytorch_model(encoder, "encoder", example)
     assert run.register_model("digits-encoder") == 1
     assert run.register_model("digits-encoder") == 2
-    mlflow.set_tracking_uri(store)
-    loaded = mlflow.pytorch.load_model(model_uri)
+    # MLflow's fluent API reads a process-wide URI (and exports it): logging leaves this process's as it was
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    with using_tracking_uri(store):
+        loaded = mlflow.pytorch.load_model(model_uri)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     torch.testing.assert_close(loaded(example), encoder(example))
     versions = MlflowClient(store).search_model_versions("name='digits-encoder'")
     assert {v.run_id for v in versions} == {run.run_id}
