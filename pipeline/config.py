@@ -75,6 +75,7 @@ class ModelConfig:
     cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (ResNets only)
     width: int = 64  # channels of small_cnn's first block
     head_hidden_dim: int = 512
+    head_batchnorm: bool = True  # ours: BatchNorm after the head's first layer; the references: Linear-ReLU-Linear
     embedding_dim: int = 128
     compile: bool = False  # torch.compile the model
 
@@ -111,6 +112,11 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
+    warmup_start_lr: float = 0.0  # absolute lr of the first warm-up step, then linear to the schedule's value at
+    #                               the end of warm-up (the references); 0 = ours: lr * (step + 1) / warm-up steps
+    min_lr_ratio: float = 0.0  # cosine floor as a share of lr (the references: 1e-3)
+    cosine_per: str = "step"  # step (ours) | epoch (the references step the cosine once per epoch)
+    decay_norm_and_bias: bool = False  # also decay biases and norm weights (the references decay every parameter)
     optimizer: str = "sgd"  # sgd | lars (timm's LARS, for very large batches)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
 
@@ -328,6 +334,9 @@ def validate(config: ExperimentConfig) -> None:
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     need(o.momentum >= 0 and o.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
     need(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs must be >= 0 and smaller than optim.epochs")
+    need(0 <= o.warmup_start_lr <= o.lr, f"optim.warmup_start_lr={o.warmup_start_lr} must lie in [0, optim.lr]")
+    need(0 <= o.min_lr_ratio < 1, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1)")
+    need(o.cosine_per in ("step", "epoch"), f"optim.cosine_per={o.cosine_per!r} must be step or epoch")
     need(r.num_workers >= 1, f"ray.num_workers={r.num_workers} must be >= 1")
     need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
     need(r.resource_wait_s >= 0, "ray.resource_wait_s must be >= 0")

@@ -28,9 +28,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """SGD with momentum, or timm's LARS; no weight decay (and no LARS adaptation) on biases and norms."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD with momentum, or timm's LARS. Biases and norm weights (1-d parameters) get no weight decay (and no
+    LARS adaptation) unless ``optim.decay_norm_and_bias``, as the reference recipes do."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or optim.decay_norm_and_bias]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not optim.decay_norm_and_bias]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if optim.optimizer == "lars":
         from timm.optim import Lars
@@ -46,14 +47,37 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Per-step schedule: lr * (s+1)/warmup for s < warmup, then lr * 0.5 (1 + cos(pi * progress))."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, steps_per_epoch: int = 1,
+                  warmup_start_lr: float = 0.0, min_lr_ratio: float = 0.0, cosine_per: str = "step"):
+    """The learning rate at step s (0-based) as a factor of the base lr, a per-step ``LambdaLR``.
+
+    Cosine with floor m = ``min_lr_ratio``: ``m + (1 - m) * 0.5 * (1 + cos(pi * t))``, where t is the progress
+    after warm-up per step (``cosine_per="step"``, ours), or ``epoch / epochs`` with epochs counted from 1
+    (``"epoch"``: the references, SupContrast's ``adjust_learning_rate``). Warm-up, for s < ``warmup_steps``:
+    ``(s + 1) / warmup_steps`` (ours), or with ``warmup_start_lr`` (absolute, given as its factor of the base lr)
+    linear from it to the cosine's value at the end of warm-up, ``p = s / warmup_steps`` (the references'
+    per-iteration ``warmup_learning_rate``).
+    """
+    base_lr = optimizer.param_groups[0]["lr"]
+    epochs = max(1, total_steps // max(1, steps_per_epoch))
+
+    def cosine(progress: float) -> float:
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def after_warmup(step: int) -> float:
+        if cosine_per == "epoch":
+            return cosine(min(step // steps_per_epoch + 1, epochs) / epochs)
+        return cosine(min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    warmup_end = cosine(warmup_steps / steps_per_epoch / epochs) if cosine_per == "epoch" else cosine(0.0)
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
+        if step >= warmup_steps:
+            return after_warmup(step)
+        if warmup_start_lr <= 0:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        start = warmup_start_lr / base_lr
+        return start + step / warmup_steps * (warmup_end - start)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -125,8 +149,9 @@ def build_training(config, files: PreparedDataset, device: torch.device,
         model = torch.compile(model)
     optimizer = build_optimizer(model, config.optim)
     steps_per_epoch = len(train_batches)
-    scheduler = warmup_cosine(optimizer, config.optim.warmup_epochs * steps_per_epoch,
-                              config.optim.epochs * steps_per_epoch)
+    o = config.optim
+    scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps_per_epoch, o.epochs * steps_per_epoch,
+                              steps_per_epoch, o.warmup_start_lr, o.min_lr_ratio, o.cosine_per)
     train_augment = ColorAugment(files.channel_mean, files.channel_std, d.color_jitter_strength,
                                  d.color_jitter_prob, d.grayscale_prob).to(device)
     eval_preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)

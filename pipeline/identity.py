@@ -35,11 +35,13 @@ TRAJECTORY = frozenset({
     "data.image_size", "data.crop_scale_min", "data.horizontal_flip", "data.color_jitter_strength",
     "data.color_jitter_prob", "data.grayscale_prob", "data.loader",
     "model.encoder", "model.cifar_stem", "model.width", "model.head_hidden_dim", "model.embedding_dim",
+    "model.head_batchnorm",
     "loss.name", "loss.tau1", "loss.eps", "loss.detach_target", "loss.supcon_temperature",
     "loss.supcon_base_temperature", "loss.schedule.kind", "loss.schedule.tau1_end", "loss.schedule.eps_end",
     "loss.schedule.steps", "loss.schedule.epochs", "loss.schedule.tau1_values", "loss.schedule.eps_values",
     "optim.epochs", "optim.global_batch_size", "optim.lr", "optim.momentum", "optim.weight_decay",
-    "optim.warmup_epochs", "optim.optimizer", "optim.precision",
+    "optim.warmup_epochs", "optim.optimizer", "optim.precision", "optim.warmup_start_lr", "optim.min_lr_ratio",
+    "optim.cosine_per", "optim.decay_norm_and_bias",
     "ray.num_workers", "ray.use_gpu",
 })
 # data keys that change the stored bytes: they enter through ``stored_settings``, normalised (data.image_size

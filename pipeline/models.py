@@ -42,15 +42,17 @@ def build_encoder(name: str, cifar_stem: bool = True, width: int = 64) -> tuple[
 
 
 class ProjectionHead(nn.Module):
-    """``[N, F] -> [N, D]``: Linear -> BatchNorm -> ReLU -> Linear.
+    """``[N, F] -> [N, D]``: Linear -> BatchNorm -> ReLU -> Linear (ours), or Linear -> ReLU -> Linear (the
+    references' head, ``batchnorm=False``).
 
     The BatchNorm spreads the embeddings of a fresh encoder, which are otherwise nearly collinear.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, batchnorm: bool = True) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        first = ([nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim)] if batchnorm
+                 else [nn.Linear(in_dim, hidden_dim)])
+        self.net = nn.Sequential(*first, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -59,10 +61,11 @@ class ProjectionHead(nn.Module):
 class ContrastiveModel(nn.Module):
     """``forward(x) -> z``, unit-normalised ``[N, D]``; ``features(x)`` gives the encoder's ``[N, F]``."""
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, hidden_dim: int, embedding_dim: int) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, hidden_dim: int, embedding_dim: int,
+                 head_batchnorm: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = ProjectionHead(feature_dim, hidden_dim, embedding_dim)
+        self.head = ProjectionHead(feature_dim, hidden_dim, embedding_dim, head_batchnorm)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -91,7 +94,8 @@ def build_model(config, num_classes: int) -> nn.Module:
     encoder, feature_dim = build_encoder(config.model.encoder, config.model.cifar_stem, config.model.width)
     if config.loss.name == "cross_entropy":
         return ClassifierModel(encoder, feature_dim, num_classes)
-    return ContrastiveModel(encoder, feature_dim, config.model.head_hidden_dim, config.model.embedding_dim)
+    m = config.model
+    return ContrastiveModel(encoder, feature_dim, m.head_hidden_dim, m.embedding_dim, m.head_batchnorm)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, flatten, from_dict, load_config, to_dict
@@ -71,7 +73,13 @@ def test_recipe_values_and_base_inheritance():
     supcon = load_config(DEFAULT_CONFIG.parent / "cifar100_resnet50_supcon.yaml")
     assert (recipe.optim.global_batch_size, recipe.optim.epochs, recipe.optim.warmup_epochs) == (1024, 200, 10)
     assert (recipe.loss.tau1, recipe.loss.eps, recipe.model.head_hidden_dim) == (0.1, 0.02, 2048)
-    assert supcon.loss.name == "supcon" and supcon.optim == recipe.optim and supcon.data == recipe.data
+    assert supcon.loss.name == "supcon" and supcon.data == recipe.data and supcon.model == recipe.model
+    # SupCon keeps its own reference's optimiser values (tests/test_recipes.py), the rest is inherited
+    own = {"lr": supcon.optim.lr, "weight_decay": supcon.optim.weight_decay,
+           "warmup_start_lr": supcon.optim.warmup_start_lr}
+    assert supcon.optim == dataclasses.replace(recipe.optim, **own) and own != {
+        "lr": recipe.optim.lr, "weight_decay": recipe.optim.weight_decay,
+        "warmup_start_lr": recipe.optim.warmup_start_lr}
 
 
 def test_base_cycle_is_refused(tmp_path):

@@ -113,3 +113,28 @@ def test_a_non_finite_loss_raises_before_its_epoch_is_reported(digits_files):
     with pytest.raises(engine.NonFiniteLossError, match="training loss became nan at epoch 2: lower optim.lr"):
         engine.fit(config, digits_files, torch.device("cpu"), poison_after_epoch_1)
     assert reported == [0, 1]
+
+
+def test_the_reference_schedule_matches_supcontrast_formulas():
+    """cosine_per=epoch with a floor and an absolute warm-up start, against SupContrast's adjust_learning_rate and
+    warmup_learning_rate written out here (epochs counted from 1, warm-up per iteration)."""
+    lr, epochs, warm, per_epoch, warmup_from, floor = 0.5, 12, 3, 5, 0.01, 1e-3
+    eta_min = lr * floor
+
+    def reference(epoch: int, batch: int) -> float:
+        value = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+        if epoch <= warm:
+            warmup_to = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * warm / epochs)) / 2
+            p = (batch + (epoch - 1) * per_epoch) / (warm * per_epoch)
+            value = warmup_from + p * (warmup_to - warmup_from)
+        return value
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    schedule = engine.warmup_cosine(optimizer, warm * per_epoch, epochs * per_epoch, per_epoch,
+                                    warmup_start_lr=warmup_from, min_lr_ratio=floor, cosine_per="epoch")
+    for epoch in range(1, epochs + 1):
+        for batch in range(per_epoch):
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(reference(epoch, batch), rel=1e-12), (epoch, batch)
+            optimizer.step()
+            schedule.step()

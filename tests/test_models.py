@@ -23,3 +23,12 @@ def test_models_output_shapes():
     assert contrastive.features(torch.randn(4, 3, 32, 32)).shape == (4, dim)
     classifier = ClassifierModel(*build_encoder("small_cnn", width=8), num_classes=7)
     assert classifier(torch.randn(4, 3, 32, 32)).shape == (4, 7)
+
+
+def test_the_reference_head_is_linear_relu_linear():
+    from pipeline.models import ProjectionHead
+
+    ours, reference = ProjectionHead(8, 6, 4), ProjectionHead(8, 6, 4, batchnorm=False)
+    assert [type(m).__name__ for m in ours.net] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in reference.net] == ["Linear", "ReLU", "Linear"]
+    assert reference.net[0].bias is not None and ours.net[0].bias is None
