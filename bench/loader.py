@@ -40,9 +40,9 @@ def images_per_s(loader, augment, epochs: int) -> float:
     """Two-view images/s; ``augment`` (or nothing) runs on both views of every batch."""
     def one_epoch() -> int:
         count = 0
-        for view1, view2, _ in loader:
+        for view1, view2, _, index in loader:
             if augment is not None:
-                augment(view1), augment(view2)
+                augment(view1, 1, index, view=0), augment(view2, 1, index, view=1)
             count += view1.shape[0]
         return count
 

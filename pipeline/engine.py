@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint, distributed
-from pipeline.data.augment import ColorAugment
+from pipeline.data.augment import ColorAugment, to_device
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.loaders import eval_loaders, train_loader
 from pipeline.evaluation import dispersion, extract_features, few_shot_ncm, knn_predict, linear_probe
@@ -84,22 +84,25 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
-                    amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One pass over ``batches`` of ``(view1, view2, labels)``; returns epoch means of the loss and its stats.
+                    amp_dtype: torch.dtype | None = None, epoch: int = 1) -> dict[str, float]:
+    """One pass over ``batches`` of ``(view1, view2, labels, index)``; returns epoch means of the loss and its
+    stats.
 
-    Each step: x = [aug(view1); aug(view2)] ``[2n, 3, S, S]``, z = model(x), the loss over the views of all
-    workers (gathered), backward of ``world_size * loss`` (see ``pipeline.distributed``). The model runs under
-    ``amp_dtype`` autocast when given; the loss is float32 regardless. Metrics stay on the device until the
-    epoch ends: no host synchronisation per step.
+    Each step: x = [aug(view1); aug(view2)] ``[2n, 3, S, S]`` (drawn by epoch and global sample index),
+    z = model(x), the loss over the views of all workers (gathered), backward of ``world_size * loss`` (see
+    ``pipeline.distributed``). The model runs under ``amp_dtype`` autocast when given; the loss is float32
+    regardless. Nothing in a step reads the device back (``tests/test_sync_free.py``): metrics stay there until
+    the epoch ends.
     """
     model.train()
     scale = distributed.loss_scale_for_global_batch()
     totals: dict[str, torch.Tensor] = {}
     steps, images = 0, 0
     start = time.perf_counter()
-    for view1, view2, labels in batches:
-        labels = labels.to(device, non_blocking=True)
-        x = torch.cat([augment(view1), augment(view2)]).contiguous(memory_format=torch.channels_last)
+    for view1, view2, labels, index in batches:
+        labels = to_device(labels, device)
+        x = torch.cat([augment(view1, epoch, index, view=0),
+                       augment(view2, epoch, index, view=1)]).contiguous(memory_format=torch.channels_last)
         y = torch.cat([labels, labels])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(x)
@@ -140,6 +143,8 @@ def build_training(config, files: PreparedDataset, device: torch.device,
     """Data, model, loss, optimiser and schedule for this worker; the global batch is split evenly."""
     world = distributed.world_size()
     local_batch = config.optim.global_batch_size // world
+    if device.type == "cuda":  # fixed shapes: cuDNN picks its fastest kernels once (resume is bit-exact on CPU only)
+        torch.backends.cudnn.benchmark = True
     d = config.data
     train_batches = train_loader(config, files, local_batch, distributed=world > 1)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -153,7 +158,7 @@ def build_training(config, files: PreparedDataset, device: torch.device,
     scheduler = warmup_cosine(optimizer, o.warmup_epochs * steps_per_epoch, o.epochs * steps_per_epoch,
                               steps_per_epoch, o.warmup_start_lr, o.min_lr_ratio, o.cosine_per)
     train_augment = ColorAugment(files.channel_mean, files.channel_std, d.color_jitter_strength,
-                                 d.color_jitter_prob, d.grayscale_prob).to(device)
+                                 d.color_jitter_prob, d.grayscale_prob, seed=config.seed).to(device)
     eval_preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
     loss_fn = build_loss(config.loss, files.num_classes)
     return Training(model, loss_fn, optimizer, scheduler, train_augment, eval_preprocess, train_batches,
@@ -252,7 +257,7 @@ def fit(config, files: PreparedDataset, device: torch.device, on_epoch_end: Call
     for epoch in range(start, last + 1):
         temperatures = set_temperatures(training.loss_fn, config, epoch)
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
-                                  training.optimizer, training.scheduler, device, training.amp_dtype)
+                                  training.optimizer, training.scheduler, device, training.amp_dtype, epoch)
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"training loss became {metrics['train_loss']} at epoch {epoch}: lower "
                                      f"optim.lr or check the data")

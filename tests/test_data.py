@@ -251,7 +251,7 @@ def test_missing_cifar_folder_suggests_download(tmp_path):
 # ---------------------------------------------------------------- loaders
 
 def test_two_views_differ_and_share_labels(digits_files):
-    loader = TwoViewLoader(digits_files.train, 64, 32, 0.2, True, distributed=False, seed=0, return_index=True)
+    loader = TwoViewLoader(digits_files.train, 64, 32, 0.2, True, distributed=False, seed=0)
     view1, view2, labels, index = next(iter(loader))
     assert view1.shape == view2.shape == (64, 3, 32, 32) and view1.dtype == torch.uint8
     assert labels.shape == (64,) and labels.dtype == torch.int64
@@ -264,9 +264,10 @@ def test_two_views_differ_and_share_labels(digits_files):
 def test_torchvision_loader_has_the_same_interface(digits_files):
     split = digits(32, 0.25, split_seed=0)["train"]
     loader = TorchvisionTwoViewLoader(split, 64, 32, 0.2, True, distributed=False, seed=0, workers=0)
-    view1, view2, labels = next(iter(loader))
+    view1, view2, labels, index = next(iter(loader))
     assert view1.shape == view2.shape == (64, 3, 32, 32) and view1.dtype == torch.uint8
     assert labels.dtype == torch.int64 and len(loader) == 1347 // 64
+    np.testing.assert_array_equal(labels.numpy(), split.labels[index.numpy()])
     images, labels = next(iter(TorchvisionEvalLoader(split, 16, 32, workers=0)))
     np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), split.images[:16])
 
@@ -275,7 +276,7 @@ def _shard_rank(rank, port, path, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        loader = TwoViewLoader(path, 16, 32, 0.5, False, distributed=True, seed=3, return_index=True)
+        loader = TwoViewLoader(path, 16, 32, 0.5, False, distributed=True, seed=3)
         results[rank] = [torch.cat([b[3] for b in loader]).tolist() for _ in range(2)]  # two epochs
     finally:
         dist.destroy_process_group()

@@ -101,8 +101,11 @@ def _global_batch_rank(rank: int, port: int, files, results) -> None:
     try:
         config = load_config(None, ["optim.global_batch_size=128", "ray.num_workers=2"])
         training = engine.build_training(config, files, torch.device("cpu"))
-        view1, _, labels = next(iter(training.train_batches))
-        results[rank] = (view1.shape[0], len(training.train_batches))
+        view1, _, labels, index = next(iter(training.train_batches))
+        same_pixels = torch.full_like(view1, 128)  # both ranks augment the same images with their own indices
+        augmented = training.train_augment(same_pixels, 1, index)
+        torch.testing.assert_close(training.train_augment(same_pixels, 1, index), augmented, rtol=0, atol=0)
+        results[rank] = (view1.shape[0], len(training.train_batches), augmented)
     finally:
         dist.destroy_process_group()
 
@@ -114,6 +117,8 @@ def test_two_workers_split_the_global_batch(digits_files):
     results = mp.Manager().dict()
     mp.spawn(_global_batch_rank, args=(port, digits_files, results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
-        local_batch, steps = results[rank]
+        local_batch, steps, _ = results[rank]
         assert local_batch * WORLD == 128  # the global batch stays what the config says
         assert steps == 1347 // 128  # each rank's shard gives the same number of steps
+    # each rank draws its own colour augmentation (by global sample index), not the same parameters twice
+    assert not torch.equal(results[0][2], results[1][2])

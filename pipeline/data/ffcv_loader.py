@@ -32,22 +32,21 @@ def _int_pipeline() -> list:
 
 
 class TwoViewLoader:
-    """Iterates ``(view1, view2, labels)``: uint8 ``[n, 3, S, S]`` twice and int64 ``[n]``, n = batch_size
-    (``return_index`` appends the int64 sample indices ``[n]``). Reuse one instance across epochs: FFCV
-    compiles its pipeline on first use.
+    """Iterates ``(view1, view2, labels, index)``: uint8 ``[n, 3, S, S]`` twice, int64 labels ``[n]`` and the
+    int64 global sample indices ``[n]`` (the device-side augmentation draws by them), n = batch_size. Reuse one
+    instance across epochs: FFCV compiles its pipeline on first use.
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, threads: int = 1, return_index: bool = False) -> None:
+                 distributed: bool, seed: int, threads: int = 1) -> None:
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
 
         verify_beton(path, check_hash="never")
-        self.return_index = return_index
         pipelines = {
             "image": _crop_view(image_size, crop_scale_min, flip),
             "label": _int_pipeline(),
-            "index": _int_pipeline() if return_index else None,
+            "index": _int_pipeline(),
             "image_view2": PipelineSpec("image", transforms=_crop_view(image_size, crop_scale_min, flip)),
         }
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
@@ -66,9 +65,8 @@ class TwoViewLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for batch in self.loader:
-            view1, labels, *index, view2 = batch
-            yield (view1, view2, labels.long(), *(i.long() for i in index))
+        for view1, labels, index, view2 in self.loader:
+            yield view1, view2, labels.long(), index.long()
 
 
 class EvalLoader:

@@ -15,10 +15,11 @@ from torchvision.transforms import v2
 
 
 class _Views(Dataset):
-    """Sample i -> ``(view_1, ..., view_n, label)``: ``n`` draws of ``transform`` on one decoded uint8 image."""
+    """Sample i -> ``(view_1, ..., view_n, label[, i])``: ``n`` draws of ``transform`` on one decoded uint8
+    image, and with ``with_index`` the sample's index."""
 
-    def __init__(self, split, transform, views: int) -> None:
-        self.split, self.transform, self.views = split, transform, views
+    def __init__(self, split, transform, views: int, with_index: bool = False) -> None:
+        self.split, self.transform, self.views, self.with_index = split, transform, views, with_index
 
     def __len__(self) -> int:
         return len(self.split)
@@ -26,11 +27,11 @@ class _Views(Dataset):
     def __getitem__(self, index: int):
         image, label, _ = self.split[index]
         image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # [3, H, W] uint8
-        return (*(self.transform(image) for _ in range(self.views)), label)
+        return (*(self.transform(image) for _ in range(self.views)), label, *((index,) if self.with_index else ()))
 
 
 class TorchvisionTwoViewLoader:
-    """Iterates ``(view1, view2, labels)`` like ``TwoViewLoader``, decoding and cropping in ``workers``
+    """Iterates ``(view1, view2, labels, index)`` like ``TwoViewLoader``, decoding and cropping in ``workers``
     processes; ``DistributedSampler`` shards under DDP.
     """
 
@@ -39,7 +40,7 @@ class TorchvisionTwoViewLoader:
         ops = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
         if flip:
             ops.append(v2.RandomHorizontalFlip())
-        dataset = _Views(split, v2.Compose(ops), views=2)
+        dataset = _Views(split, v2.Compose(ops), views=2, with_index=True)
         if distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
@@ -59,12 +60,12 @@ class TorchvisionTwoViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(self._epoch)
         self._epoch += 1
-        for view1, view2, labels in self.loader:
-            yield view1, view2, labels.long()
+        for view1, view2, labels, index in self.loader:
+            yield view1, view2, labels.long(), index.long()
 
 
 class TorchvisionEvalLoader:
