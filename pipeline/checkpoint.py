@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.models import unwrap
+from pipeline.names import EPOCH, MONITOR
 
 STATE_FILE = "state.pt"
 RECORD_FILE = "record.json"
@@ -68,6 +69,10 @@ class RunRecord:
         """The latest value of ``key`` up to ``epoch`` (what ranks checkpoints), ``-inf`` before any."""
         values = [(step, value) for step, k, value, _ in self.entries if k == key and step <= epoch]
         return max(values)[1] if values else float("-inf")
+
+    def report(self, monitor_key: str) -> dict:
+        """What a worker reports after ``epoch``: that epoch's metrics, the epoch and the monitor."""
+        return {**self.at(self.epoch), EPOCH: self.epoch, MONITOR: self.monitor(monitor_key, self.epoch)}
 
     def at(self, step: int) -> dict[str, float]:
         return {key: value for s, key, value, _ in self.entries if s == step}

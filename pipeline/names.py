@@ -18,3 +18,8 @@ KIND_TAG = "varcon.kind"  # "sweep" on a sweep's parent run
 EPOCH = "epoch"  # completed epochs; 0 is the randomly initialised encoder
 MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
 DIVERGED = "diverged"  # the reason, in the last report of a training whose loss became non-finite
+
+
+def monitor_source(eval_config) -> str:
+    """The metric ``MONITOR`` follows: kNN top-1 with the first ``eval.knn_k``."""
+    return f"knn_top1_k{eval_config.knn_k[0]}"

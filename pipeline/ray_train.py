@@ -26,7 +26,7 @@ from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from pipeline.data.prepare import PreparedDataset
 from pipeline.models import unwrap
-from pipeline.names import DIVERGED, EPOCH, MONITOR
+from pipeline.names import DIVERGED, MONITOR, monitor_source
 from pipeline.tracking import MetricSender, TrackedRun
 
 
@@ -136,15 +136,18 @@ def run_worker(argument: dict, session: Session) -> str | None:
         if record.run_id != argument["run_id"]:  # another run's weights: a PBT/PB2 exploit
             print(f"[pbt] continuing from run {record.run_id}'s checkpoint after epoch {record.epoch}")
             record = record.continued_by(argument["run_id"], argument["run_key"], argument["identity"])
-    monitor_key = f"knn_top1_k{config.eval.knn_k[0]}"
-    last_report = {EPOCH: record.epoch, MONITOR: record.monitor(monitor_key, record.epoch)}
+    monitor_key = monitor_source(config.eval)
+    last_report = record.report(monitor_key)
+    if record.epoch >= config.optim.epochs:  # restored after its last epoch (a restored sweep): report it again
+        session.report(last_report, None)
+        return None
     plots = Path(tempfile.mkdtemp(prefix="varcon-plots-"))
 
     def on_epoch_end(epoch: int, metrics: dict, training: engine.Training) -> None:
         record.add(epoch, metrics)
         record.epoch = epoch
-        last_report.update(metrics)
-        last_report.update({EPOCH: epoch, MONITOR: record.monitor(monitor_key, epoch)})
+        last_report.clear()
+        last_report.update(record.report(monitor_key))
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs)
         if due and rank == 0:
             with tempfile.TemporaryDirectory() as folder:
@@ -208,6 +211,12 @@ class RecordForwarding:
             self._senders[record.run_id] = MetricSender(lambda batch: run.client.log_batch(run.run_id, metrics=batch))
         self._senders[record.run_id].submit(record.own_entries(self._sent_through.get(record.run_id, -1)))
         self._sent_through[record.run_id] = record.epoch
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait, ``timeout_s`` at most in all, until every sender has sent what it holds."""
+        deadline = time.monotonic() + timeout_s
+        for sender in self._senders.values():
+            sender.flush(max(0.0, deadline - time.monotonic()))
 
 
 def _record_forwarder(tracking_uri: str):

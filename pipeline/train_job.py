@@ -32,7 +32,7 @@ from pipeline.data.manifest import manifest_path
 from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
-                            REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG)
+                            REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
 from pipeline.ray_train import init_ray, kept_checkpoints, require_resources, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
@@ -195,7 +195,7 @@ def outcome_from_checkpoints(opened: OpenRun, diverged: str = "",
         record = RunRecord(opened.run.run_id, opened.plan.run_key, opened.plan.identity)
         return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, record, None, None, diverged)
     final = kept[-1]
-    monitor_key = f"knn_top1_k{opened.plan.config.eval.knn_k[0]}"
+    monitor_key = monitor_source(opened.plan.config.eval)
     best = max(kept, key=lambda c: (c.record.monitor(monitor_key, c.record.epoch), c.record.epoch))
     return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, final.record,
                         str(final.folder / checkpoint.STATE_FILE), str(best.folder / checkpoint.STATE_FILE), diverged)

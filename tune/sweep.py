@@ -113,7 +113,8 @@ class ForwardTrialRecords(Callback):
         self.forwarding.forward(checkpoint)
 
 
-def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: dict):
+def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: dict,
+           forwarder: ForwardTrialRecords | None):
     """A new ``Tuner``, or the interrupted one restored from its storage folder (no finished trial repeats)."""
     from ray import tune
 
@@ -128,7 +129,7 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False), True
     search = None if spec.population_based else space.searcher(spec)
-    callbacks = [ForwardTrialRecords(base.tracking.tracking_uri)] if spec.population_based else []
+    callbacks = [forwarder] if forwarder is not None else []
     return tune.Tuner(
         trainable,
         param_space=space.population_param_space(spec) if spec.population_based else None,
@@ -153,10 +154,13 @@ def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     prepared = {dataset_key(base.data): prepare(base, log)}  # once, before trials start side by side
     parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
                                          spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
-    tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared)
+    forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None
+    tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, forwarder)
     log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher {s.searcher}, "
         f"scheduler {s.scheduler}, up to {max_concurrent} at a time (MLflow parent run {parent.run_id})")
     results = tuner.fit()
+    if forwarder is not None:  # what it still holds is in the trials' checkpoints too: a bounded wait
+        forwarder.forwarding.flush(base.tracking.outage_wait_s)
     return summarise(spec, results, parent, prepared, log)
 
 
@@ -222,6 +226,9 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: s
     else:
         kept = checkpoints_in(plan.run_folder)
     outcome = outcome_from_checkpoints(opened, (result.metrics or {}).get(DIVERGED, ""), kept)
+    for earlier in kept[:-1]:  # a PBT trial's own epochs before an exploit are only in its own earlier records
+        if earlier.record.run_id == run_id:
+            opened.run.log_entries(earlier.record.own_entries())
     completed = status == "completed"
     finish_run(opened, outcome, completed=completed)
     if completed and spec.population_based:

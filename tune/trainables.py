@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.data.prepare import PreparedDataset
-from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG
+from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
 from pipeline.ray_train import run_worker, worker_argument
 from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
 from tune.spec import SweepSpec
@@ -65,11 +65,17 @@ def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 
 
 def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
+    import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
+    config = opened.plan.config
+    if opened.latest is not None and opened.latest.record.epoch >= config.optim.epochs:
+        # trained before a restored sweep's driver recorded it: Tune gets the final result again
+        ray.tune.report(opened.latest.record.report(monitor_source(config.eval)))
+        return
     outcome = train_opened(opened, lambda *_: None, callbacks=[TuneReportCallback()])
-    if not outcome.diverged and outcome.record.epoch >= opened.plan.config.optim.epochs:
+    if not outcome.diverged and outcome.record.epoch >= config.optim.epochs:
         finish_run(opened, outcome)
 
 
