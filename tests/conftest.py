@@ -20,10 +20,15 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray destroys an actor whose last handle is gone gracefully, waiting up to 30 s before it kills it; trainings and
+# trials of one session follow each other closely, and a Tune sweep started while such destroys were pending here
+# once never heard that its first trial's actor was alive (the driver's actor notifications were lost). Tests
+# keep the wait short and start sweeps on a settled cluster (``settled_cluster``).
+os.environ.setdefault("RAY_actor_graceful_shutdown_timeout_ms", "3000")
 # where tests write the faults they inject (pipeline.faults); every Ray process of the session gets the variable
 FAULTS_FILE = os.path.join(tempfile.mkdtemp(prefix="varcon-faults-"), "faults.json")
 os.environ["VARCON_FAULTS_FILE"] = FAULTS_FILE
-CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained"}
+CLUSTER_FIXTURES = {"ray_session", "settled_cluster", "mlflow_server", "trained"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,6 +84,22 @@ def ray_session():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def settled_cluster(ray_session):
+    """The session's cluster once no Ray Train controller or worker of an earlier test is still being torn down
+    (bounded: 60 s)."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        busy = [a for a in list_actors(filters=[("state", "!=", "DEAD")], limit=10000)
+                if a.class_name in ("TrainController", "RayTrainWorker", "ImplicitFunc")]
+        if not busy:
+            break
+        time.sleep(1)
+    return ray_session
 
 
 class MlflowServer:

@@ -77,7 +77,7 @@ def trained_epochs(home, run):
 
 
 def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable_best_config(
-        varcon_home, ray_session, tmp_path, capsys, inject_faults):
+        varcon_home, settled_cluster, tmp_path, capsys, inject_faults):
     """The second trial (k=20) gets a NaN into its weights after epoch 1: it ends at epoch 2 with the reason,
     is not retried, its epoch-1 checkpoint stays, and the other trials go on. What the product promises for
     every trial, whatever the timing of a scheduler's stop: every epoch its checkpoints cover is logged exactly
@@ -157,7 +157,7 @@ def test_the_sweep_driver_ends_a_trial_the_scheduler_stopped_as_killed(varcon_ho
     assert "varcon.error" not in run.data.tags
 
 
-def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_session, capsys):
+def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, settled_cluster, capsys):
     overrides = ["--config", "configs/tune/digits_pbt.yaml", "tune.name=t-pbt", "tune.num_samples=2",
                  "tune.quantile_fraction=0.5", "tune.perturbation_interval=2", "optim.epochs=3",
                  "optim.warmup_epochs=0", *SHORT_EVAL]
@@ -182,12 +182,12 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_sessio
     assert all(0 <= eps < tau1 for tau1, eps in zip(schedule.tau1_values, schedule.eps_values))
 
 
-def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, ray_session, tmp_path):
+def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, settled_cluster, tmp_path):
     args = ["tune", "tune.name=t-resume", "tune.searcher=random", "tune.num_samples=2", "tune.scheduler=fifo",
             "optim.epochs=1", "optim.warmup_epochs=0", *SHORT_EVAL]
     faults = tmp_path / "exit-after-one-trial.json"
     faults.write_text(json.dumps({"exit_sweep_after_trials": 1}))
-    env = {**os.environ, "VARCON_FAULTS_FILE": str(faults), "RAY_ADDRESS": ray_session.address}
+    env = {**os.environ, "VARCON_FAULTS_FILE": str(faults), "RAY_ADDRESS": settled_cluster.address}
     killed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode == 3, killed.stderr[-2000:]  # the driver died after the first trial completed
