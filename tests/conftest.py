@@ -67,10 +67,12 @@ def digits_files(tmp_path_factory):
     return prepare_dataset(load_config().data, tmp_path_factory.mktemp("data"), log=lambda *_: None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """The one Ray instance of the test session, shared by every test that needs one: a 2-node cluster on
-    this machine (a head and a worker node, 1 CPU each), so multi-node placement is real.
+    """The Ray instance of a test module, shared by its tests: a 2-node cluster on this machine (a head and a
+    worker node, 1 CPU each), so multi-node placement is real. One per module keeps each module's driver state
+    fresh: in a session-wide cluster a sweep late in the suite twice never heard that its first trial's actor was
+    alive (the GCS created it; the driver's actor notifications stopped), though the same test passes alone.
     """
     import ray
     from ray.cluster_utils import Cluster
