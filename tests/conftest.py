@@ -20,15 +20,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Ray destroys an actor whose last handle is gone gracefully, waiting up to 30 s before it kills it; trainings and
-# trials of one session follow each other closely, and a Tune sweep started while such destroys were pending here
-# once never heard that its first trial's actor was alive (the driver's actor notifications were lost). Tests
-# keep the wait short and start sweeps on a settled cluster (``settled_cluster``).
-os.environ.setdefault("RAY_actor_graceful_shutdown_timeout_ms", "3000")
 # where tests write the faults they inject (pipeline.faults); every Ray process of the session gets the variable
 FAULTS_FILE = os.path.join(tempfile.mkdtemp(prefix="varcon-faults-"), "faults.json")
 os.environ["VARCON_FAULTS_FILE"] = FAULTS_FILE
-CLUSTER_FIXTURES = {"ray_session", "settled_cluster", "mlflow_server", "trained"}
+CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -67,21 +62,15 @@ def digits_files(tmp_path_factory):
     return prepare_dataset(load_config().data, tmp_path_factory.mktemp("data"), log=lambda *_: None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_session():
-    """The Ray instance of a test module, shared by its tests: a 2-node cluster on this machine (a head and a
-    worker node, 1 CPU each), so multi-node placement is real. One per module keeps each module's driver state
-    fresh: in a session-wide cluster a sweep late in the suite twice never heard that its first trial's actor was
-    alive (the GCS created it; the driver's actor notifications stopped), though the same test passes alone.
+    """The one Ray instance of the test session, shared by every test that needs one: a 2-node cluster on
+    this machine (a head and a worker node, 1 CPU each), so multi-node placement is real.
     """
     import ray
     from ray.cluster_utils import Cluster
 
-    with socket.socket() as sock:  # the last module's dashboard may hold its port a little longer
-        sock.bind(("127.0.0.1", 0))
-        dashboard_port = sock.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                           "dashboard_port": dashboard_port})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     cluster.add_node(num_cpus=1)
     # MLflow's HTTP client retries a refused connection for minutes by default; the product's own sender
     # retries on top of it, so tests of a server outage let Ray workers fail each call at once
@@ -90,22 +79,6 @@ def ray_session():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture
-def settled_cluster(ray_session):
-    """The session's cluster once no Ray Train controller or worker of an earlier test is still being torn down
-    (bounded: 60 s)."""
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        busy = [a for a in list_actors(filters=[("state", "!=", "DEAD")], limit=10000)
-                if a.class_name in ("TrainController", "RayTrainWorker", "ImplicitFunc")]
-        if not busy:
-            break
-        time.sleep(1)
-    return ray_session
 
 
 class MlflowServer:
