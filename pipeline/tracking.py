@@ -300,11 +300,6 @@ class TrackedRun:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
-    def metric_histories(self) -> dict[str, list[tuple[int, float]]]:
-        """``{metric: [(step, value)]}`` for every metric of the run."""
-        keys = self.client.get_run(self.run_id).data.metrics.keys()
-        return {key: self.metric_history(key) for key in keys}
-
     # -- artifacts, tags, status -----------------------------------------------------------------------------
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
