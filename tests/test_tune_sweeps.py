@@ -1,6 +1,9 @@
-"""Tiny sweeps on the digits under the session's 2-node Ray cluster, checked in the MLflow store.
+"""Tiny sweeps on the digits, checked in the MLflow store.
 
-Each trial is 1 worker x 1 CPU, so two trials run side by side; epochs are few and evaluation is cut short.
+Each sweep is ``varcon tune`` in its own process with the local Ray instance it starts itself, as on a laptop: a
+sweep shares no Ray state with earlier tests (the session's cluster has seen workers and servers killed by the
+fault tests), and a sweep that hangs fails its own test at the timeout without taking the next ones with it.
+Each trial is 1 worker x 1 CPU; epochs are few and evaluation is cut short.
 """
 import json
 import os
@@ -13,7 +16,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint, engine
-from pipeline.cli import main
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data import prepare_dataset
 from pipeline.names import EXPLOITS_TAG
@@ -22,6 +24,27 @@ from tune import space
 from tune.spec import load_sweep
 
 SHORT_EVAL = ["eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
+SWEEP_TIMEOUT_S = 600
+
+
+def varcon(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``varcon *args`` in a new process that starts its own local Ray instance (no ``RAY_ADDRESS``); a sweep
+    still running after ``SWEEP_TIMEOUT_S`` is killed (its Ray instance with it) and fails the test with the end
+    of what it printed."""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    try:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env={**environment, **(env or {})},
+                              capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as hung:
+        tail = (hung.stderr or b"")[-4000:]
+        pytest.fail(f"`varcon {' '.join(args)}` ran past {SWEEP_TIMEOUT_S} s; its output ended with:\n"
+                    f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
+
+
+def succeeded(done: subprocess.CompletedProcess) -> str:
+    """What a finished ``varcon`` printed, after checking it exited 0."""
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def store(home):
@@ -76,15 +99,15 @@ def trained_epochs(home, run):
     return kept[-1].record.epoch if kept else 0
 
 
+@pytest.mark.cluster
 def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable_best_config(
-        varcon_home, ray_session, tmp_path, capsys, inject_faults):
+        varcon_home, tmp_path, inject_faults):
     """The second trial (lr 1e-5) gets a NaN into its weights after epoch 1: it ends at epoch 2 with the reason,
     is not retried, its epoch-1 checkpoint stays, and the other trials go on. What the product promises for
     every trial, whatever the timing of a scheduler's stop: every epoch its checkpoints cover is logged exactly
     once, and its MLflow status says why it ended."""
     inject_faults(nan_after_epoch=1, runs=[2])
-    assert main(["tune", "--config", str(write_asha_sweep(tmp_path)), *SHORT_EVAL]) == 0
-    printed = capsys.readouterr().out
+    printed = succeeded(varcon("tune", "--config", str(write_asha_sweep(tmp_path)), *SHORT_EVAL))
     client = store(varcon_home)
     parent, children = sweep_runs(client, "t-asha")
     assert parent.info.status == "FINISHED"
@@ -157,11 +180,12 @@ def test_the_sweep_driver_ends_a_trial_the_scheduler_stopped_as_killed(varcon_ho
     assert "varcon.error" not in run.data.tags
 
 
-def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_session, capsys):
+@pytest.mark.cluster
+def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home):
     overrides = ["--config", "configs/tune/digits_pbt.yaml", "tune.name=t-pbt", "tune.num_samples=2",
                  "tune.quantile_fraction=0.5", "tune.perturbation_interval=2", "optim.epochs=3",
                  "optim.warmup_epochs=0", *SHORT_EVAL]
-    assert main(["tune", *overrides]) == 0
+    succeeded(varcon("tune", *overrides))
     client = store(varcon_home)
     parent, children = sweep_runs(client, "t-pbt")
     assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
@@ -182,14 +206,13 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home, ray_sessio
     assert all(0 <= eps < tau1 for tau1, eps in zip(schedule.tau1_values, schedule.eps_values))
 
 
-def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, ray_session, tmp_path):
+@pytest.mark.cluster
+def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, tmp_path):
     args = ["tune", "tune.name=t-resume", "tune.searcher=random", "tune.num_samples=2", "tune.scheduler=fifo",
             "optim.epochs=1", "optim.warmup_epochs=0", *SHORT_EVAL]
     faults = tmp_path / "exit-after-one-trial.json"
     faults.write_text(json.dumps({"exit_sweep_after_trials": 1}))
-    env = {**os.environ, "VARCON_FAULTS_FILE": str(faults), "RAY_ADDRESS": ray_session.address}
-    killed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
-                            timeout=600)
+    killed = varcon(*args, env={"VARCON_FAULTS_FILE": str(faults)})
     assert killed.returncode == 3, killed.stderr[-2000:]  # the driver died after the first trial completed
     client = store(varcon_home)
     _, before = sweep_runs(client, "t-resume")
@@ -201,7 +224,7 @@ def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, ray
                for run in done_before}
     checkpoints = {run_id: sorted(p.name for p in folder.glob("checkpoint_*")) for run_id, folder in folders.items()}
 
-    assert main(args) == 0
+    succeeded(varcon(*args))  # a new driver, on a new Ray instance, resumes the sweep from its storage
     parent, children = sweep_runs(client, "t-resume")
     trial_ids = [run.data.tags["varcon.trial_id"] for run in children]
     assert len(children) == 2 and len(set(trial_ids)) == 2 and parent.info.status == "FINISHED"
