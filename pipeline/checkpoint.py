@@ -70,9 +70,11 @@ class RunRecord:
         values = [(step, value) for step, k, value, _ in self.entries if k == key and step <= epoch]
         return max(values)[1] if values else float("-inf")
 
-    def report(self, monitor_key: str) -> dict:
-        """What a worker reports after ``epoch``: that epoch's metrics, the epoch and the monitor."""
-        return {**self.at(self.epoch), EPOCH: self.epoch, MONITOR: self.monitor(monitor_key, self.epoch)}
+    def report(self, monitor_key: str | None) -> dict:
+        """What a worker reports after ``epoch``: that epoch's metrics, the epoch and the monitor following
+        ``monitor_key`` (none without a validation split: ``None``)."""
+        monitor = {MONITOR: self.monitor(monitor_key, self.epoch)} if monitor_key else {}
+        return {**self.at(self.epoch), EPOCH: self.epoch, **monitor}
 
     def at(self, step: int) -> dict[str, float]:
         return {key: value for s, key, value, _ in self.entries if s == step}

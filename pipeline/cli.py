@@ -57,23 +57,28 @@ def _cmd_prepare(config) -> int:
 
 
 def _cmd_train(config) -> int:
+    from pipeline.names import monitor_source
     from pipeline.tracking import ui_command
     from pipeline.train_job import train
 
     outcome = train(config)
     print(f"\n== {config.name}: {config.loss.name} on {config.data.dataset}, {config.optim.epochs} epochs, "
           f"{config.ray.num_workers} Ray Train workers ==")
-    for key in sorted(k for k in outcome.final_metrics if k.startswith("knn_top1")):
+    final = outcome.final_metrics
+    for key in sorted(k for k in final if "_knn_top1_k" in k):
         before = outcome.initial_metrics.get(key)
         init = f" (random init: {before:.2%})" if before is not None else ""
-        print(f"{key} on the held-out split: {outcome.final_metrics[key]:.2%}{init}")
-    for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot"):
-        if key in outcome.final_metrics:
-            print(f"{key}: {outcome.final_metrics[key]:.2%}")
+        print(f"{key}: {final[key]:.2%}{init}")
+    for key in sorted(k for k in final if "probe_top" in k or "fewshot" in k):
+        print(f"{key}: {final[key]:.2%}")
     print(f"MLflow run id: {outcome.run_id}")
     if outcome.model_path:
         print(f"final checkpoint: {outcome.model_path}   (varcon eval --checkpoint {Path(outcome.model_path).parent})")
-        print(f"best checkpoint:  {outcome.best_model_path}   (by kNN top-1 on the test split)")
+        if config.data.val_fraction > 0:
+            print(f"best checkpoint:  {outcome.best_model_path}   (by {monitor_source(config.eval)}, the "
+                  f"validation split)")
+        else:
+            print("best checkpoint:  the final one (data.val_fraction=0: no validation split, nothing selected)")
     if outcome.tracking_problem:
         print(f"varcon: warning: {outcome.tracking_problem}", file=sys.stderr)
     print(f"open the UI:   {shlex.join(ui_command(outcome.tracking_uri))}   (then http://127.0.0.1:5000)")

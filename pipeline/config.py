@@ -48,6 +48,9 @@ class DataConfig:
     cache_dir: str = ".cache/data"  # where .beton files and their manifests are written
     image_size: int = 32  # side of the trained images (and of generated sources)
     test_fraction: float = 0.25  # digits: held-out share (seeded, stratified split)
+    val_fraction: float = 0.1  # validation share carved from the training split by index (pipeline.data.splits):
+    #                            what selects (monitor, best checkpoint, sweeps) reads it; 0 = train on all of it
+    val_seed: int = 0  # draws the validation indices (per class)
     split_seed: int = 0  # digits: split seed; synthetic: generator seed
     num_classes: int = 10  # synthetic only
     train_samples: int = 2000  # synthetic only
@@ -125,8 +128,17 @@ class OptimConfig:
 class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
     knn_temperature: float = 0.1
-    every_epochs: int = 1  # kNN monitor frequency
-    linear_probe_epochs: int = 100  # final linear probe on frozen features; 0 skips it
+    every_epochs: int = 1  # validation kNN monitor frequency (needs data.val_fraction > 0)
+    at_epochs: list[int] = field(default_factory=list)  # the monitor's epochs instead of every_epochs (sweeps: the
+    #                                                      scheduler's rungs); the last epoch is always evaluated
+    initial_fraction: float = 1.0  # epoch-0 monitor on this seeded share of bank and validation; 0 = none
+    test_every_epochs: int = 0  # a test kNN curve every n epochs (never selects); 0 = the test split at the end only
+    probe: str = "features"  # final linear probe: features (standardised frozen features) | reference (frozen
+    #                          encoder, training crops, the papers' SGD schedule) | both
+    linear_probe_epochs: int = 100  # the features probe's epochs; 0 skips it
+    reference_probe_epochs: int = 100  # the reference probe: epochs (lr x0.2 at 60%, 75%, 90% of them)
+    reference_probe_lr: float = 5.0  # for reference_probe_batch_size, used as is
+    reference_probe_batch_size: int = 256  # global, split over the workers
     few_shot_episodes: int = 200  # final 5-way 1-/5-shot nearest-class-mean episodes; 0 skips them
 
 
@@ -171,6 +183,7 @@ DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 ENCODERS = ("small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 LOSSES = ("varcon", "supcon", "cross_entropy")
+PROBES = ("features", "reference", "both")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -318,6 +331,8 @@ def validate(config: ExperimentConfig) -> None:
     need(d.writer_workers >= 0, "data.writer_workers must be >= 0")
     need(d.loader in ("ffcv", "torchvision"), f"data.loader={d.loader!r} must be ffcv or torchvision")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
+    need(0.0 <= d.val_fraction <= 0.5, f"data.val_fraction={d.val_fraction} must lie in [0, 0.5] (0: no validation "
+         f"split, nothing is selected)")
     need(0.0 < d.crop_scale_min <= 1.0, "data.crop_scale_min must lie in (0, 1]")
     for key in ("color_jitter_prob", "grayscale_prob"):
         need(0.0 <= getattr(d, key) <= 1.0, f"data.{key} must lie in [0, 1]")
@@ -346,8 +361,20 @@ def validate(config: ExperimentConfig) -> None:
          f"ray.placement_strategy={r.placement_strategy!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
     need(o.optimizer in ("sgd", "lars"), f"optim.optimizer={o.optimizer!r} must be sgd or lars")
     need(o.precision in ("auto", "bf16", "fp32"), f"optim.precision={o.precision!r} must be auto, bf16 or fp32")
-    need(config.eval.linear_probe_epochs >= 0 and config.eval.few_shot_episodes >= 0,
+    e = config.eval
+    need(e.linear_probe_epochs >= 0 and e.few_shot_episodes >= 0,
          "eval.linear_probe_epochs and eval.few_shot_episodes must be >= 0")
+    need(e.probe in PROBES, f"eval.probe={e.probe!r} must be one of {', '.join(PROBES)}")
+    if e.probe in ("reference", "both"):
+        need(e.reference_probe_epochs >= 1 and e.reference_probe_lr > 0,
+             f"eval.probe={e.probe} needs eval.reference_probe_epochs >= 1 and eval.reference_probe_lr > 0")
+        need(e.reference_probe_batch_size >= r.num_workers and e.reference_probe_batch_size % r.num_workers == 0,
+             f"eval.reference_probe_batch_size={e.reference_probe_batch_size} must be a positive multiple of "
+             f"ray.num_workers={r.num_workers}")
+    need(0.0 <= e.initial_fraction <= 1.0, f"eval.initial_fraction={e.initial_fraction} must lie in [0, 1]")
+    need(e.test_every_epochs >= 0, "eval.test_every_epochs must be >= 0")
+    need(all(1 <= epoch <= o.epochs for epoch in e.at_epochs),
+         f"eval.at_epochs={e.at_epochs} must list epochs between 1 and optim.epochs={o.epochs}")
     need(
         o.global_batch_size >= 1 and o.global_batch_size % r.num_workers == 0,
         f"optim.global_batch_size={o.global_batch_size} must be a positive multiple of ray.num_workers="

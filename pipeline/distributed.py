@@ -44,3 +44,47 @@ def loss_scale_for_global_batch() -> int:
     """Factor applied to the loss before backward so DDP's averaging yields the global-loss gradient."""
     return world_size()
 
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over the ranks (in place; returned)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's ``n``, in rank order."""
+    if not is_distributed():
+        return [n]
+    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(n, dtype=torch.int64, device=device))
+    return [int(s) for s in sizes]
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """``src``'s ``tensor`` on every rank (the others pass a buffer of the same shape and dtype)."""
+    if is_distributed():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on all) concatenated along ``dim`` in rank order."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` ``[n_r, ...]`` (``n_r`` may differ) concatenated along dim 0 in rank order."""
+    if not is_distributed():
+        return tensor
+    sizes = all_sizes(tensor.shape[0], tensor.device)
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])

@@ -15,11 +15,12 @@ from torch import nn
 
 from pipeline import checkpoint, distributed
 from pipeline.data.augment import ColorAugment, to_device
-from pipeline.data.prepare import PreparedDataset
-from pipeline.data.loaders import eval_loaders, train_loader
-from pipeline.evaluation import dispersion, extract_features, few_shot_ncm, knn_predict, linear_probe
+from pipeline.data.loaders import train_loader
+from pipeline.data.prepare import PreparedDataset, dataset_splits
+from pipeline.data.splits import SplitIndices
+from pipeline.evaluator import Evaluator, FinalFeatures
 from pipeline.losses import build_loss
-from pipeline.models import build_model, unwrap
+from pipeline.models import build_model
 from pipeline.schedules import temperatures_at
 
 
@@ -139,14 +140,17 @@ class Training:
 
 
 def build_training(config, files: PreparedDataset, device: torch.device,
-                   wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> Training:
-    """Data, model, loss, optimiser and schedule for this worker; the global batch is split evenly."""
+                   wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+                   split: SplitIndices | None = None) -> Training:
+    """Data, model, loss, optimiser and schedule for this worker; the global batch is split evenly and drawn
+    from the training split's ``bank`` indices (``split``, default: as prepared)."""
     world = distributed.world_size()
+    split = dataset_splits(config.data, files) if split is None else split
     local_batch = config.optim.global_batch_size // world
     if device.type == "cuda":  # fixed shapes: cuDNN picks its fastest kernels once (resume is bit-exact on CPU only)
         torch.backends.cudnn.benchmark = True
     d = config.data
-    train_batches = train_loader(config, files, local_batch, distributed=world > 1)
+    train_batches = train_loader(config, files, local_batch, world > 1, split)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, files.num_classes).to(device, memory_format=torch.channels_last)
     model = wrap_model(model)
@@ -165,68 +169,6 @@ def build_training(config, files: PreparedDataset, device: torch.device,
                     autocast_dtype(config.optim.precision, device))
 
 
-@dataclass
-class FinalFeatures:
-    """The test split after training: unit encoder features ``[N, F]``, labels ``[N]``, kNN predictions ``[N]``."""
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    knn_predictions: torch.Tensor
-    knn_k: int
-
-
-class Evaluator:
-    """Evaluation of the encoder's features: train split as memory bank / probe training set, test split as
-    queries. ``knn`` runs every few epochs; ``final`` adds the linear probe, few-shot and dispersion metrics.
-    """
-
-    def __init__(self, config, files: PreparedDataset, batch_size: int = 512) -> None:
-        loaders = eval_loaders(config, files, batch_size)
-        self.train, self.test = loaders["train"], loaders["test"]
-        self.eval_config, self.num_classes, self.seed = config.eval, files.num_classes, config.seed
-
-    def features(self, model: nn.Module, preprocess: nn.Module, device: torch.device):
-        encoder = unwrap(model)
-        was_training = encoder.training
-        encoder.eval()
-        bank = extract_features(encoder.features, self.train, preprocess, device)
-        queries = extract_features(encoder.features, self.test, preprocess, device)
-        encoder.train(was_training)
-        return bank, queries
-
-    def _knn(self, bank, bank_labels, queries, query_labels) -> tuple[dict[str, float], torch.Tensor]:
-        """kNN top-1 for every k, and the predictions of the first k."""
-        metrics, first = {}, None
-        for k in self.eval_config.knn_k:
-            predicted = knn_predict(bank, bank_labels, queries, k, self.eval_config.knn_temperature,
-                                    self.num_classes)
-            metrics[f"knn_top1_k{k}"] = (predicted == query_labels).float().mean().item()
-            first = predicted if first is None else first
-        return metrics, first
-
-    def knn(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
-        (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
-        return self._knn(bank, bank_labels, queries, query_labels)[0]
-
-    def final(self, model: nn.Module, preprocess: nn.Module, device: torch.device) -> dict[str, float]:
-        return self.final_with_features(model, preprocess, device)[0]
-
-    def final_with_features(self, model: nn.Module, preprocess: nn.Module,
-                            device: torch.device) -> tuple[dict[str, float], FinalFeatures]:
-        """The final metrics, and the test split's features with the kNN predictions (for plots)."""
-        (bank, bank_labels), (queries, query_labels) = self.features(model, preprocess, device)
-        e = self.eval_config
-        metrics, predicted = self._knn(bank, bank_labels, queries, query_labels)
-        metrics.update(dispersion(queries, query_labels, self.num_classes))
-        if e.linear_probe_epochs:
-            metrics.update(linear_probe(bank, bank_labels, queries, query_labels, self.num_classes,
-                                        epochs=e.linear_probe_epochs, seed=self.seed))
-        for shots in (1, 5) if e.few_shot_episodes else ():
-            metrics[f"fewshot_5way_{shots}shot"] = few_shot_ncm(queries, query_labels, shots=shots,
-                                                                episodes=e.few_shot_episodes, seed=self.seed)
-        return metrics, FinalFeatures(queries.cpu(), query_labels.cpu(), predicted.cpu(), e.knn_k[0])
-
-
 def set_temperatures(loss_fn: nn.Module, config, epoch: int) -> dict[str, float]:
     """Apply the temperature schedule's ``tau1`` and ``eps`` for ``epoch`` to a VarCon loss; returns them as
     metrics (none for other losses)."""
@@ -241,19 +183,22 @@ def fit(config, files: PreparedDataset, device: torch.device, on_epoch_end: Call
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None,
         on_final_features: Callable[[FinalFeatures], None] | None = None) -> Training:
     """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs
-    on every rank after every epoch; epoch 0 reports the randomly initialised encoder. ``resume`` (a
-    ``pipeline.checkpoint`` state) continues after its epoch. Evaluation runs on rank 0 only; the last epoch
-    also reports the final evaluation (linear probe, few-shot, dispersion) and,
-    before that, hands the test features to ``on_final_features``. Each epoch first applies the temperature
-    schedule. A NaN or infinite epoch loss raises ``NonFiniteLossError`` before that epoch is reported.
+    on every rank after every epoch with the same metrics; epoch 0 reports the randomly initialised encoder.
+    ``resume`` (a ``pipeline.checkpoint`` state) continues after its epoch. Every rank evaluates its shard
+    (``pipeline.evaluator``): the validation monitor when due, the final evaluation after the last epoch, which
+    first hands the gathered test features to ``on_final_features``; ``eval_time_s`` is logged beside
+    ``epoch_time_s``. Each epoch first applies the temperature schedule. A NaN or infinite epoch loss raises
+    ``NonFiniteLossError`` before that epoch is reported.
     """
-    training = build_training(config, files, device, wrap_model)
+    split = dataset_splits(config.data, files)
+    training = build_training(config, files, device, wrap_model, split)
     start = checkpoint.restore(training, resume) + 1 if resume else 1
-    evaluator = Evaluator(config, files) if distributed.rank() == 0 else None
+    evaluator = Evaluator(config, files, split, training.amp_dtype)
     last = config.optim.epochs
     if resume is None:
-        on_epoch_end(0, evaluator.knn(training.model, training.eval_preprocess, device) if evaluator else {},
-                     training)
+        began = time.perf_counter()
+        metrics = evaluator.initial(training.model, training.eval_preprocess, device)
+        on_epoch_end(0, {**metrics, "eval_time_s": time.perf_counter() - began} if metrics else {}, training)
     for epoch in range(start, last + 1):
         temperatures = set_temperatures(training.loss_fn, config, epoch)
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
@@ -263,12 +208,13 @@ def fit(config, files: PreparedDataset, device: torch.device, on_epoch_end: Call
                                      f"optim.lr or check the data")
         metrics.update(temperatures)
         final_features = None
-        if evaluator is not None and epoch == last:
-            final_metrics, final_features = evaluator.final_with_features(training.model, training.eval_preprocess,
-                                                                          device)
+        began = time.perf_counter()
+        if epoch == last:
+            final_metrics, final_features = evaluator.final(training.model, training.eval_preprocess, device)
             metrics.update(final_metrics)
-        elif evaluator is not None and epoch % config.eval.every_epochs == 0:
-            metrics.update(evaluator.knn(training.model, training.eval_preprocess, device))
+        else:
+            metrics.update(evaluator.during(epoch, training.model, training.eval_preprocess, device))
+        metrics["eval_time_s"] = time.perf_counter() - began
         if final_features is not None and on_final_features is not None:
             on_final_features(final_features)
         on_epoch_end(epoch, metrics, training)

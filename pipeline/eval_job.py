@@ -8,14 +8,16 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import ConfigError, build_config
 from pipeline.data.augment import ColorAugment
-from pipeline.engine import Evaluator
+from pipeline.data.prepare import dataset_splits
+from pipeline.engine import autocast_dtype
+from pipeline.evaluator import Evaluator
 from pipeline.models import build_model
 from pipeline.train_job import prepare
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:
     """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file) with the config
-    stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or GPU.
+    stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or GPU (one process).
     """
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     try:
@@ -29,4 +31,6 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
     model.load_state_dict(state["model"])
     model = model.to(device, memory_format=torch.channels_last)
     preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
-    return {"epoch": state["epoch"], **Evaluator(config, files).final(model, preprocess, device)}
+    evaluator = Evaluator(config, files, dataset_splits(config.data, files),
+                          autocast_dtype(config.optim.precision, device))
+    return {"epoch": state["epoch"], **evaluator.final(model, preprocess, device)[0]}

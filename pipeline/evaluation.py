@@ -1,80 +1,292 @@
-"""Evaluation of a trained encoder: features, weighted kNN, linear probe, few-shot, dispersion."""
+"""Evaluation of a frozen encoder, sharded over the ranks: features, weighted kNN, linear probes, few-shot,
+dispersion.
+
+Every rank holds the features of a disjoint shard of each split (``Shard``) and no rank ever holds a whole
+split's bank; results are reduced over the ranks. Without ``torch.distributed`` (or with one rank) the same code
+is the single-process evaluation. Nothing here touches the global RNG: evaluation settings never change the
+training trajectory.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline import distributed
+
+NO_INDEX = torch.iinfo(torch.int64).max  # the global index of a padding candidate (sorts after every real one)
+
+
+@dataclass
+class Shard:
+    """This rank's part of one split: unit features ``[n, F]`` (float32), their norms before normalisation
+    ``[n]``, labels ``[n]`` and global sample indices ``[n]`` in ascending order; ``total`` counts the split
+    over all ranks."""
+
+    features: torch.Tensor
+    norms: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    total: int
+
+    @classmethod
+    def whole(cls, features: torch.Tensor, labels: torch.Tensor) -> Shard:
+        """A split held by one process, in the given order (tests, single-process tools)."""
+        norms = features.norm(dim=1)
+        return cls(F.normalize(features, dim=1), norms, labels, torch.arange(len(labels), device=labels.device),
+                   len(labels))
+
+    def raw(self) -> torch.Tensor:
+        """The encoder's features as they came out ``[n, F]`` (the reference probe trains on these)."""
+        return self.features * self.norms[:, None]
+
+    def subset(self, keep: torch.Tensor) -> Shard:
+        """The rows where boolean ``keep`` ``[n]`` holds; ``total`` becomes the count over all ranks."""
+        total = int(distributed.all_sum(keep.sum().reshape(1)).item())
+        return Shard(self.features[keep], self.norms[keep], self.labels[keep], self.index[keep], total)
+
 
 @torch.no_grad()
-def extract_features(features_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
-                     preprocess: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
-    """Unit-normalised encoder features ``[N, F]`` and labels ``[N]`` of every sample in ``batches``."""
-    feats, labels = [], []
-    for images, y in batches:
-        x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
-        feats.append(F.normalize(features_fn(x).float(), dim=1))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
+def extract_features(features_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, total: int,
+                     preprocess: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                     amp_dtype: torch.dtype | None = None) -> Shard:
+    """The features of this rank's shard of ``batches`` (``(images, labels, index)`` of a split of ``total``
+    samples, read every ``world``-th sample as ``DistributedSampler`` does) under ``amp_dtype`` autocast.
 
-
-@torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
-                temperature: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
-    """Class predictions ``[Q]`` of a cosine-similarity kNN classifier with weighted vote (Wu et al., 2018).
-
-    For each query q: the k most similar training features s_1..s_k vote for their class with weight
-    exp(s_j / temperature); the class with the largest total wins. Features are unit-normalised ``[N, F]``.
+    The sampler pads the split to a multiple of the world size by repeating its first samples at the end of the
+    last ranks' orders: rank r keeps its first ``len(range(r, total, world))`` rows, which leaves every sample
+    exactly once over the ranks (checked by global index).
     """
-    k = min(k, train_feats.shape[0])
-    predictions = []
-    for start in range(0, test_feats.shape[0], chunk_size):
-        sims = test_feats[start:start + chunk_size] @ train_feats.T  # [q, N_train]
-        top_sims, top_idx = sims.topk(k, dim=1)
-        weights = (top_sims / temperature).exp()  # [q, k]
-        votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        predictions.append(votes.argmax(1))
-    return torch.cat(predictions) if predictions else test_feats.new_zeros(0, dtype=torch.long)
+    feats, labels, index = [], [], []
+    for images, y, i in batches:
+        x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = features_fn(x)
+        feats.append(out.float())
+        labels.append(y.to(device))
+        index.append(i.to(device))
+    keep = len(range(distributed.rank(), total, distributed.world_size()))
+    raw = torch.cat(feats)[:keep] if feats else torch.zeros(0, 0, device=device)
+    labels = torch.cat(labels)[:keep] if labels else torch.zeros(0, dtype=torch.long, device=device)
+    index = torch.cat(index)[:keep] if index else torch.zeros(0, dtype=torch.long, device=device)
+    if len(index) != keep or len(torch.unique(index)) != keep:
+        raise RuntimeError(f"rank {distributed.rank()} read {len(index)} samples ({len(torch.unique(index))} "
+                           f"distinct) of a split of {total}, expected {keep}: the loader's sharding changed")
+    order = index.argsort()
+    raw, labels, index = raw[order], labels[order], index[order]
+    return Shard(F.normalize(raw, dim=1), raw.norm(dim=1), labels, index, total)
 
 
-def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
+def _feature_dim(shard: Shard) -> int:
+    dim = torch.tensor([shard.features.shape[1] if shard.features.numel() else 0], device=shard.features.device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(dim, op=torch.distributed.ReduceOp.MAX)
+    return int(dim.item())
+
+
+def _local_candidates(queries: torch.Tensor, bank: Shard, k: int):
+    """This rank's k best bank samples for each query ``[m, F]``, by (similarity desc, global index asc):
+    similarities, global indices and labels, each ``[m, k]`` (padded with -inf / ``NO_INDEX`` when the shard
+    holds fewer than k)."""
+    m, n = queries.shape[0], bank.features.shape[0]
+    take = min(k, n)
+    if take == 0:
+        top = queries.new_full((m, 0), float("-inf"))
+        pos = torch.zeros(m, 0, dtype=torch.long, device=queries.device)
+    else:
+        sims = queries @ bank.features.T  # [m, n]
+        if n > take:
+            top, pos = sims.topk(take + 1, dim=1)
+            tied = top[:, take - 1] == top[:, take]  # the k-th place is shared: the topk set is not unique
+            top, pos = top[:, :take].contiguous(), pos[:, :take].contiguous()
+            if tied.any():  # a stable sort keeps equal similarities in bank (= global index) order
+                rows = tied.nonzero().squeeze(1)
+                ordered = sims[rows].sort(dim=1, descending=True, stable=True)
+                top[rows], pos[rows] = ordered.values[:, :take], ordered.indices[:, :take]
+        else:
+            top, pos = sims.sort(dim=1, descending=True, stable=True)
+    index, labels = bank.index[pos], bank.labels[pos]
+    if take < k:
+        pad = k - take
+        top = torch.cat([top, top.new_full((m, pad), float("-inf"))], 1)
+        index = torch.cat([index, index.new_full((m, pad), NO_INDEX)], 1)
+        labels = torch.cat([labels, labels.new_zeros((m, pad))], 1)
+    return top, index, labels
+
+
+def _best_k(sims: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, k: int):
+    """The first k of candidates ``[m, c]`` in the order (similarity desc, global index asc)."""
+    by_index = index.argsort(dim=1, stable=True)
+    sims, index, labels = sims.gather(1, by_index), index.gather(1, by_index), labels.gather(1, by_index)
+    order = sims.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return sims.gather(1, order), labels.gather(1, order)
+
+
+@torch.no_grad()
+def knn_neighbours(queries: Shard, bank: Shard, k: int, chunk_size: int = 1024):
+    """For each query of this rank's shard, its k most cosine-similar samples of the whole bank, ordered by
+    (similarity desc, global index asc): similarities and labels ``[n_q, k]`` (k capped at the bank's size).
+
+    No rank holds more than its own bank shard: the queries of each rank in turn are broadcast in chunks of
+    ``chunk_size``, every rank answers with its shard's k best, and the owner merges the ``world x k``
+    candidates; memory beyond the shards is O(chunk_size x k x world).
+    """
+    k = min(k, bank.total)
+    world, me = distributed.world_size(), distributed.rank()
+    device = queries.features.device
+    sizes = distributed.all_sizes(queries.features.shape[0], device)
+    dim = _feature_dim(bank)
+    out_sims, out_labels = [], []
+    for owner in range(world):
+        for start in range(0, sizes[owner], chunk_size):
+            m = min(chunk_size, sizes[owner] - start)
+            block = queries.features[start:start + m] if me == owner else torch.empty(m, dim, device=device)
+            block = distributed.broadcast(block.contiguous(), owner)
+            candidates = [distributed.all_gather_cat(t, dim=1) for t in _local_candidates(block, bank, k)]
+            if me == owner:
+                sims, labels = _best_k(*candidates, k)
+                out_sims.append(sims)
+                out_labels.append(labels)
+    if not out_sims:
+        return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
+    return torch.cat(out_sims), torch.cat(out_labels)
+
+
+def knn_vote(sims: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:
+    """Class predictions ``[n]`` of a weighted vote (Wu et al., 2018): each neighbour j of ``[n, k]`` votes for
+    its class with weight exp(s_j / temperature); the class with the largest total wins."""
+    votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+    votes.scatter_add_(1, labels, (sims / temperature).exp())
+    return votes.argmax(1)
+
+
+def knn_predict(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torch.Tensor, k: int,
+                temperature: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+    """Single-process kNN predictions ``[Q]`` for unit query features ``[Q, F]`` against a unit bank ``[N, F]``."""
+    queries = Shard.whole(query_feats, torch.zeros(len(query_feats), dtype=torch.long))
+    sims, labels = knn_neighbours(queries, Shard.whole(bank_feats, bank_labels), k, chunk_size)
+    return knn_vote(sims, labels, temperature, num_classes)
+
+
+def accuracy(hits: torch.Tensor, total: int) -> float:
+    """The share of ``True`` in this rank's ``hits`` summed over the ranks, of ``total``."""
+    count = distributed.all_sum(hits.sum().reshape(1).to(torch.float64))
+    return float(count.item()) / max(1, total)
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        if p.grad is not None:
+            distributed.all_sum(p.grad)
+
+
+def _probe_layer(dim: int, num_classes: int, seed: int, device: torch.device) -> torch.nn.Linear:
+    """``nn.Linear``'s default initialisation drawn from a generator of its own (the same on every rank)."""
+    layer = torch.nn.Linear(dim, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / dim ** 0.5
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.uniform_(-bound, bound, generator=gen)
+    return layer.to(device)
+
+
+def _top1_top5(layer: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, total: int,
+               num_classes: int) -> tuple[float, float]:
+    with torch.no_grad():
+        top5 = layer(features).topk(min(5, num_classes), dim=1).indices if len(labels) else \
+            labels.new_zeros(0, min(5, num_classes))
+    hits = top5 == labels[:, None]
+    return accuracy(hits[:, 0], total), accuracy(hits.any(1), total)
+
+
+def linear_probe(train: Shard, evaluated: dict[str, Shard], num_classes: int, epochs: int = 100, lr: float = 0.1,
                  batch_size: int = 256, seed: int = 0) -> dict[str, float]:
-    """One linear layer on frozen features ``[N, F]``, SGD (momentum 0.9, cosine LR), ``epochs`` epochs.
+    """One linear layer on frozen unit features, SGD (momentum 0.9, cosine LR), ``epochs`` epochs, sharded.
 
     Features are standardised per dimension with the training split's mean and std first (a BatchNorm without
-    affine parameters, as MoCo v3 and MAE probe), which makes one learning rate fit every encoder.
-    Reports the **final** epoch's test top-1/top-5 (never the best epoch on the test set).
+    affine parameters, as MoCo v3 and MAE probe), which makes one learning rate fit every encoder. Each step
+    every rank takes ``ceil(batch_size / world)`` samples of its own shuffled shard; the loss is the mean over the
+    step's samples of all ranks (gradients summed). Returns the **final** epoch's ``<split>_probe_top1/top5`` for
+    each split of ``evaluated``.
     """
-    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
-    train_feats, test_feats = (train_feats - mean) / std, (test_feats - mean) / std
-    gen = torch.Generator().manual_seed(seed)
-    device = train_feats.device
-    layer = torch.nn.Linear(train_feats.shape[1], num_classes).to(device)
+    device = train.features.device
+    x = train.features.double()
+    n = float(train.total)
+    mean = distributed.all_sum(x.sum(0)) / n
+    var = (distributed.all_sum(((x - mean) ** 2).sum(0)) / max(1.0, n - 1)).clamp_min(1e-12)
+    mean, std = mean.float(), var.sqrt().float().clamp_min(1e-6)
+    feats = (train.features - mean) / std
+    layer = _probe_layer(feats.shape[1], num_classes, seed, device)
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9)
-    steps_per_epoch = max(1, -(-train_feats.shape[0] // batch_size))
+    local_batch = -(-batch_size // distributed.world_size())
+    steps_per_epoch = max(1, -(-max(distributed.all_sizes(len(feats), device)) // local_batch))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed + distributed.rank())
     for _ in range(epochs):
-        order = torch.randperm(train_feats.shape[0], generator=gen).to(device)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(layer(train_feats[idx]), train_labels[idx])
+        order = torch.randperm(len(feats), generator=gen).to(device)
+        for step in range(steps_per_epoch):
+            idx = order[step * local_batch:(step + 1) * local_batch]
+            count = distributed.all_sum(torch.tensor([float(len(idx))], device=device))
+            loss = F.cross_entropy(layer(feats[idx]), train.labels[idx], reduction="sum") / count.clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            _average_gradients(layer)
             optimizer.step()
             schedule.step()
-    with torch.no_grad():
-        top5 = layer(test_feats).topk(min(5, num_classes), dim=1).indices
-    hits = top5 == test_labels[:, None]
-    return {"probe_top1": hits[:, 0].float().mean().item(), "probe_top5": hits.any(1).float().mean().item()}
+    metrics = {}
+    for split, shard in evaluated.items():
+        top1, top5 = _top1_top5(layer, (shard.features - mean) / std, shard.labels, shard.total, num_classes)
+        metrics.update({f"{split}_probe_top1": top1, f"{split}_probe_top5": top5})
+    return metrics
+
+
+def reference_probe(features_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
+                    preprocess: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                    amp_dtype: torch.dtype | None, evaluated: dict[str, Shard], num_classes: int, epochs: int,
+                    lr: float, seed: int = 0) -> dict[str, float]:
+    """The papers' linear evaluation (SupContrast's ``main_linear.py``, which VarCon's code keeps): a linear
+    layer on the frozen encoder's raw features of the training crops (``batches``: the two-view loader, first
+    view, flips and crops, no colour jitter), SGD momentum 0.9 without weight decay, ``lr`` x0.2 at 60%, 75%
+    and 90% of ``epochs``, gradients averaged over the ranks (every rank's batch is the same size).
+
+    Returns ``<split>_refprobe_top1`` of the final epoch for each split of ``evaluated``, and, as the papers
+    report it, the best test epoch's top-1 as ``test_refprobe_top1_best_epoch_test_selected``: selected on the
+    test split, for comparison with published figures only; nothing in the pipeline selects by it.
+    """
+    dim = _feature_dim(next(iter(evaluated.values())))
+    layer = _probe_layer(dim, num_classes, seed, device)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    milestones = sorted({max(1, round(epochs * share)) for share in (0.6, 0.75, 0.9)})
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.2)
+    curves: dict[str, list[float]] = {split: [] for split in evaluated}
+    for _ in range(epochs):
+        for view1, _, labels, _ in batches:
+            with torch.no_grad():
+                x = preprocess(view1.to(device)).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    feats = features_fn(x).float()
+            loss = F.cross_entropy(layer(feats), labels.to(device)) / distributed.world_size()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_gradients(layer)
+            optimizer.step()
+        schedule.step()
+        for split, shard in evaluated.items():
+            curves[split].append(_top1_top5(layer, shard.raw(), shard.labels, shard.total, num_classes)[0])
+    metrics = {f"{split}_refprobe_top1": curve[-1] for split, curve in curves.items()}
+    if "test" in curves:
+        metrics["test_refprobe_top1_best_epoch_test_selected"] = max(curves["test"])
+    return metrics
 
 
 @torch.no_grad()
 def few_shot_ncm(feats: torch.Tensor, labels: torch.Tensor, ways: int = 5, shots: int = 1, queries: int = 15,
                  episodes: int = 200, seed: int = 0) -> float:
-    """Mean accuracy of nearest-class-mean classification over random ``ways``-way ``shots``-shot episodes.
+    """Mean accuracy of nearest-class-mean classification over random ``ways``-way ``shots``-shot episodes on
+    unit features ``[N, F]`` held whole (the gathered test split).
 
     Each episode draws ``ways`` classes with at least ``shots + queries`` samples, averages the unit features
     of ``shots`` supports per class and assigns ``queries`` per class to the most cosine-similar mean.
@@ -100,16 +312,19 @@ def few_shot_ncm(feats: torch.Tensor, labels: torch.Tensor, ways: int = 5, shots
 
 
 @torch.no_grad()
-def dispersion(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+def dispersion(shard: Shard, num_classes: int) -> dict[str, float]:
     """Mean cosine of unit features to their class centroid (intra-class compactness) and mean pairwise
-    cosine between distinct class centroids (inter-class spread; lower is more dispersed).
-    """
-    onehot = F.one_hot(labels, num_classes).to(feats.dtype)  # [N, K]
-    present = onehot.sum(0) > 0
-    centroids = F.normalize(onehot.T @ feats, dim=1)[present]  # [C, F]
-    own = F.normalize(onehot.T @ feats, dim=1)[labels]
-    intra = (feats * own).sum(1).mean().item()
-    c = centroids.shape[0]
-    pairwise = centroids @ centroids.T
+    cosine between distinct class centroids (inter-class spread; lower is more dispersed), over all ranks:
+    centroid_c = normalise(sum of the class's features over the ranks)."""
+    onehot = F.one_hot(shard.labels, num_classes).to(torch.float32)  # [n, K]
+    sums = distributed.all_sum(onehot.T @ shard.features if len(shard.labels) else
+                               torch.zeros(num_classes, _feature_dim(shard), device=shard.features.device))
+    counts = distributed.all_sum(onehot.sum(0))
+    centroids = F.normalize(sums, dim=1)
+    intra_sum = (shard.features * centroids[shard.labels]).sum().reshape(1).to(torch.float64)
+    intra = float(distributed.all_sum(intra_sum).item()) / max(1, shard.total)
+    present = centroids[counts > 0]  # [C, F]
+    c = present.shape[0]
+    pairwise = present @ present.T
     inter = ((pairwise.sum() - pairwise.diagonal().sum()) / max(1, c * (c - 1))).item()
     return {"dispersion_intra_cos": intra, "dispersion_inter_cos": inter}

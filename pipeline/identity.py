@@ -24,6 +24,8 @@ OPERATIONAL = frozenset({
     "data.eval_crop_ratio",
     "model.compile",
     "eval.knn_k", "eval.knn_temperature", "eval.every_epochs", "eval.linear_probe_epochs", "eval.few_shot_episodes",
+    "eval.at_epochs", "eval.initial_fraction", "eval.test_every_epochs", "eval.probe", "eval.reference_probe_epochs",
+    "eval.reference_probe_lr", "eval.reference_probe_batch_size",
     "ray.cpus_per_worker", "ray.storage_path", "ray.run_name", "ray.max_failures", "ray.checkpoint_every",
     "ray.placement_strategy", "ray.resource_wait_s",
     "tracking.tracking_uri", "tracking.experiment", "tracking.log_checkpoints", "tracking.registered_model_name",
@@ -33,7 +35,7 @@ OPERATIONAL = frozenset({
 TRAJECTORY = frozenset({
     "name", "seed",
     "data.image_size", "data.crop_scale_min", "data.horizontal_flip", "data.color_jitter_strength",
-    "data.color_jitter_prob", "data.grayscale_prob", "data.loader",
+    "data.color_jitter_prob", "data.grayscale_prob", "data.loader", "data.val_fraction", "data.val_seed",
     "model.encoder", "model.cifar_stem", "model.width", "model.head_hidden_dim", "model.embedding_dim",
     "model.head_batchnorm",
     "loss.name", "loss.tau1", "loss.eps", "loss.detach_target", "loss.supcon_temperature",

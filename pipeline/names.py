@@ -16,10 +16,10 @@ KIND_TAG = "varcon.kind"  # "sweep" on a sweep's parent run
 
 # keys of the reports workers send through Ray (and Tune's results)
 EPOCH = "epoch"  # completed epochs; 0 is the randomly initialised encoder
-MONITOR = "monitor_top1"  # the latest kNN top-1 (first eval.knn_k): ranks checkpoints, drives early stopping
+MONITOR = "monitor_top1"  # the latest validation kNN top-1 (first eval.knn_k): ranks checkpoints, drives sweeps
 DIVERGED = "diverged"  # the reason, in the last report of a training whose loss became non-finite
 
 
 def monitor_source(eval_config) -> str:
-    """The metric ``MONITOR`` follows: kNN top-1 with the first ``eval.knn_k``."""
-    return f"knn_top1_k{eval_config.knn_k[0]}"
+    """The metric ``MONITOR`` follows: validation kNN top-1 with the first ``eval.knn_k`` (never a test metric)."""
+    return f"val_knn_top1_k{eval_config.knn_k[0]}"

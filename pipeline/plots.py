@@ -65,7 +65,7 @@ def confusion_matrix_plot(labels, predictions, num_classes: int, path: str | Pat
 
 LEARNING_CURVES = {
     "loss terms": ("train_loss", "train_kl", "train_nll"),
-    "kNN top-1 (test split)": None,  # every knn_top1_k* metric
+    "kNN top-1 (validation; test where logged)": None,  # every *_knn_top1_k* metric
     "VarCon temperature and confidence": ("train_tau2_mean", "train_confidence_mean"),
     "learning rate": ("lr",),
 }
@@ -75,7 +75,7 @@ def learning_curves_plot(history: History, path: str | Path) -> Path:
     """One panel per group of ``LEARNING_CURVES``, each metric against its epoch."""
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
     for ax, (title, keys) in zip(axes.flat, LEARNING_CURVES.items()):
-        keys = keys or tuple(sorted(k for k in history if k.startswith("knn_top1_k")))
+        keys = keys or tuple(sorted(k for k in history if "_knn_top1_k" in k))
         for key in keys:
             if history.get(key):
                 steps, values = zip(*sorted(history[key]))

@@ -25,6 +25,7 @@ from pipeline import checkpoint, engine, faults, plots
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from pipeline.data.prepare import PreparedDataset
+from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
 from pipeline.names import DIVERGED, MONITOR, monitor_source
 from pipeline.tracking import MetricSender, TrackedRun
@@ -136,7 +137,7 @@ def run_worker(argument: dict, session: Session) -> str | None:
         if record.run_id != argument["run_id"]:  # another run's weights: a PBT/PB2 exploit
             print(f"[pbt] continuing from run {record.run_id}'s checkpoint after epoch {record.epoch}")
             record = record.continued_by(argument["run_id"], argument["run_key"], argument["identity"])
-    monitor_key = monitor_source(config.eval)
+    monitor_key = monitor_source(config.eval) if data.num_val else None
     last_report = record.report(monitor_key)
     if record.epoch >= config.optim.epochs:  # restored after its last epoch (a restored sweep): report it again
         session.report(last_report, None)
@@ -160,7 +161,7 @@ def run_worker(argument: dict, session: Session) -> str | None:
         if rank == 0:
             faults.after_epoch(argument["faults"], epoch, state is not None, unwrap(training.model))
 
-    def on_final_features(final: engine.FinalFeatures) -> None:
+    def on_final_features(final: FinalFeatures) -> None:
         _draw_final_plots(final, data.num_classes, plots)
 
     try:
@@ -174,7 +175,7 @@ def run_worker(argument: dict, session: Session) -> str | None:
     return None
 
 
-def _draw_final_plots(final: engine.FinalFeatures, num_classes: int, folder: Path) -> None:
+def _draw_final_plots(final: FinalFeatures, num_classes: int, folder: Path) -> None:
     """PCA and t-SNE of the test features, and the kNN confusion matrix, as PNGs in ``folder``. Plots are a
     by-product: a failure is reported, never raised."""
     try:
@@ -245,7 +246,7 @@ def run_training(config: ExperimentConfig, argument: dict, run_key: str, storage
     ``.checkpoint``: the last one). Running again with the same ``run_key`` and storage path continues from the
     last checkpoint. ``callbacks`` go to the ``RunConfig`` after the record forwarder (a Tune trial passes
     Ray's ``TuneReportCallback``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = config.ray
@@ -258,10 +259,19 @@ def run_training(config: ExperimentConfig, argument: dict, run_key: str, storage
         run_config=RunConfig(name=run_key, storage_path=storage_path,
                              callbacks=[_record_forwarder(tracking_uri), *callbacks],
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MONITOR,
-                                                                checkpoint_score_order="max")),
+                             checkpoint_config=_checkpoint_config(config.data.val_fraction > 0)),
     )
     return trainer.fit()
+
+
+def _checkpoint_config(has_validation: bool):
+    """Keep the best two checkpoints by the validation monitor (and Ray always keeps the latest); without a
+    validation split nothing selects: the latest two."""
+    from ray.train import CheckpointConfig
+
+    if has_validation:
+        return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max")
+    return CheckpointConfig(num_to_keep=2)
 
 
 _started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)

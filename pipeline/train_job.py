@@ -93,7 +93,7 @@ class TrainOutcome:
     tracking_uri: str
     record: RunRecord  # what the run produced, from its final checkpoint
     model_path: str | None  # the final checkpoint's state.pt
-    best_model_path: str | None  # the checkpoint with the best kNN monitor
+    best_model_path: str | None  # the checkpoint with the best validation monitor (no validation: the last)
     diverged: str = ""  # why the training ended itself, from Ray's result
     tracking_problem: str | None = None  # set when MLflow did not take the final results
 
@@ -107,7 +107,17 @@ class TrainOutcome:
 
 
 def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> PreparedDataset:
-    return prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
+    """The prepared dataset of ``config``, after checking that its batches fit the training samples."""
+    data = prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
+    trained = data.num_train - data.num_val
+    batches = {"optim.global_batch_size": config.optim.global_batch_size}
+    if config.eval.probe in ("reference", "both"):
+        batches["eval.reference_probe_batch_size"] = config.eval.reference_probe_batch_size
+    for key, size in batches.items():
+        if size > trained:
+            raise ConfigError(f"{key}={size} exceeds the {trained} training samples of {config.data.dataset} (the "
+                              f"training split minus {data.num_val} for validation): lower {key}")
+    return data
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
@@ -116,10 +126,11 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
     plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
+    data = prepare(config, log)  # a bad dataset or split fails here, before Ray starts
     init_ray()
     r = config.ray
     require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
-    opened = start_run(plan, log, parent_run_id, tags)  # prepare the data, open the run
+    opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
     try:
         outcome = train_opened(opened, log, callbacks)  # train under Ray
     except BaseException as exc:
@@ -189,7 +200,7 @@ def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = ()) -> Tr
 def outcome_from_checkpoints(opened: OpenRun, diverged: str = "",
                              kept: list[Checkpointed] | None = None) -> TrainOutcome:
     """The outcome of a run from its checkpoints (``kept``, default: those in its run folder): the final one,
-    and the best by the kNN monitor among them."""
+    and the best by the validation monitor among them (without validation, the final one)."""
     kept = checkpoints_in(opened.plan.run_folder) if kept is None else kept
     if not kept:
         record = RunRecord(opened.run.run_id, opened.plan.run_key, opened.plan.identity)

@@ -34,7 +34,7 @@ import sys
 from mlflow.tracking import MlflowClient
 client = MlflowClient(f"sqlite:///{sys.argv[1]}/.cache/mlflow/mlflow.db")
 (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
-steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20"))
+steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_knn_top1_k20"))
 assert run.info.status == "FINISHED" and steps == [0, 1, 2], (run.info.status, steps)
 print(f"[job-submit] passed: MLflow run {run.info.run_id} FINISHED with kNN at epochs {steps}")
 PY

@@ -6,6 +6,7 @@ import torch
 
 from pipeline import engine
 from pipeline.config import load_config
+from pipeline.models import unwrap
 
 
 def test_engine_trains_without_ray(digits_files):
@@ -13,7 +14,7 @@ def test_engine_trains_without_ray(digits_files):
     reports = []
     engine.fit(config, digits_files, torch.device("cpu"), lambda epoch, m, _: reports.append((epoch, m)))
     assert [epoch for epoch, _ in reports] == [0, 1, 2]
-    assert set(reports[0][1]) == {"knn_top1_k20", "knn_top1_k200"}
+    assert set(reports[0][1]) == {"val_knn_top1_k20", "val_knn_top1_k200", "initial_eval_fraction", "eval_time_s"}
     final = reports[-1][1]
     for key in ("train_loss", "train_kl", "train_nll", "train_tau2_mean", "train_confidence_mean", "lr"):
         assert math.isfinite(final[key])
@@ -67,8 +68,8 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(dig
     epochs = []
     resumed = engine.fit(config, digits_files, device, lambda epoch, m, t: epochs.append(epoch), resume=state)
     assert epochs == [3]
-    for (name, a), (_, b) in zip(engine.unwrap(reference.model).state_dict().items(),
-                                 engine.unwrap(resumed.model).state_dict().items()):
+    for (name, a), (_, b) in zip(unwrap(reference.model).state_dict().items(),
+                                 unwrap(resumed.model).state_dict().items()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
     assert resumed.scheduler.last_epoch == reference.scheduler.last_epoch
 
@@ -94,11 +95,12 @@ def test_final_evaluation_reports_probe_fewshot_and_dispersion(digits_files):
     reports = {}
     engine.fit(config, digits_files, torch.device("cpu"), lambda epoch, m, _: reports.update({epoch: m}))
     final = reports[1]
-    for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot", "dispersion_intra_cos",
-                "dispersion_inter_cos", "knn_top1_k20"):
+    for key in ("test_probe_top1", "test_probe_top5", "val_probe_top1", "test_fewshot_5way_1shot",
+                "test_fewshot_5way_5shot", "test_dispersion_intra_cos", "test_dispersion_inter_cos",
+                "test_knn_top1_k20", "val_knn_top1_k20"):
         assert key in final
-    assert 0.5 < final["probe_top1"] <= final["probe_top5"] <= 1.0
-    assert 0.2 < final["fewshot_5way_1shot"] <= 1.0
+    assert 0.5 < final["test_probe_top1"] <= final["test_probe_top5"] <= 1.0
+    assert 0.2 < final["test_fewshot_5way_1shot"] <= 1.0
     # dispersion's values are checked on constructed features in test_evaluation
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation import dispersion, few_shot_ncm, knn_predict, linear_probe
+from pipeline.evaluation import Shard, dispersion, few_shot_ncm, knn_neighbours, knn_predict, linear_probe
 
 
 def clustered(n_per_class=30, classes=6, dim=16, noise=0.2, seed=0):
@@ -37,9 +37,22 @@ def test_knn_matches_naive_weighted_vote():
         assert fast == pytest.approx(naive_knn(bank, bank_labels, queries, query_labels, k, 0.1, 6))
 
 
+def test_ties_are_broken_by_the_lower_global_index():
+    """One-hot features make every similarity exactly 0 or 1: a query's neighbours are all ties, and the k
+    chosen must be the k lowest global indices among the equally similar."""
+    bank_feats = F.one_hot(torch.tensor([0, 1, 0, 0, 1, 0, 0]), 2).float()
+    bank = Shard(bank_feats, torch.ones(7), torch.tensor([5, 4, 3, 2, 1, 0, 6]), torch.arange(7), 7)
+    query = Shard.whole(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    sims, labels = knn_neighbours(query, bank, k=3)
+    assert sims.tolist() == [[1.0, 1.0, 1.0]] and labels.tolist() == [[5, 3, 2]]  # indices 0, 2, 3
+    sims, labels = knn_neighbours(query, bank, k=6)  # then the similarity-0 ones, again by index
+    assert labels.tolist() == [[5, 3, 2, 0, 6, 4]]
+
+
 def test_probe_and_few_shot_solve_separable_data_and_fail_on_noise():
     feats, labels = clustered(noise=0.1)
-    assert linear_probe(feats, labels, feats, labels, 6, epochs=20)["probe_top1"] == 1.0
+    data = Shard.whole(feats, labels)
+    assert linear_probe(data, {"test": data}, 6, epochs=20)["test_probe_top1"] == 1.0
     assert few_shot_ncm(feats, labels, shots=1, episodes=20) == 1.0
     noise = F.normalize(torch.randn(180, 16, generator=torch.Generator().manual_seed(3)), dim=1)
     assert few_shot_ncm(noise, labels, shots=5, episodes=50) < 0.5  # chance is 0.2
@@ -47,6 +60,6 @@ def test_probe_and_few_shot_solve_separable_data_and_fail_on_noise():
 
 def test_dispersion_of_known_geometry():
     feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    metrics = dispersion(feats, torch.tensor([0, 0, 1, 1]), num_classes=3)  # class 2 absent
+    metrics = dispersion(Shard.whole(feats, torch.tensor([0, 0, 1, 1])), num_classes=3)  # class 2 absent
     assert metrics["dispersion_intra_cos"] == pytest.approx(1.0)
     assert metrics["dispersion_inter_cos"] == pytest.approx(0.0)

@@ -45,7 +45,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(varcon_home,
     run = only_run(client)
     assert run.info.status == "FINISHED" and run.info.run_id == outcome.run_id
     assert steps(client, run, "train_loss") == [1, 2, 3]
-    assert steps(client, run, "knn_top1_k20") == [0, 1, 2, 3]
+    assert steps(client, run, "val_knn_top1_k20") == [0, 1, 2, 3]
 
 
 def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(varcon_home, ray_session, capsys,
@@ -102,8 +102,8 @@ def test_server_killed_then_worker_killed_then_server_back_logs_every_step_exact
     run = only_run(client)
     assert run.info.status == "FINISHED" and MODEL_URI_TAG in run.data.tags
     assert steps(client, run, "train_loss") == [1, 2, 3]
-    assert steps(client, run, "knn_top1_k20") == [0, 1, 2, 3]
-    assert steps(client, run, "probe_top1") == [3]
+    assert steps(client, run, "val_knn_top1_k20") == [0, 1, 2, 3]
+    assert steps(client, run, "test_probe_top1") == [3]
     assert len(checkpoints_in(varcon_home / ".cache" / "ray_results" / run_key(config))) == 2  # none added
 
 

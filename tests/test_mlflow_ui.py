@@ -25,7 +25,7 @@ def mlflow_ui(varcon_home, mlflow_server):
     for trial in range(2):
         config = load_config(None, [f"name=trial-{trial}", "tracking.experiment=ui-check"])
         run = create_run(uri, "ui-check", f"trial-{trial}", config.name, flatten(config), parent_run_id=parent.run_id)
-        run.log_metrics({"knn_top1_k20": 0.5 + trial / 10}, step=1)
+        run.log_metrics({"val_knn_top1_k20": 0.5 + trial / 10}, step=1)
         run.end()
     parent.end()
     server = mlflow_server(uri)

@@ -60,7 +60,8 @@ def test_the_two_workers_ran_on_different_nodes_and_made_progress(trained):
 
 def test_train_command_records_a_complete_mlflow_run(trained):
     home, summary, _ = trained
-    assert "knn_top1_k20 on the held-out split" in summary and "mlflow ui --backend-store-uri" in summary
+    assert "val_knn_top1_k20: " in summary and "test_knn_top1_k20: " in summary
+    assert "by val_knn_top1_k20, the validation split" in summary and "mlflow ui --backend-store-uri" in summary
 
     (beton,) = (home / ".cache" / "data").glob("digits-*/train.beton")
     assert beton.is_file() and read_manifest(beton)["num_samples"] == 1347
@@ -69,13 +70,14 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     assert run.info.status == "FINISHED" and run.info.run_id in summary
     assert run.data.params == flatten(load_config(None, OVERRIDES))
 
-    history = client.get_metric_history(run.info.run_id, "knn_top1_k20")
+    history = client.get_metric_history(run.info.run_id, "val_knn_top1_k20")
     assert sorted(m.step for m in history) == [0, 1, 2]  # random init, then each epoch
     per_epoch = ("train_loss", "train_kl", "train_nll", "train_tau2_mean", "train_confidence_mean", "tau1", "eps",
-                 "lr", "epoch_time_s", "images_per_s", "knn_top1_k200")
+                 "lr", "epoch_time_s", "images_per_s", "val_knn_top1_k200", "eval_time_s")
     for key in per_epoch:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] in ([1, 2], [0, 1, 2]), key
-    for key in ("probe_top1", "probe_top5", "fewshot_5way_1shot", "fewshot_5way_5shot", "dispersion_intra_cos"):
+    for key in ("test_knn_top1_k20", "test_probe_top1", "test_probe_top5", "val_probe_top1", "test_fewshot_5way_1shot",
+                "test_fewshot_5way_5shot", "test_dispersion_intra_cos"):  # the test split: at the end only
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2], key
 
     def listing(path=None):
@@ -115,8 +117,8 @@ def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home,
     (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
     assert run.info.status == "FINISHED" and "varcon.error" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")) == [0, 1, 2, 3]
-    assert "probe_top1" in run.data.metrics
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_knn_top1_k20")) == [0, 1, 2, 3]
+    assert "test_probe_top1" in run.data.metrics
     attempt = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "attempts/2.yaml", str(varcon_home))))
     assert attempt["changed"] == {"ray.max_failures": {"recorded": "0", "now": "5"}}
 
@@ -132,7 +134,8 @@ def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monk
     assert printed["epoch"] == "2"
     # Same weights and data, but another process and thread count than the worker: features agree to float
     # rounding, so continuous metrics match closely and accuracies may move by a few of the 450 test samples.
-    tolerance = {"dispersion_intra_cos": 1e-3, "knn_top1_k20": 0.01, "probe_top1": 0.02, "fewshot_5way_5shot": 0.02}
+    tolerance = {"test_dispersion_intra_cos": 1e-3, "test_knn_top1_k20": 0.01, "val_knn_top1_k20": 0.01,
+                 "test_probe_top1": 0.02, "test_fewshot_5way_5shot": 0.02}
     for key, abs_tol in tolerance.items():
         assert float(printed[key]) == pytest.approx(run.data.metrics[key], abs=abs_tol), key
 
@@ -152,7 +155,7 @@ def test_operational_changes_continue_the_finished_run_without_training_again(tr
     assert sorted(p.name for p in (home / ".cache" / "ray_results").glob("e2e-*/checkpoint_*")) == folders
     client, run = the_run(home)  # still exactly one run
     assert run.info.status == "FINISHED" and int(run.data.tags["varcon.attempts"]) >= 2
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_knn_top1_k20")) == [0, 1, 2]
     (version,) = client.search_model_versions("name='e2e-encoder'")  # no second model version
 
 

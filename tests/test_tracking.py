@@ -120,7 +120,7 @@ def test_plots_are_png_files(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 20)
     features = rng.normal(size=(60, 16)) + labels[:, None] * 3.0
-    history = {"train_loss": [(1, 2.0), (2, 1.5)], "knn_top1_k20": [(0, 0.3), (1, 0.6), (2, 0.7)],
+    history = {"train_loss": [(1, 2.0), (2, 1.5)], "val_knn_top1_k20": [(0, 0.3), (1, 0.6), (2, 0.7)],
                "tau1": [(1, 0.1), (2, 0.08)], "eps": [(1, 0.02), (2, 0.01)], "lr": [(1, 0.5), (2, 0.1)]}
     made = [plots.embedding_plot(features, labels, "pca", tmp_path / "pca.png"),
             plots.embedding_plot(features, labels, "tsne", tmp_path / "tsne.png"),

@@ -3,6 +3,10 @@
 - random / optuna: a define-by-run function for ``OptunaSearch`` (random = Optuna's ``RandomSampler``, optuna =
   its TPE sampler), so both honour ``below`` (``loss.eps < loss.tau1``) the same way: the dependent key is drawn
   from ``[low, min(high, partner * BELOW_MARGIN)]`` after its partner.
+- grid: Tune's own variant generator over a ``param_space``: every grid value once (``tune.grid_search``), the
+  other keys drawn as for PBT's population.
+- ``tune.seeds`` replicates: Tune's ``Repeater`` around the Optuna searcher (it sets ``REPLICATE`` and hands the
+  searcher the replicates' mean), a grid dimension over ``REPLICATE`` for the grid searcher.
 - pbt / pb2: Tune domains for the initial population (``sample_from`` for ``below`` keys), PBT mutations or PB2
   bounds for the keys changed during training, and an explore function that keeps every perturbed
   configuration inside the space and its ``below`` constraints.
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from tune.spec import Param, SweepSpec
+from tune.spec import REPLICATE, Param, SweepSpec
 
 BELOW_MARGIN = 1.0 - 1e-3  # a `below` key stays at most 99.9% of its partner (eps < tau1 strictly)
 
@@ -40,19 +44,46 @@ class OptunaDefineByRun:
 
 
 def searcher(spec: SweepSpec):
-    """Ray Tune's ``OptunaSearch`` with a random or TPE sampler, seeded by ``tune.seed``."""
+    """Ray Tune's ``OptunaSearch`` with a random or TPE sampler, seeded by ``tune.seed``, wrapped in a
+    ``Repeater`` for ``tune.seeds`` > 1; ``None`` (Tune's variant generator) for the grid."""
     import optuna
+    from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
 
     s = spec.settings
+    if s.searcher == "grid":
+        return None
     sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.searcher == "random"
                else optuna.samplers.TPESampler(seed=s.seed))
-    return OptunaSearch(space=OptunaDefineByRun(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+    found = OptunaSearch(space=OptunaDefineByRun(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+    return Repeater(found, repeat=s.seeds, set_index=True) if s.seeds > 1 else found
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Tune's ``num_samples``: configurations x replicates (the grid: repeats of the whole grid)."""
+    s = spec.settings
+    return s.num_samples if s.searcher == "grid" or spec.population_based else s.num_samples * s.seeds
+
+
+def param_space(spec: SweepSpec) -> dict | None:
+    """The ``param_space`` of the grid searcher and of PBT/PB2's population (``None``: Optuna suggests)."""
+    from ray import tune
+
+    if spec.population_based:
+        return population_param_space(spec)
+    if spec.settings.searcher != "grid":
+        return None
+    found = population_param_space(spec)
+    if spec.settings.seeds > 1:
+        found[REPLICATE] = tune.grid_search(list(range(spec.settings.seeds)))
+    return found
 
 
 def _domain(p: Param):
     from ray import tune
 
+    if p.type == "grid":
+        return tune.grid_search(p.values)
     if p.type == "choice":
         return tune.choice(p.values)
     if p.type == "randint":

@@ -21,24 +21,27 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, load_config,
-                             resolve_path, set_dotted, to_dict, yaml_problem)
+from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, flatten,
+                             load_config, resolve_path, set_dotted, to_dict, yaml_problem)
 from pipeline.tracking import resolve_tracking_uri
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
-SEARCHERS = ("random", "optuna")
+SEARCHERS = ("random", "optuna", "grid")
 SCHEDULERS = ("fifo", "asha", "pbt", "pb2")
-PARAM_TYPES = ("uniform", "loguniform", "choice", "randint")
+PARAM_TYPES = ("uniform", "loguniform", "choice", "randint", "grid")
+REPLICATE = "__trial_index__"  # the replicate of a configuration (Tune's Repeater sets it): seed = seed + replicate
 POPULATION_KEYS = ("loss.tau1", "loss.eps")  # what PBT/PB2 may change during training (see README)
 
 
 @dataclass
 class TuneSettings:
     name: str = "sweep"  # names the Tune experiment (storage folder), the MLflow parent run, trial runs
-    searcher: str = "random"  # random | optuna (TPE); PBT/PB2 sample their population at random
+    searcher: str = "random"  # random | optuna (TPE) | grid (every grid value; other keys drawn at random); PBT/PB2
+    #                           sample their population at random
     scheduler: str = "asha"  # fifo | asha (early stopping) | pbt | pb2 (population-based)
-    num_samples: int = 8  # trials (PBT/PB2: the population size)
-    metric: str = "monitor_top1"  # the latest kNN top-1 on the test split, reported every epoch
+    num_samples: int = 8  # configurations (PBT/PB2: the population size; grid: repeats of the grid)
+    seeds: int = 1  # each configuration trained with seeds seed, seed+1, ...: the table reports mean +- sd
+    metric: str = "monitor_top1"  # the latest validation kNN top-1 (never a test metric), reported every epoch
     mode: str = "max"
     seed: int = 0  # searcher seed
     max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (GPUs with ray.use_gpu) allow
@@ -59,7 +62,8 @@ class Param:
     """One search dimension over a dotted experiment key."""
 
     key: str
-    type: str  # uniform | loguniform | choice | randint
+    type: str  # uniform | loguniform | choice | randint | grid (each value once: a scalar, or for a key that is
+    #            no config key a mapping {name: label, dotted.key: value, ...}: a recipe)
     low: float | None = None
     high: float | None = None
     values: list[Any] = field(default_factory=list)
@@ -83,13 +87,45 @@ class SweepSpec:
         return build_config(self.experiment)
 
     def trial_config(self, sampled: dict, trial_id: str) -> ExperimentConfig:
-        """The experiment of one trial: sampled values applied, named ``<sweep>-<trial id>`` (its Ray Train run
-        and MLflow run key, so a resumed sweep continues the same trial run)."""
+        """The experiment of one trial: sampled values applied (a recipe's values expanded, the replicate's
+        seed), named ``<sweep>-<trial id>`` (its Ray Train run and MLflow run key, so a resumed sweep continues
+        the same trial run), evaluated only where its scheduler reads the monitor (``evaluation_epochs``)."""
         name = f"{self.settings.name}-{trial_id}"
-        values = {**sampled, "name": name, "ray.run_name": name}
+        values = {}
+        for key, value in sampled.items():
+            if key == REPLICATE:
+                values["seed"] = self.experiment.get("seed", 0) + int(value or 0)
+            elif isinstance(value, dict):
+                values.update({k: v for k, v in value.items() if k != "name"})
+            else:
+                values[key] = value
+        values.update({"name": name, "ray.run_name": name})
+        if not self.experiment["eval"]["at_epochs"]:
+            values["eval.at_epochs"] = self.evaluation_epochs()
         if self.population_based:  # one process per trial; every epoch a checkpoint PBT can hand over
             values.update({"ray.num_workers": 1, "ray.checkpoint_every": 1})
         return build_config(with_values(self.experiment, values))
+
+    def evaluation_epochs(self) -> list[int]:
+        """The epochs whose validation monitor the scheduler reads: ASHA's rungs (``grace_period x
+        reduction_factor^k``), PBT/PB2's perturbation epochs, FIFO none; the last epoch is evaluated anyway."""
+        s, epochs = self.settings, self.experiment["optim"]["epochs"]
+        if s.scheduler == "asha":
+            rungs, rung = [], s.grace_period
+            while rung < epochs:
+                rungs.append(rung)
+                rung *= s.reduction_factor
+            return rungs + [epochs]
+        if self.population_based:
+            return list(range(s.perturbation_interval, epochs, s.perturbation_interval)) + [epochs]
+        return [epochs]
+
+    @staticmethod
+    def label(value) -> str:
+        """How a sampled value is shown: a recipe by its name."""
+        if isinstance(value, dict):
+            return str(value.get("name", value))
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     def with_absolute_paths(self) -> SweepSpec:
         """The spec with the experiment's store, caches and data folder made absolute (and the tracking URI
@@ -169,6 +205,10 @@ def _validate(spec: SweepSpec) -> None:
     need(s.scheduler in SCHEDULERS, f"tune.scheduler={s.scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}")
     need(s.mode in ("max", "min"), f"tune.mode={s.mode!r} must be max or min")
     need(s.num_samples >= 1, f"tune.num_samples={s.num_samples} must be >= 1")
+    need(s.seeds >= 1, f"tune.seeds={s.seeds} must be >= 1")
+    need(spec.base.data.val_fraction > 0, "a sweep selects trials on the validation split, and "
+                                          "data.val_fraction=0 leaves none: set data.val_fraction (e.g. 0.1) in "
+                                          "the experiment or experiment_overrides")
     need(s.max_concurrent_trials >= 0 and s.trial_driver_cpus >= 0 and s.max_failures >= 0,
          "tune.max_concurrent_trials, tune.trial_driver_cpus and tune.max_failures must be >= 0")
     need(s.grace_period >= 1 and s.reduction_factor >= 2, "tune.grace_period must be >= 1, tune.reduction_factor >= 2")
@@ -181,8 +221,15 @@ def _validate(spec: SweepSpec) -> None:
     sampled = {p.key: p for p in spec.space}
     for p in spec.space:
         need(p.type in PARAM_TYPES, f"space.{p.key}.type={p.type!r} is unknown: use one of {', '.join(PARAM_TYPES)}")
-        if p.type == "choice":
+        if p.type in ("choice", "grid"):
             need(bool(p.values), f"space.{p.key}.values must list the choices")
+            need(p.type != "grid" or s.searcher == "grid", f"space.{p.key} is a grid: use tune.searcher=grid")
+            need(p.type == "grid" or not any(isinstance(v, dict) for v in p.values),
+                 f"space.{p.key}: only a grid's values may be recipes (mappings)")
+            recipe = p.key not in flatten(base) and p.key != "seed"
+            need(not recipe or all(isinstance(v, dict) and "name" in v for v in p.values),
+                 f"space.{p.key} is no experiment key: a grid over it lists recipes, mappings like "
+                 f"{{name: varcon, loss.name: varcon, optim.lr: 0.5}}")
         else:
             need(p.low is not None and p.high is not None and p.low < p.high,
                  f"space.{p.key} needs low < high")
@@ -204,9 +251,13 @@ def _validate(spec: SweepSpec) -> None:
     need(set(loss_names) == {"varcon"} or not any(k.startswith("loss.schedule") for k in sampled),
          "the space searches temperature schedules (VarCon only) and loss.name choices other than varcon: "
          "split it into two sweeps")
+    need(s.searcher != "grid" or any(p.type == "grid" for p in spec.space),
+         "tune.searcher=grid needs a key of type grid in the space")
     if spec.population_based:
         need(s.searcher == "random", f"tune.scheduler={s.scheduler} samples its population itself: use "
                                      f"tune.searcher=random")
+        need(s.seeds == 1, f"tune.seeds={s.seeds}: a population shares weights between its members, so its "
+                           f"replicates are not independent; repeat the sweep with other tune.seed values instead")
         need(bool(s.mutate) and set(s.mutate) <= set(POPULATION_KEYS) and set(s.mutate) <= set(sampled),
              f"tune.mutate={s.mutate} must name keys of the space among {', '.join(POPULATION_KEYS)} (the "
              f"learning rate and batch size live in the optimiser state a PBT exploit copies)")
@@ -224,7 +275,7 @@ def _validate(spec: SweepSpec) -> None:
 def _probe_values(p: Param) -> list:
     if p.below:  # sampled below its partner: probe its low end (the high end is clipped at sampling)
         return [p.low]
-    return list(p.values) if p.type == "choice" else [p.low, p.high]
+    return list(p.values) if p.type in ("choice", "grid") else [p.low, p.high]
 
 
 def _probe_partner(p: Param, sampled: dict[str, Param], value) -> dict:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import csv
 import math
 import tempfile
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,7 @@ from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, 
                                 outcome_from_checkpoints, prepare)
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
-from tune.spec import SweepSpec
+from tune.spec import REPLICATE, SweepSpec
 from tune.trainables import population_trial, train_trial
 
 DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
@@ -37,11 +38,26 @@ DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserv
 @dataclass
 class TrialRow:
     trial_id: str
-    sampled: dict
+    sampled: dict  # the space's values, and the replicate (``REPLICATE``) under tune.seeds
     epochs: int
     metric: float
     status: str  # completed | early-stopped | error: ...
     run_id: str = ""
+    final: dict = field(default_factory=dict)  # the last report's metrics
+
+    @property
+    def configuration(self) -> str:
+        """The sampled values without the replicate: what the replicates of one configuration share."""
+        return ", ".join(f"{k}={SweepSpec.label(v)}" for k, v in sorted(self.sampled.items()) if k != REPLICATE)
+
+
+@dataclass
+class Compared:
+    """The replicates of one configuration: per metric (mean, sd, n) over those that completed."""
+
+    configuration: str
+    rows: list[TrialRow]
+    stats: dict[str, tuple[float, float, int]]
 
 
 @dataclass
@@ -51,6 +67,7 @@ class SweepOutcome:
     best: TrialRow | None
     best_config_path: Path | None
     registered: str | None
+    compared: list[Compared] = field(default_factory=list)
 
 
 def trial_resources(spec: SweepSpec) -> tuple[dict, float, float]:
@@ -132,9 +149,9 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
     callbacks = [forwarder] if forwarder is not None else []
     return tune.Tuner(
         trainable,
-        param_space=space.population_param_space(spec) if spec.population_based else None,
+        param_space=space.param_space(spec),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=_scheduler(spec),
-                                    num_samples=s.num_samples, max_concurrent_trials=max_concurrent),
+                                    num_samples=space.trial_count(spec), max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=s.name, storage_path=str(storage),
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
@@ -174,23 +191,31 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        sampled = {p.key: result.config.get(p.key) for p in spec.space}
+        sampled = {key: result.config.get(key) for key in [p.key for p in spec.space] + [REPLICATE]
+                   if key in result.config}
         done = metrics.get(EPOCH, 0)
         diverged = metrics.get(DIVERGED, "")
         status = (f"error: diverged: {diverged}" if diverged else f"error: {_error_line(result.error)}"
                   if result.error else "completed" if done >= epochs else "early-stopped")
         run = runs.get(trial_id)
         rows.append(TrialRow(trial_id, sampled, done, metrics.get(s.metric, float("nan")), status,
-                             run.info.run_id if run else ""))
+                             run.info.run_id if run else "", dict(metrics)))
         if run is not None:
             records[trial_id] = _finish_trial(spec, result, trial_id, run.info.run_id, status, prepared)
-    completed = [r for r in rows if r.status == "completed" and r.run_id and not math.isnan(r.metric)]
-    best = (max if s.mode == "max" else min)(completed, key=lambda r: r.metric) if completed else None
+    compared = compare(rows, comparison_metrics(spec))
+    best = best_trial(compared, s.metric, s.mode)
     _print_table(rows, s.metric, best, log)
     out = resolve_path(s.output_dir) / s.name
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, out / "trials.csv")
     parent.log_artifact(out / "trials.csv")
+    if s.seeds > 1 or s.searcher == "grid":
+        table = comparison_table(compared, comparison_metrics(spec))
+        log("\n" + table)
+        (out / "comparison.txt").write_text(table + "\n")
+        _write_comparison_csv(compared, comparison_metrics(spec), out / "comparison.csv")
+        parent.log_artifact(out / "comparison.txt")
+        parent.log_artifact(out / "comparison.csv")
     best_path, registered = None, None
     if best is not None:
         best_path = out / "best_config.yaml"
@@ -208,14 +233,78 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
               for status in ("completed", "early-stopped", "error")}
     parent.log_metrics({f"trials_{k.replace('-', '_')}": v for k, v in counts.items()}, step=0)
     parent.end()
-    return SweepOutcome(parent.run_id, rows, best, best_path, registered)
+    return SweepOutcome(parent.run_id, rows, best, best_path, registered, compared)
+
+
+def comparison_metrics(spec: SweepSpec) -> list[str]:
+    """What the comparison reports per configuration: the selection metric, then the final validation and test
+    kNN top-1 and the probes' test top-1."""
+    k = spec.base.eval.knn_k[0]
+    return [spec.settings.metric, f"val_knn_top1_k{k}", f"test_knn_top1_k{k}", "test_probe_top1",
+            "test_refprobe_top1"]
+
+
+def compare(rows: list[TrialRow], metrics: list[str]) -> list[Compared]:
+    """Rows grouped by configuration (replicates together, first appearance order), each metric's mean, sample
+    sd (nan for one value) and count over the completed replicates that report it."""
+    groups: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        groups.setdefault(row.configuration, []).append(row)
+    found = []
+    for configuration, members in groups.items():
+        stats = {}
+        for name in metrics:
+            values = [r.final[name] for r in members if r.status == "completed" and isinstance(r.final.get(name),
+                                                                                               (int, float))
+                      and not math.isnan(r.final[name])]
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+                stats[name] = (statistics.fmean(values), sd, len(values))
+        found.append(Compared(configuration, members, stats))
+    return found
+
+
+def best_trial(compared: list[Compared], metric: str, mode: str) -> TrialRow | None:
+    """The best completed trial of the configuration with the best mean ``metric`` over its replicates."""
+    choose = max if mode == "max" else min
+    candidates = [c for c in compared if metric in c.stats and any(
+        r.status == "completed" and r.run_id and not math.isnan(r.metric) for r in c.rows)]
+    if not candidates:
+        return None
+    group = choose(candidates, key=lambda c: c.stats[metric][0])
+    return choose([r for r in group.rows if r.status == "completed" and r.run_id and not math.isnan(r.metric)],
+                  key=lambda r: r.metric)
+
+
+def comparison_table(compared: list[Compared], metrics: list[str]) -> str:
+    """One line per configuration: ``mean +- sd (n)`` of each metric that any configuration reports."""
+    shown = [m for m in metrics if any(m in c.stats for c in compared)]
+    lines = [["configuration", "replicates", *shown]]
+    for c in compared:
+        cells = []
+        for name in shown:
+            mean, sd, n = c.stats.get(name, (float("nan"), float("nan"), 0))
+            cells.append(f"{mean:.4f} +- {sd:.4f} ({n})" if n else "-")
+        lines.append([c.configuration, str(len(c.rows)), *cells])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _write_comparison_csv(compared: list[Compared], metrics: list[str], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["configuration", "replicates", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd", "n"))])
+        for c in compared:
+            writer.writerow([c.configuration, len(c.rows),
+                             *(v for m in metrics for v in c.stats.get(m, (float("nan"), float("nan"), 0)))])
 
 
 def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: str, prepared: dict):
     """End one trial's MLflow run from its checkpoints: the trial's Ray Train run folder, or for PBT/PB2 the
     checkpoints Tune kept. A completed trial gets its artifacts and encoder (if the trial could not log them
     itself) and, for PBT/PB2, the discovered schedule as a plot and a replayable YAML. Returns its final record."""
-    config = spec.trial_config({p.key: result.config[p.key] for p in spec.space}, trial_id)
+    config = spec.trial_config({key: result.config[key] for key in [p.key for p in spec.space] + [REPLICATE]
+                                if key in result.config}, trial_id)
     plan = RunPlan.of(config, own_checkpoints=not spec.population_based)
     data = prepared.get(dataset_key(config.data)) or prepare(config, log=lambda *_: None)
     opened = OpenRun(plan, data, TrackedRun(plan.tracking_uri, run_id), None)
@@ -257,10 +346,12 @@ def _error_line(error: BaseException) -> str:
 
 def best_config(spec: SweepSpec, best: TrialRow, record) -> dict:
     """The best trial's experiment as a standalone config: its sampled values; for PBT/PB2 the schedule its
-    weights went through (from its final ``record``); the base config's worker count; a fresh run name."""
+    weights went through (from its final ``record``); the base config's seed, evaluation and worker count; a
+    fresh run name."""
     config = to_dict(spec.trial_config(best.sampled, best.trial_id))
     base = spec.base
     config["name"] = f"{spec.settings.name}-best"
+    config["seed"], config["eval"] = base.seed, to_dict(base)["eval"]
     config["ray"].update(run_name="", num_workers=base.ray.num_workers, checkpoint_every=base.ray.checkpoint_every)
     if spec.population_based:
         schedule = as_piecewise(lineage_schedule(record))
@@ -271,11 +362,10 @@ def best_config(spec: SweepSpec, best: TrialRow, record) -> dict:
 
 def _print_table(rows: list[TrialRow], metric: str, best: TrialRow | None, log) -> None:
     keys = sorted({k for r in rows for k in r.sampled})
-    header = ["trial", *keys, "epochs", metric, "status"]
+    header = ["trial", *("replicate" if k == REPLICATE else k for k in keys), "epochs", metric, "status"]
     lines = [header]
     for r in sorted(rows, key=lambda r: r.trial_id):
-        values = [f"{r.sampled[k]:.4g}" if isinstance(r.sampled.get(k), float) else str(r.sampled.get(k))
-                  for k in keys]
+        values = [SweepSpec.label(r.sampled.get(k)) for k in keys]
         lines.append([r.trial_id + (" *" if r is best else ""), *values, str(r.epochs), f"{r.metric:.4f}", r.status])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
@@ -288,4 +378,5 @@ def _write_csv(rows: list[TrialRow], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["trial_id", *keys, "epochs", "metric", "status", "mlflow_run_id"])
         for r in rows:
-            writer.writerow([r.trial_id, *(r.sampled.get(k) for k in keys), r.epochs, r.metric, r.status, r.run_id])
+            writer.writerow([r.trial_id, *(SweepSpec.label(r.sampled.get(k)) for k in keys), r.epochs, r.metric,
+                             r.status, r.run_id])

@@ -38,7 +38,7 @@ class TwoViewLoader:
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, threads: int = 1) -> None:
+                 distributed: bool, seed: int, threads: int = 1, indices=None) -> None:
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
 
@@ -50,7 +50,8 @@ class TwoViewLoader:
             "image_view2": PipelineSpec("image", transforms=_crop_view(image_size, crop_scale_min, flip)),
         }
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
-                             distributed=distributed, seed=seed, drop_last=True, pipelines=pipelines)
+                             distributed=distributed, seed=seed, drop_last=True, pipelines=pipelines,
+                             indices=indices)
 
     @property
     def epoch(self) -> int:
@@ -70,25 +71,28 @@ class TwoViewLoader:
 
 
 class EvalLoader:
-    """Iterates ``(images, labels)`` in file order, every sample once: a centre crop of ``crop_ratio`` of the
-    shorter side, resized to ``image_size``.
+    """Iterates ``(images, labels, index)`` over ``indices`` (default: all) in file order: a centre crop of
+    ``crop_ratio`` of the shorter side, resized to ``image_size``. With ``distributed`` each rank reads every
+    ``world``-th sample; the last ranks' final samples repeat the first ones (``DistributedSampler`` padding):
+    ``num_samples`` is the count without repeats.
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_ratio: float = 1.0,
-                 threads: int = 1) -> None:
+                 threads: int = 1, indices=None, distributed: bool = False) -> None:
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor, ToTorchImage
 
         verify_beton(path, check_hash="never")
         pipelines = {"image": [CenterCropRGBImageDecoder((image_size, image_size), crop_ratio), ToTensor(),
-                               ToTorchImage()], "label": _int_pipeline(), "index": None}
+                               ToTorchImage()], "label": _int_pipeline(), "index": _int_pipeline()}
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
-                             distributed=False, drop_last=False, pipelines=pipelines)
+                             distributed=distributed, drop_last=False, pipelines=pipelines, indices=indices)
+        self.num_samples = len(self.loader.indices)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            yield images, labels.long()
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, labels, index in self.loader:
+            yield images, labels.long(), index.long()

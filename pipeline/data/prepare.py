@@ -5,7 +5,8 @@ is a digest of the settings that change the stored bytes (``stored_settings``): 
 data share the files, two that store different data never overwrite each other. Writers of one folder exclude
 each other with a file lock; a folder already written with the same settings from the same source is reused
 after it is verified against its manifests. The torchvision loader reads the source directly: nothing is
-written.
+written. The validation split is a set of the training split's indices (``pipeline.data.splits``), recorded in
+``validation-<fraction>-<seed>.json`` beside the files.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from pipeline.data import manifest as manifests
 from pipeline.data.ffcv_writer import write_beton
 from pipeline.data.sources import DataError, channel_stats, load_source, source_fingerprint
+from pipeline.data.splits import SplitIndices, beton_labels, split_indices, write_validation_manifest
 
 SPLITS = ("train", "test")
 
@@ -26,7 +28,8 @@ SPLITS = ("train", "test")
 class PreparedDataset:
     """What the loaders and the model need to know about a prepared dataset: the ``.beton`` paths (empty for
     the torchvision loader, which reads the source itself), sizes, classes and the train split's channel
-    statistics in [0, 1]."""
+    statistics in [0, 1]. ``num_train`` counts the training file; ``num_val`` of its samples are the validation
+    split (``val_digest`` identifies which), the rest train and form the kNN bank."""
 
     train: str
     test: str
@@ -35,6 +38,8 @@ class PreparedDataset:
     num_test: int
     channel_mean: tuple[float, float, float]
     channel_std: tuple[float, float, float]
+    num_val: int = 0
+    val_digest: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,8 +93,9 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False) 
     if d.loader != "ffcv":
         splits = load_source(d, log)
         mean, std = channel_stats(splits["train"])
+        val = split_indices(d, splits["train"].labels, splits["train"].class_names)
         return PreparedDataset("", "", len(splits["train"].class_names), len(splits["train"]), len(splits["test"]),
-                               tuple(mean), tuple(std))
+                               tuple(mean), tuple(std), len(val.val), val.digest() if len(val.val) else "")
     settings, fingerprint = stored_settings(d), source_fingerprint(d)
     folder = dataset_folder(d, cache_root)
     paths = {split: folder / f"{split}.beton" for split in SPLITS}
@@ -107,8 +113,27 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False) 
     if train["class_names"] != test["class_names"]:
         raise DataError(f"the train and test splits of {d.dataset} list different classes: fix the source so "
                         f"both use the same class set")
+    labels = beton_labels(str(paths["train"]))
+    val = split_indices(d, labels, train["class_names"])
+    if len(val.val):
+        write_validation_manifest(folder, d, val, labels)
     return PreparedDataset(str(paths["train"]), str(paths["test"]), train["num_classes"], train["num_samples"],
-                           test["num_samples"], tuple(train["channel_mean"]), tuple(train["channel_std"]))
+                           test["num_samples"], tuple(train["channel_mean"]), tuple(train["channel_std"]),
+                           len(val.val), val.digest() if len(val.val) else "")
+
+
+def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
+    """The bank and validation indices of ``files`` (prepared from ``DataConfig`` ``d``), as ``prepare_dataset``
+    chose them; what a worker calls."""
+    if files.train:
+        labels = beton_labels(files.train)
+    else:
+        labels = load_source(d, log=lambda *_: None)["train"].labels
+    split = split_indices(d, labels)
+    if (split.digest() if len(split.val) else "") != files.val_digest:
+        raise DataError(f"the validation split of {files.train or d.dataset} differs from the one prepared: "
+                        f"run `varcon prepare` again")
+    return split
 
 
 def _write_splits(d, paths: dict[str, Path], settings: dict, fingerprint: str, log, only_if_stale: bool) -> None:

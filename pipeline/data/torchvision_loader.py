@@ -15,19 +15,21 @@ from torchvision.transforms import v2
 
 
 class _Views(Dataset):
-    """Sample i -> ``(view_1, ..., view_n, label[, i])``: ``n`` draws of ``transform`` on one decoded uint8
-    image, and with ``with_index`` the sample's index."""
+    """Item i -> ``(view_1, ..., view_n, label, index)``: ``n`` draws of ``transform`` on the decoded uint8 image
+    of sample ``index = indices[i]`` of ``split`` (default: every sample)."""
 
-    def __init__(self, split, transform, views: int, with_index: bool = False) -> None:
-        self.split, self.transform, self.views, self.with_index = split, transform, views, with_index
+    def __init__(self, split, transform, views: int, indices=None) -> None:
+        self.split, self.transform, self.views = split, transform, views
+        self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.indices)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int):
+        index = int(self.indices[item])
         image, label, _ = self.split[index]
         image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # [3, H, W] uint8
-        return (*(self.transform(image) for _ in range(self.views)), label, *((index,) if self.with_index else ()))
+        return (*(self.transform(image) for _ in range(self.views)), label, index)
 
 
 class TorchvisionTwoViewLoader:
@@ -36,18 +38,20 @@ class TorchvisionTwoViewLoader:
     """
 
     def __init__(self, split, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, workers: int = 1) -> None:
+                 distributed: bool, seed: int, workers: int = 1, indices=None) -> None:
         ops = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
         if flip:
             ops.append(v2.RandomHorizontalFlip())
-        dataset = _Views(split, v2.Compose(ops), views=2, with_index=True)
+        dataset = _Views(split, v2.Compose(ops), views=2, indices=indices)
         if distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         self._epoch = 0
+        # its own generator seeds the worker processes: the global RNG (which evaluation may use) plays no part
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 drop_last=True, persistent_workers=workers > 0)
+                                 drop_last=True, persistent_workers=workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
 
     @property
     def epoch(self) -> int:
@@ -69,16 +73,21 @@ class TorchvisionTwoViewLoader:
 
 
 class TorchvisionEvalLoader:
-    """Iterates ``(images, labels)`` in order: centre crop of ``crop_ratio`` of the shorter side, resized."""
+    """Iterates ``(images, labels, index)`` over ``indices`` in order like ``EvalLoader`` (centre crop of
+    ``crop_ratio`` of the shorter side, resized; under ``distributed`` the same sharding and padding)."""
 
-    def __init__(self, split, batch_size: int, image_size: int, crop_ratio: float = 1.0, workers: int = 1):
+    def __init__(self, split, batch_size: int, image_size: int, crop_ratio: float = 1.0, workers: int = 1,
+                 indices=None, distributed: bool = False):
         transform = v2.Compose([v2.Resize(round(image_size / crop_ratio), antialias=True), v2.CenterCrop(image_size)])
-        self.loader = DataLoader(_Views(split, transform, views=1), batch_size=batch_size, shuffle=False,
-                                 num_workers=workers)
+        dataset = _Views(split, transform, views=1, indices=indices)
+        self.num_samples = len(dataset)
+        sampler = DistributedSampler(dataset, shuffle=False, drop_last=False) if distributed else None
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
+                                 generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            yield images, labels.long()
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, labels, index in self.loader:
+            yield images, labels.long(), index.long()
