@@ -13,14 +13,15 @@ from PIL import Image
 from pipeline.cli import main
 
 
-def imagefolder(root, bad_image=False, empty=False):
+def imagefolder(root, bad_image=False, empty=False, lonely=False):
+    """Classes a and b with 3 images per split (``lonely``: class b has one training image)."""
     for split in ("train", "val"):
         for label in ("a", "b"):
             folder = root / split / label
             folder.mkdir(parents=True)
             if empty:
                 continue
-            for i in range(3):
+            for i in range(1 if lonely and split == "train" and label == "b" else 3):
                 Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     if bad_image:
         (root / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
@@ -82,6 +83,21 @@ CASES = {
     "unreadable image": (lambda home: ["train", "data.dataset=imagefolder", "data.image_size=12",
                                        f"data.root={imagefolder(home / 'bad', bad_image=True)}"], "unreadable image"),
     "corrupt .beton": (corrupt_beton, "altered after writing"),
+    # splits and evaluation
+    "validation share above 0.5": (["train", "data.val_fraction=0.6"], "data.val_fraction=0.6 must lie in [0, 0.5]"),
+    "negative validation share": (["train", "data.val_fraction=-0.1"], "must lie in [0, 0.5]"),
+    "validation leaving a class no training image": (
+        lambda home: ["train", "data.dataset=imagefolder", "data.image_size=12", "data.loader=torchvision",
+                      f"data.root={imagefolder(home / 'lonely', lonely=True)}"],
+        "leaves class 'b' (1 training sample) none to train on"),
+    "sweep without validation": (["tune", "data.val_fraction=0"], "data.val_fraction=0 leaves none"),
+    "unknown probe": (["train", "eval.probe=knn"], "eval.probe='knn' must be one of features, reference, both"),
+    "reference probe batch not divisible": (["train", "eval.probe=reference", "eval.reference_probe_batch_size=255"],
+                                            "must be a positive multiple of ray.num_workers=2"),
+    "reference probe batch above the training samples": (
+        ["train", "eval.probe=both", "eval.reference_probe_batch_size=4096"],
+        "eval.reference_probe_batch_size=4096 exceeds the 1207 training samples"),
+    "monitor epoch beyond training": (["train", "eval.at_epochs=[3, 11]"], "eval.at_epochs=[3, 11] must list epochs"),
     "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"],
                                     "does not answer"),
     # the cluster

@@ -142,3 +142,55 @@ def test_the_reference_schedule_matches_supcontrast_formulas():
             assert optimizer.param_groups[0]["lr"] == pytest.approx(reference(epoch, batch), rel=1e-12), (epoch, batch)
             optimizer.step()
             schedule.step()
+
+
+def test_evaluation_settings_never_change_the_trained_weights(digits_files):
+    """Evaluating every epoch with both probes (the reference probe trains on the frozen encoder through the
+    training loader) leaves the same weights and BatchNorm statistics as evaluating only at the end."""
+    from pipeline import checkpoint
+
+    def final_state(overrides):
+        saved = {}
+        config = load_config(None, DETERMINISTIC + ["optim.epochs=2", *overrides])
+        engine.fit(config, digits_files, torch.device("cpu"),
+                   lambda epoch, m, t: saved.update(state=checkpoint.capture(t, epoch, {})))
+        return saved["state"]["model"]
+
+    lean = final_state(["eval.initial_fraction=0", "eval.at_epochs=[2]"])
+    busy = final_state(["eval.every_epochs=1", "eval.initial_fraction=0.5", "eval.test_every_epochs=1",
+                        "eval.probe=both", "eval.reference_probe_epochs=1", "eval.linear_probe_epochs=2",
+                        "eval.few_shot_episodes=5"])
+    assert lean.keys() == busy.keys()
+    for name in lean:
+        assert torch.equal(lean[name], busy[name]), name
+
+
+def test_the_monitor_follows_validation_whatever_the_test_split_holds(digits_files, tmp_path):
+    """Two trainings that differ only in their test file: every value that selects (the monitor of each
+    epoch's report) is the same, while the test metrics differ."""
+    from dataclasses import replace
+
+    from pipeline.checkpoint import RunRecord
+    from pipeline.data import prepare_dataset
+    from pipeline.names import MONITOR, monitor_source
+
+    config = load_config(None, DETERMINISTIC + ["optim.epochs=2", "eval.every_epochs=1", "eval.test_every_epochs=1"])
+    other = load_config(None, ["data.dataset=synthetic", "data.num_classes=10", "data.test_samples=120"]).data
+    foreign_test = replace(digits_files, test=prepare_dataset(other, tmp_path, log=lambda *_: None).test,
+                           num_test=120)
+
+    def reports(files):
+        record, found = RunRecord("run", "key", "identity"), []
+
+        def collect(epoch, metrics, _):
+            record.add(epoch, metrics)
+            record.epoch = epoch
+            found.append(record.report(monitor_source(config.eval)))
+
+        engine.fit(config, files, torch.device("cpu"), collect)
+        return found
+
+    own, foreign = reports(digits_files), reports(foreign_test)
+    assert [r[MONITOR] for r in own] == [r[MONITOR] for r in foreign]
+    assert [r[MONITOR] for r in own] == [r["val_knn_top1_k20"] for r in own]
+    assert own[-1]["test_knn_top1_k20"] != foreign[-1]["test_knn_top1_k20"]

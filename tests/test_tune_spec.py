@@ -3,11 +3,12 @@
 import optuna
 import pytest
 
-from pipeline.config import REPO_ROOT, ConfigError, build_config, load_config
+from pipeline import identity
+from pipeline.config import REPO_ROOT, ConfigError, build_config, flatten, load_config
 from pipeline.checkpoint import RunRecord
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
-from tune.spec import load_sweep
+from tune.spec import REPLICATE, load_sweep
 from tune.sweep import concurrency
 
 
@@ -34,7 +35,12 @@ def test_overrides_reach_the_sweep_and_the_experiment():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["tune.searcher=grid"], "tune.searcher='grid' is unknown"),
+    (["tune.searcher=bayes"], "tune.searcher='bayes' is unknown"),
+    (["tune.searcher=grid"], "tune.searcher=grid needs a key of type grid"),
+    (["data.val_fraction=0"], "a sweep selects trials on the validation split"),
+    (["tune.seeds=0"], "tune.seeds=0 must be >= 1"),
+    (["tune.scheduler=pbt", "tune.searcher=random", "tune.seeds=2", "tune.mutate=[loss.tau1]"],
+     "its replicates are not independent"),
     (["tune.schedular=asha"], "did you mean tune.scheduler"),
     (["tune.num_samples=0"], "tune.num_samples=0 must be >= 1"),
     (["tune.grace_period=6"], "must be smaller than optim.epochs"),
@@ -64,6 +70,10 @@ def write_sweep(tmp_path, space_yaml: str, tune_yaml: str = "") -> str:
      "[constant, linear]}\n", "", "split it into two sweeps"),
     ("  optim.lr: {type: uniform, low: 0.1, high: 0.2}\n", "  scheduler: pbt\n  mutate: [optim.lr]\n",
      "live in the optimiser state"),
+    ("  recipe: {type: grid, values: [{name: a, optim.lr: 0.1}]}\n", "", "use tune.searcher=grid"),
+    ("  recipe: {type: grid, values: [0.1, 0.2]}\n", "  searcher: grid\n", "a grid over it lists recipes"),
+    ("  recipe: {type: grid, values: [{name: a, optim.lr: -1}]}\n", "  searcher: grid\n",
+     "optim.lr=-1.0 must be > 0"),
 ])
 def test_bad_spaces_are_rejected(tmp_path, space_yaml, tune_yaml, message):
     with pytest.raises(ConfigError, match=message):
@@ -123,3 +133,29 @@ def test_lineage_follows_exploits_into_a_replayable_schedule():
     config = build_config({"optim": {"epochs": 4}, "loss": {"schedule": schedule}})
     from pipeline.schedules import temperatures_at
     assert [temperatures_at(config.loss, e, 4).tau1 for e in range(1, 5)] == pytest.approx([0.2, 0.2, 0.15, 0.08])
+
+
+def test_trials_evaluate_at_their_schedulers_rungs_and_replicates_change_only_the_seed():
+    asha = load_sweep(None, ["optim.epochs=9", "tune.grace_period=2", "tune.reduction_factor=2"])
+    assert asha.evaluation_epochs() == [2, 4, 8, 9]  # ASHA's rungs, then the last epoch
+    first = asha.trial_config({"loss.tau1": 0.1, REPLICATE: 0}, "a")
+    second = asha.trial_config({"loss.tau1": 0.1, REPLICATE: 2}, "b")
+    assert first.eval.at_epochs == [2, 4, 8, 9] and (first.seed, second.seed) == (0, 2)
+    assert identity.changed_keys(flatten(first), second).keys() == {"seed", "name", "ray.run_name"}
+    pbt = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml", ["optim.epochs=7", "tune.perturbation_interval=3"])
+    assert pbt.evaluation_epochs() == [3, 6, 7]
+    fifo = load_sweep(None, ["tune.scheduler=fifo", "optim.epochs=4"])
+    assert fifo.evaluation_epochs() == [4]
+    chosen = load_sweep(None, ["eval.at_epochs=[1, 3]", "optim.epochs=4"])  # the experiment's own choice stays
+    assert chosen.trial_config({"loss.tau1": 0.1}, "c").eval.at_epochs == [1, 3]
+
+
+def test_the_loss_comparison_runs_every_recipe_with_every_seed():
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_loss_comparison.yaml")
+    assert space.searcher(spec) is None and space.trial_count(spec) == 1
+    variants = [resolved for _, resolved in generate_variants(space.param_space(spec))]
+    trials = [spec.trial_config(v, f"t{i}") for i, v in enumerate(variants)]
+    assert sorted((t.loss.name, t.seed) for t in trials) == sorted(
+        (loss, seed) for loss in ("varcon", "supcon", "cross_entropy") for seed in (0, 1, 2))
