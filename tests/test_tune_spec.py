@@ -142,7 +142,8 @@ def test_trials_evaluate_at_their_schedulers_rungs_and_replicates_change_only_th
     second = asha.trial_config({"loss.tau1": 0.1, REPLICATE: 2}, "b")
     assert first.eval.at_epochs == [2, 4, 8, 9] and (first.seed, second.seed) == (0, 2)
     assert identity.changed_keys(flatten(first), second).keys() == {"seed", "name", "ray.run_name"}
-    pbt = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml", ["optim.epochs=7", "tune.perturbation_interval=3"])
+    pbt = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml",
+                     ["optim.epochs=7", "tune.perturbation_interval=3"])
     assert pbt.evaluation_epochs() == [3, 6, 7]
     fifo = load_sweep(None, ["tune.scheduler=fifo", "optim.epochs=4"])
     assert fifo.evaluation_epochs() == [4]

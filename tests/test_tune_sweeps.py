@@ -5,8 +5,10 @@ sweep shares no Ray state with earlier tests (the session's cluster has seen wor
 fault tests), and a sweep that hangs fails its own test at the timeout without taking the next ones with it.
 Each trial is 1 worker x 1 CPU; epochs are few and evaluation is cut short.
 """
+import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -234,3 +236,32 @@ def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, tmp
         assert sorted(p.name for p in folder.glob("checkpoint_*")) == checkpoints[run_id] and checkpoints[run_id]
     for run in children:  # one value per epoch, none twice
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+@pytest.mark.cluster
+def test_the_loss_comparison_reports_each_recipe_over_its_seeds(varcon_home):
+    """Three recipes x two seeds: six trials, and a table of mean +- sd per recipe on validation and test,
+    printed and logged to the parent run, whose figures are the trials' own."""
+    printed = succeeded(varcon("tune", "--config", str(REPO_ROOT / "configs" / "tune" / "digits_loss_comparison.yaml"),
+                               "tune.name=t-cmp", "tune.seeds=2", "optim.epochs=1", "optim.warmup_epochs=0",
+                               *SHORT_EVAL))
+    client = store(varcon_home)
+    parent, children = sweep_runs(client, "t-cmp")
+    assert {run.info.status for run in children} == {"FINISHED"}
+    assert sorted((run.data.params["loss.name"], run.data.params["seed"]) for run in children) == sorted(
+        (loss, seed) for loss in ("varcon", "supcon", "cross_entropy") for seed in ("0", "1"))
+    assert all(run.data.params["data.val_fraction"] == "0.1" for run in children)
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("recipe=")}
+    assert set(lines) == {"recipe=varcon", "recipe=supcon", "recipe=cross_entropy"}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.txt", "comparison.csv", "trials.csv"} <= artifacts
+    with open(client.download_artifacts(parent.info.run_id, "comparison.csv", str(varcon_home))) as handle:
+        table = {row["configuration"]: row for row in csv.DictReader(handle)}
+    for loss in ("varcon", "supcon", "cross_entropy"):
+        runs = [run for run in children if run.data.params["loss.name"] == loss]
+        values = [run.data.metrics["test_knn_top1_k20"] for run in runs]
+        row = table[f"recipe={loss}"]
+        assert float(row["test_knn_top1_k20_mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(row["test_knn_top1_k20_sd"]) == pytest.approx(statistics.stdev(values))
+        assert row["test_knn_top1_k20_n"] == "2" and row["val_knn_top1_k20_n"] == "2"
+        assert f"{statistics.fmean(values):.4f} +- {statistics.stdev(values):.4f} (2)" in lines[f"recipe={loss}"]
