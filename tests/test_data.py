@@ -102,10 +102,11 @@ def test_synthetic_source_is_deterministic_and_balanced():
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_cifar_pickles_round_trip_through_beton(tmp_path, num_classes):
     images, labels = write_cifar(tmp_path / "src", num_classes)
-    config = data_config(dataset=f"cifar{num_classes}", root=str(tmp_path / "src"))
+    # 40 images of 100 classes: some classes hold one image, which a validation split would leave untrained
+    config = data_config(dataset=f"cifar{num_classes}", root=str(tmp_path / "src"), val_fraction=0.0)
     files = prepare_dataset(config, tmp_path / "cache", log=lambda *_: None)
     assert (files.num_classes, files.num_train, files.num_test) == (num_classes, 40, 20)
-    read_images, read_labels = zip(*EvalLoader(files.train, 16, 32))
+    read_images, read_labels, _ = zip(*EvalLoader(files.train, 16, 32))
     np.testing.assert_array_equal(torch.cat(read_labels).numpy(), labels)
     np.testing.assert_array_equal(torch.cat(read_images).permute(0, 2, 3, 1).numpy(), images)
 
@@ -117,7 +118,7 @@ def test_image_folder_round_trip_with_jpeg_storage(tmp_path):
     manifest = read_manifest(files.train)
     assert manifest["class_names"] == ["cat", "dog", "eel"] and manifest["num_samples"] == 12
     assert manifest["settings"]["write_mode"] == "jpg" and manifest["fields"]["image"] == "RGBImageField"
-    images, labels = zip(*EvalLoader(files.test, 5, 24))
+    images, labels, _ = zip(*EvalLoader(files.test, 5, 24))
     assert torch.cat(labels).tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert torch.cat(images).shape == (12, 3, 24, 24)
 
@@ -128,7 +129,7 @@ def test_beton_round_trip_counts_and_labels(digits_files):
     splits = digits(32, 0.25, split_seed=0)
     assert digits_files.num_train == len(splits["train"]) == 1347
     assert digits_files.num_test == len(splits["test"]) == 450
-    images, labels = zip(*EvalLoader(digits_files.test, batch_size=128, image_size=32))
+    images, labels, _ = zip(*EvalLoader(digits_files.test, batch_size=128, image_size=32))
     np.testing.assert_array_equal(torch.cat(labels).numpy(), splits["test"].labels)
     np.testing.assert_array_equal(torch.cat(images).permute(0, 2, 3, 1).numpy(), splits["test"].images)
     manifest = read_manifest(digits_files.train)
@@ -268,8 +269,23 @@ def test_torchvision_loader_has_the_same_interface(digits_files):
     assert view1.shape == view2.shape == (64, 3, 32, 32) and view1.dtype == torch.uint8
     assert labels.dtype == torch.int64 and len(loader) == 1347 // 64
     np.testing.assert_array_equal(labels.numpy(), split.labels[index.numpy()])
-    images, labels = next(iter(TorchvisionEvalLoader(split, 16, 32, workers=0)))
+    images, labels, index = next(iter(TorchvisionEvalLoader(split, 16, 32, workers=0)))
     np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), split.images[:16])
+    assert index.tolist() == list(range(16))
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "torchvision"])
+def test_evaluation_batches_can_be_kept_across_a_whole_pass(digits_files, loader):
+    """Labels and indices of every batch stay what they were when the pass is over (FFCV refills its batch
+    buffers as it goes), at the indices asked for."""
+    split = digits(32, 0.25, split_seed=0)["train"]
+    chosen = np.arange(3, 1347, 2)
+    batches = (EvalLoader(digits_files.train, 16, 32, indices=chosen) if loader == "ffcv" else
+               TorchvisionEvalLoader(split, 16, 32, workers=0, indices=chosen))
+    kept = list(batches)  # ~42 batches, more than FFCV's ring of buffers
+    labels, index = torch.cat([b[1] for b in kept]), torch.cat([b[2] for b in kept])
+    assert index.tolist() == chosen.tolist() and batches.num_samples == len(chosen)
+    np.testing.assert_array_equal(labels.numpy(), split.labels[chosen])
 
 
 def _shard_rank(rank, port, path, results):

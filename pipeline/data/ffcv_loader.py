@@ -94,5 +94,7 @@ class EvalLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # FFCV refills a ring of batch buffers: labels and indices are kept across batches (feature extraction
+        # concatenates them), so they are copied; images are consumed before the buffer comes round again
         for images, labels, index in self.loader:
-            yield images, labels.long(), index.long()
+            yield images, labels.long().clone(), index.long().clone()
