@@ -62,13 +62,6 @@ def all_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    """``src``'s ``tensor`` on every rank (the others pass a buffer of the same shape and dtype)."""
-    if is_distributed():
-        dist.broadcast(tensor, src)
-    return tensor
-
-
 def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Every rank's ``tensor`` (same shape on all) concatenated along ``dim`` in rank order."""
     if not is_distributed():
@@ -76,6 +69,15 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=dim)
+
+
+def all_to_all(tensor: torch.Tensor) -> torch.Tensor:
+    """``[world, ...]``: slice r of this rank's ``tensor`` goes to rank r; slice r of the result came from rank r."""
+    if not is_distributed():
+        return tensor
+    received = torch.empty_like(tensor)
+    dist.all_to_all_single(received, tensor.contiguous())
+    return received
 
 
 def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:

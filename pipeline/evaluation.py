@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 
-NO_INDEX = torch.iinfo(torch.int64).max  # the global index of a padding candidate (sorts after every real one)
+NO_INDEX = 2**52  # the global index of a padding candidate: after every real one, exact in float64
 
 
 @dataclass
@@ -117,11 +117,21 @@ def _local_candidates(queries: torch.Tensor, bank: Shard, k: int):
 
 
 def _best_k(sims: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, k: int):
-    """The first k of candidates ``[m, c]`` in the order (similarity desc, global index asc)."""
-    by_index = index.argsort(dim=1, stable=True)
-    sims, index, labels = sims.gather(1, by_index), index.gather(1, by_index), labels.gather(1, by_index)
-    order = sims.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return sims.gather(1, order), labels.gather(1, order)
+    """The first k of candidates ``[m, c]`` in the order (similarity desc, global index asc): similarities and
+    labels ``[m, k]``. A top-k by similarity decides every row without equal similarities at or inside its k-th
+    place; the rows with such ties are ordered exactly by (similarity, index) with two stable sorts."""
+    c = sims.shape[1]
+    top, pos = sims.topk(min(k + 1, c), dim=1)
+    tied = (top[:, 1:] == top[:, :-1]).any(1) if top.shape[1] > 1 else torch.zeros(len(top), dtype=torch.bool,
+                                                                                   device=top.device)
+    top, pos = top[:, :k].contiguous(), pos[:, :k].contiguous()
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        by_index = index[rows].argsort(dim=1, stable=True)
+        row_sims = sims[rows].gather(1, by_index)
+        order = row_sims.argsort(dim=1, descending=True, stable=True)[:, :k]
+        top[rows], pos[rows] = row_sims.gather(1, order), by_index.gather(1, order)
+    return top, labels.gather(1, pos)
 
 
 @torch.no_grad()
@@ -129,26 +139,33 @@ def knn_neighbours(queries: Shard, bank: Shard, k: int, chunk_size: int = 1024):
     """For each query of this rank's shard, its k most cosine-similar samples of the whole bank, ordered by
     (similarity desc, global index asc): similarities and labels ``[n_q, k]`` (k capped at the bank's size).
 
-    No rank holds more than its own bank shard: the queries of each rank in turn are broadcast in chunks of
-    ``chunk_size``, every rank answers with its shard's k best, and the owner merges the ``world x k``
-    candidates; memory beyond the shards is O(chunk_size x k x world).
+    No rank holds more than its own bank shard. In each round every rank contributes its next
+    ``chunk_size / world`` queries; all of them are gathered, every rank scores them against its shard and sends
+    each owner its k best (all-to-all), and each owner merges the ``world x k`` candidates of its own queries:
+    every rank works every round, and memory beyond the shards is O(chunk_size x k x world).
     """
     k = min(k, bank.total)
-    world, me = distributed.world_size(), distributed.rank()
+    world = distributed.world_size()
     device = queries.features.device
     sizes = distributed.all_sizes(queries.features.shape[0], device)
     dim = _feature_dim(bank)
+    per_rank = max(1, chunk_size // world)
+    mine = sizes[distributed.rank()]
     out_sims, out_labels = [], []
-    for owner in range(world):
-        for start in range(0, sizes[owner], chunk_size):
-            m = min(chunk_size, sizes[owner] - start)
-            block = queries.features[start:start + m] if me == owner else torch.empty(m, dim, device=device)
-            block = distributed.broadcast(block.contiguous(), owner)
-            candidates = [distributed.all_gather_cat(t, dim=1) for t in _local_candidates(block, bank, k)]
-            if me == owner:
-                sims, labels = _best_k(*candidates, k)
-                out_sims.append(sims)
-                out_labels.append(labels)
+    for start in range(0, max(sizes), per_rank):
+        rows = max(min(per_rank, s - start) for s in sizes)  # the round's rows per rank (padded to this)
+        block = torch.zeros(rows, dim, device=device)
+        own = queries.features[start:start + rows]
+        block[:len(own)] = own
+        blocks = distributed.all_gather_cat(block)  # [world * rows, F]: every rank's queries of this round
+        sims, index, labels = _local_candidates(blocks, bank, k)
+        # similarities (float32), indices and labels are exact in float64: one tensor per exchange
+        packed = torch.stack([sims.double(), index.double(), labels.double()]).view(3, world, rows, k)
+        received = distributed.all_to_all(packed.permute(1, 0, 2, 3).contiguous())  # [world (from), 3, rows, k]
+        merged = received.permute(1, 2, 0, 3).reshape(3, rows, world * k)[:, :max(0, min(rows, mine - start))]
+        best_sims, best_labels = _best_k(merged[0].float(), merged[1].long(), merged[2].long(), k)
+        out_sims.append(best_sims)
+        out_labels.append(best_labels)
     if not out_sims:
         return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
     return torch.cat(out_sims), torch.cat(out_labels)
