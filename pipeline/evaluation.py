@@ -42,11 +42,6 @@ class Shard:
         """The encoder's features as they came out ``[n, F]`` (the reference probe trains on these)."""
         return self.features * self.norms[:, None]
 
-    def subset(self, keep: torch.Tensor) -> Shard:
-        """The rows where boolean ``keep`` ``[n]`` holds; ``total`` becomes the count over all ranks."""
-        total = int(distributed.all_sum(keep.sum().reshape(1)).item())
-        return Shard(self.features[keep], self.norms[keep], self.labels[keep], self.index[keep], total)
-
 
 @torch.no_grad()
 def extract_features(features_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, total: int,

@@ -19,8 +19,8 @@ from pipeline import distributed
 from pipeline.data.loaders import eval_loaders, train_loader
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.splits import SplitIndices
-from pipeline.evaluation import (Shard, dispersion, extract_features, few_shot_ncm, knn_neighbours, knn_vote,
-                                 linear_probe, reference_probe)
+from pipeline.evaluation import (Shard, accuracy, dispersion, extract_features, few_shot_ncm, knn_neighbours,
+                                 knn_vote, linear_probe, reference_probe)
 from pipeline.models import unwrap
 
 
@@ -80,8 +80,7 @@ class Evaluator:
         metrics, first = {}, None
         for k in e.knn_k:
             predicted = knn_vote(sims[:, :k], labels[:, :k], e.knn_temperature, self.num_classes)
-            hits = (predicted == queries.labels).to(torch.float64).sum().reshape(1)
-            metrics[f"{split}_knn_top1_k{k}"] = float(distributed.all_sum(hits).item()) / max(1, queries.total)
+            metrics[f"{split}_knn_top1_k{k}"] = accuracy(predicted == queries.labels, queries.total)
             first = predicted if first is None else first
         return metrics, first
 

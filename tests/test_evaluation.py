@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation import Shard, dispersion, few_shot_ncm, knn_neighbours, knn_predict, linear_probe
+from pipeline.evaluation import (Shard, dispersion, few_shot_ncm, knn_neighbours, knn_predict, linear_probe,
+                                 reference_probe)
 
 
 def clustered(n_per_class=30, classes=6, dim=16, noise=0.2, seed=0):
@@ -63,3 +64,18 @@ def test_dispersion_of_known_geometry():
     metrics = dispersion(Shard.whole(feats, torch.tensor([0, 0, 1, 1])), num_classes=3)  # class 2 absent
     assert metrics["dispersion_intra_cos"] == pytest.approx(1.0)
     assert metrics["dispersion_inter_cos"] == pytest.approx(0.0)
+
+
+def test_the_reference_probe_reports_its_final_epoch_and_names_the_test_selected_figure():
+    """Frozen 'encoder' = identity on separable raw features: the final epoch is reported per split, and the
+    best test epoch only under the name that says it was chosen on the test split."""
+    feats, labels = clustered(noise=0.1)
+    raw = feats * 3.0
+    images = raw[:, :, None, None]  # [n, F, 1, 1]: the "encoder" flattens them back
+    batches = [(images[i:i + 30], None, labels[i:i + 30], None) for i in range(0, len(labels), 30)]
+    evaluated = {"val": Shard.whole(raw, labels), "test": Shard.whole(raw[::2], labels[::2])}
+    metrics = reference_probe(lambda x: x.flatten(1), batches, lambda x: x, torch.device("cpu"), None, evaluated, 6,
+                              epochs=5, lr=0.5)
+    assert set(metrics) == {"val_refprobe_top1", "test_refprobe_top1", "test_refprobe_top1_best_epoch_test_selected"}
+    assert metrics["test_refprobe_top1"] == 1.0
+    assert metrics["test_refprobe_top1_best_epoch_test_selected"] >= metrics["test_refprobe_top1"]

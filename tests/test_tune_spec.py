@@ -39,6 +39,7 @@ def test_overrides_reach_the_sweep_and_the_experiment():
     (["tune.searcher=grid"], "tune.searcher=grid needs a key of type grid"),
     (["data.val_fraction=0"], "a sweep selects trials on the validation split"),
     (["tune.seeds=0"], "tune.seeds=0 must be >= 1"),
+    (["tune.metric=test_knn_top1_k20"], "is measured on the test split, which never selects"),
     (["tune.scheduler=pbt", "tune.searcher=random", "tune.seeds=2", "tune.mutate=[loss.tau1]"],
      "its replicates are not independent"),
     (["tune.schedular=asha"], "did you mean tune.scheduler"),

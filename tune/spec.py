@@ -204,6 +204,8 @@ def _validate(spec: SweepSpec) -> None:
     need(s.searcher in SEARCHERS, f"tune.searcher={s.searcher!r} is unknown: use one of {', '.join(SEARCHERS)}")
     need(s.scheduler in SCHEDULERS, f"tune.scheduler={s.scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}")
     need(s.mode in ("max", "min"), f"tune.mode={s.mode!r} must be max or min")
+    need(not s.metric.startswith("test_"), f"tune.metric={s.metric} is measured on the test split, which never "
+                                           f"selects: use monitor_top1 or a val_* metric")
     need(s.num_samples >= 1, f"tune.num_samples={s.num_samples} must be >= 1")
     need(s.seeds >= 1, f"tune.seeds={s.seeds} must be >= 1")
     need(spec.base.data.val_fraction > 0, "a sweep selects trials on the validation split, and "
