@@ -278,15 +278,17 @@ _started_locally = False  # init_ray started a private instance (no autoscaler c
 
 
 def init_ray() -> None:
-    """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance."""
+    """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance
+    (Ray's own rule: a cluster started on this machine by ``ray start`` is joined; ``RAY_ADDRESS=local`` always
+    starts a new private one)."""
     global _started_locally
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        address = os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, log_to_driver=True)
-        _started_locally = not address
+        _started_locally = address in (None, "local")
 
 
 def require_resources(cpus: float, gpus: float, wait_s: float, log=print) -> dict:

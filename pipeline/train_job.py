@@ -107,8 +107,11 @@ class TrainOutcome:
 
 
 def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> PreparedDataset:
-    """The prepared dataset of ``config``, after checking that its batches fit the training samples."""
-    data = prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
+    return prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
+
+
+def check_batches_fit(config: ExperimentConfig, data: PreparedDataset) -> None:
+    """Refuse a training whose batches exceed its training samples (the split minus validation)."""
     trained = data.num_train - data.num_val
     batches = {"optim.global_batch_size": config.optim.global_batch_size}
     if config.eval.probe in ("reference", "both"):
@@ -117,7 +120,6 @@ def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> Prepar
         if size > trained:
             raise ConfigError(f"{key}={size} exceeds the {trained} training samples of {config.data.dataset} (the "
                               f"training split minus {data.num_val} for validation): lower {key}")
-    return data
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
@@ -126,10 +128,11 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
     plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
-    data = prepare(config, log)  # a bad dataset or split fails here, before Ray starts
     init_ray()
     r = config.ray
     require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
+    data = prepare(config, log)  # a bad dataset or split fails here, before any worker starts
+    check_batches_fit(config, data)
     opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
     try:
         outcome = train_opened(opened, log, callbacks)  # train under Ray

@@ -70,7 +70,11 @@ def ray_session():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    with socket.socket() as sock:  # not Ray's default port, which a test's own local Ray instance may take
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port})
     cluster.add_node(num_cpus=1)
     # MLflow's HTTP client retries a refused connection for minutes by default; the product's own sender
     # retries on top of it, so tests of a server outage let Ray workers fail each call at once

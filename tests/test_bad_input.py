@@ -87,6 +87,10 @@ CASES = {
     "validation share above 0.5": (["train", "data.val_fraction=0.6"], "data.val_fraction=0.6 must lie in [0, 0.5]"),
     "negative validation share": (["train", "data.val_fraction=-0.1"], "must lie in [0, 0.5]"),
     "validation leaving a class no training image": (
+        lambda home: ["train", "data.dataset=imagefolder", "data.image_size=12",
+                      f"data.root={imagefolder(home / 'lonely', lonely=True)}"],
+        "leaves class 'b' (1 training sample) none to train on"),
+    "the same from the source (torchvision loader)": (
         lambda home: ["train", "data.dataset=imagefolder", "data.image_size=12", "data.loader=torchvision",
                       f"data.root={imagefolder(home / 'lonely', lonely=True)}"],
         "leaves class 'b' (1 training sample) none to train on"),

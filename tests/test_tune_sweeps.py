@@ -30,12 +30,12 @@ SWEEP_TIMEOUT_S = 600
 
 
 def varcon(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``varcon *args`` in a new process that starts its own local Ray instance (no ``RAY_ADDRESS``); a sweep
-    still running after ``SWEEP_TIMEOUT_S`` is killed (its Ray instance with it) and fails the test with the end
-    of what it printed."""
-    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    """``varcon *args`` in a new process that starts its own local Ray instance (``RAY_ADDRESS=local``: without
+    it Ray would join the session's cluster, which runs on this machine); a sweep still running after
+    ``SWEEP_TIMEOUT_S`` is killed (its Ray instance with it) and fails the test with the end of what it printed."""
     try:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env={**environment, **(env or {})},
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
+                              env={**os.environ, "RAY_ADDRESS": "local", **(env or {})},
                               capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
     except subprocess.TimeoutExpired as hung:
         tail = (hung.stderr or b"")[-4000:]

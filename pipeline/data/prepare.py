@@ -141,7 +141,8 @@ def _write_splits(d, paths: dict[str, Path], settings: dict, fingerprint: str, l
     meanwhile: with ``only_if_stale`` they are then left as they are)."""
     from filelock import FileLock
 
-    splits = load_source(d, log)  # a bad source fails here, before anything is written
+    splits = load_source(d, log)  # a bad source, or a split that empties a class, fails before anything is written
+    split_indices(d, splits["train"].labels, splits["train"].class_names)
     folder = paths["train"].parent
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock_file = Path(str(folder) + ".lock")
