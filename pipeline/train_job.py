@@ -30,6 +30,7 @@ from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
 from pipeline.data.manifest import manifest_path
 from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
+from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
@@ -106,20 +107,25 @@ class TrainOutcome:
         return self.record.at(0)
 
 
-def prepare(config: ExperimentConfig, log=print, repair: bool = False) -> PreparedDataset:
-    return prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair)
+def prepare(config: ExperimentConfig, log=print, repair: bool = False, for_training: bool = False
+            ) -> PreparedDataset:
+    """The prepared dataset of ``config``; ``for_training`` also refuses batches larger than the training
+    samples, before any file is written."""
+    check = (lambda split: check_batches_fit(config, split)) if for_training else None
+    return prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair,
+                           check_split=check)
 
 
-def check_batches_fit(config: ExperimentConfig, data: PreparedDataset) -> None:
+def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
     """Refuse a training whose batches exceed its training samples (the split minus validation)."""
-    trained = data.num_train - data.num_val
+    trained = len(split.bank)
     batches = {"optim.global_batch_size": config.optim.global_batch_size}
     if config.eval.probe in ("reference", "both"):
         batches["eval.reference_probe_batch_size"] = config.eval.reference_probe_batch_size
     for key, size in batches.items():
         if size > trained:
             raise ConfigError(f"{key}={size} exceeds the {trained} training samples of {config.data.dataset} (the "
-                              f"training split minus {data.num_val} for validation): lower {key}")
+                              f"training split minus {len(split.val)} for validation): lower {key}")
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
@@ -131,8 +137,7 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     init_ray()
     r = config.ray
     require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
-    data = prepare(config, log)  # a bad dataset or split fails here, before any worker starts
-    check_batches_fit(config, data)
+    data = prepare(config, log, for_training=True)  # a bad dataset or split fails here, before any worker starts
     opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
     try:
         outcome = train_opened(opened, log, callbacks)  # train under Ray

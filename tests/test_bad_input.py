@@ -101,7 +101,7 @@ CASES = {
     "reference probe batch above the training samples": (
         ["train", "eval.probe=both", "eval.reference_probe_batch_size=4096"],
         "eval.reference_probe_batch_size=4096 exceeds the 1207 training samples"),
-    "monitor epoch beyond training": (["train", "eval.at_epochs=[3, 11]"], "eval.at_epochs=[3, 11] must list epochs"),
+    "monitor epoch beyond training": (["train", "eval.at_epochs=[3, 16]"], "eval.at_epochs=[3, 16] must list epochs"),
     "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"],
                                     "does not answer"),
     # the cluster

@@ -25,8 +25,8 @@ from pipeline.data.prepare import dataset_key
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
 from pipeline.ray_train import RecordForwarding, init_ray, require_resources
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
-from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, check_batches_fit, checkpoints_in, end_run,
-                                finish_run, outcome_from_checkpoints, prepare)
+from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
+                                outcome_from_checkpoints, prepare)
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec
@@ -168,8 +168,7 @@ def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     _, cpus, gpus = trial_resources(spec)
     cluster = require_resources(cpus, gpus, base.ray.resource_wait_s, log)
     max_concurrent = concurrency(spec, cluster)
-    prepared = {dataset_key(base.data): prepare(base, log)}  # once, before trials start side by side
-    check_batches_fit(base, prepared[dataset_key(base.data)])
+    prepared = {dataset_key(base.data): prepare(base, log, for_training=True)}  # once, before trials start
     parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
                                          spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
     forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,29 +86,34 @@ def dataset_folder(d, cache_root: str | Path) -> Path:
     return Path(cache_root) / dataset_key(d)
 
 
-def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False) -> PreparedDataset:
+def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False,
+                    check_split: Callable[[SplitIndices], None] | None = None) -> PreparedDataset:
     """The prepared dataset of ``DataConfig`` ``d``. FFCV: write the splits unless files written with the same
     settings from the same source are there, then verify both against their manifests; a file that fails is
     rewritten with ``repair`` (``varcon prepare``), else refused with a ``DataError`` (``varcon train``: a
-    damaged file is reported, never silently replaced). Torchvision: describe the source as it is."""
+    damaged file is reported, never silently replaced). Torchvision: describe the source as it is.
+    ``check_split`` (e.g. that the batches fit the training samples) sees the split before anything is
+    written, and may raise."""
+    check_split = check_split or (lambda _: None)
     if d.loader != "ffcv":
         splits = load_source(d, log)
         mean, std = channel_stats(splits["train"])
         val = split_indices(d, splits["train"].labels, splits["train"].class_names)
+        check_split(val)
         return PreparedDataset("", "", len(splits["train"].class_names), len(splits["train"]), len(splits["test"]),
                                tuple(mean), tuple(std), len(val.val), val.digest() if len(val.val) else "")
     settings, fingerprint = stored_settings(d), source_fingerprint(d)
     folder = dataset_folder(d, cache_root)
     paths = {split: folder / f"{split}.beton" for split in SPLITS}
     if not all(manifests.is_current(path, settings, fingerprint) for path in paths.values()):
-        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=True)
+        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=True, check_split=check_split)
     try:
         found = {split: manifests.verify_beton(path, d.verify_hash) for split, path in paths.items()}
     except DataError as exc:
         if not repair:
             raise
         log(f"{exc}: rewriting")
-        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=False)
+        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=False, check_split=check_split)
         found = {split: manifests.verify_beton(path, d.verify_hash) for split, path in paths.items()}
     train, test = found["train"], found["test"]
     if train["class_names"] != test["class_names"]:
@@ -115,6 +121,7 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False) 
                         f"both use the same class set")
     labels = beton_labels(str(paths["train"]))
     val = split_indices(d, labels, train["class_names"])
+    check_split(val)
     if len(val.val):
         write_validation_manifest(folder, d, val, labels)
     return PreparedDataset(str(paths["train"]), str(paths["test"]), train["num_classes"], train["num_samples"],
@@ -136,13 +143,14 @@ def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
     return split
 
 
-def _write_splits(d, paths: dict[str, Path], settings: dict, fingerprint: str, log, only_if_stale: bool) -> None:
+def _write_splits(d, paths: dict[str, Path], settings: dict, fingerprint: str, log, only_if_stale: bool,
+                  check_split: Callable[[SplitIndices], None]) -> None:
     """Read the source, then write every split under the folder's lock (another process may have written them
     meanwhile: with ``only_if_stale`` they are then left as they are)."""
     from filelock import FileLock
 
     splits = load_source(d, log)  # a bad source, or a split that empties a class, fails before anything is written
-    split_indices(d, splits["train"].labels, splits["train"].class_names)
+    check_split(split_indices(d, splits["train"].labels, splits["train"].class_names))
     folder = paths["train"].parent
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock_file = Path(str(folder) + ".lock")
