@@ -65,11 +65,15 @@ def _cmd_train(config) -> int:
     print(f"\n== {config.name}: {config.loss.name} on {config.data.dataset}, {config.optim.epochs} epochs, "
           f"{config.ray.num_workers} Ray Train workers ==")
     final = outcome.final_metrics
-    for key in sorted(k for k in final if "_knn_top1_k" in k):
+
+    def by_split(key: str) -> tuple:  # validation (what selects) first, then test
+        return not key.startswith("val_"), key
+
+    for key in sorted((k for k in final if "_knn_top1_k" in k), key=by_split):
         before = outcome.initial_metrics.get(key)
         init = f" (random init: {before:.2%})" if before is not None else ""
         print(f"{key}: {final[key]:.2%}{init}")
-    for key in sorted(k for k in final if "probe_top" in k or "fewshot" in k):
+    for key in sorted((k for k in final if "probe_top" in k or "fewshot" in k), key=by_split):
         print(f"{key}: {final[key]:.2%}")
     print(f"MLflow run id: {outcome.run_id}")
     if outcome.model_path:
