@@ -70,6 +70,8 @@ class DataConfig:
     grayscale_prob: float = 0.2
     loader: str = "ffcv"  # ffcv | torchvision (reads the source directly; the fallback without FFCV)
     loader_threads: int = 1  # per training worker: FFCV pipeline threads, or torchvision DataLoader processes
+    ffcv_views: str = "decode_once"  # decode_once (one decode, seeded crops, bilinear) | two_pipelines (FFCV's own:
+    #                                  two decodes, unseeded crops, area resize)
 
 
 @dataclass
@@ -338,6 +340,8 @@ def validate(config: ExperimentConfig) -> None:
         need(0.0 <= getattr(d, key) <= 1.0, f"data.{key} must lie in [0, 1]")
     need(d.color_jitter_strength >= 0, "data.color_jitter_strength must be >= 0")
     need(d.loader_threads >= 0, "data.loader_threads must be >= 0")
+    need(d.ffcv_views in ("decode_once", "two_pipelines"),
+         f"data.ffcv_views={d.ffcv_views!r} must be decode_once or two_pipelines")
     need(m.embedding_dim >= 2 and m.head_hidden_dim >= 1 and m.width >= 1, "model dimensions must be positive")
     need(lo.tau1 > 0, f"loss.tau1={lo.tau1} must be > 0 (the paper uses 0.1)")
     need(lo.eps >= 0, f"loss.eps={lo.eps} must be >= 0 (the paper uses 0.02)")

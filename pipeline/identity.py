@@ -36,6 +36,7 @@ TRAJECTORY = frozenset({
     "name", "seed",
     "data.image_size", "data.crop_scale_min", "data.horizontal_flip", "data.color_jitter_strength",
     "data.color_jitter_prob", "data.grayscale_prob", "data.loader", "data.val_fraction", "data.val_seed",
+    "data.ffcv_views",
     "model.encoder", "model.cifar_stem", "model.width", "model.head_hidden_dim", "model.embedding_dim",
     "model.head_batchnorm",
     "loss.name", "loss.tau1", "loss.eps", "loss.detach_target", "loss.supcon_temperature",

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
+from pipeline.data.ffcv_two_view import two_view_decoder
 from pipeline.data.manifest import verify_beton
 
 
@@ -35,20 +37,33 @@ class TwoViewLoader:
     """Iterates ``(view1, view2, labels, index)``: uint8 ``[n, 3, S, S]`` twice, int64 labels ``[n]`` and the
     int64 global sample indices ``[n]`` (the device-side augmentation draws by them), n = batch_size. Reuse one
     instance across epochs: FFCV compiles its pipeline on first use.
+
+    ``decode_once`` (default): one pipeline decodes each image once and renders both views with crops and flips
+    drawn from (seed, epoch, sample index, view) (``pipeline.data.ffcv_two_view``); otherwise two FFCV pipelines
+    on the field, each decoding the image and drawing its crop from FFCV's unseeded generator.
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, threads: int = 1, indices=None) -> None:
+                 distributed: bool, seed: int, threads: int = 1, indices=None, decode_once: bool = True) -> None:
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToTensor
 
         verify_beton(path, check_hash="never")
-        pipelines = {
-            "image": _crop_view(image_size, crop_scale_min, flip),
-            "label": _int_pipeline(),
-            "index": _int_pipeline(),
-            "image_view2": PipelineSpec("image", transforms=_crop_view(image_size, crop_scale_min, flip)),
-        }
+        self.decode_once = decode_once
+        self.epoch_cell = np.zeros(1, np.int64)  # read by the compiled decoder at run time
+        if decode_once:
+            decoder = two_view_decoder(image_size, (crop_scale_min, 1.0), (3 / 4, 4 / 3), flip, seed,
+                                       self.epoch_cell)
+            pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor()]),
+                         "label": _int_pipeline(), "index": _int_pipeline()}
+        else:
+            pipelines = {
+                "image": _crop_view(image_size, crop_scale_min, flip),
+                "label": _int_pipeline(),
+                "index": _int_pipeline(),
+                "image_view2": PipelineSpec("image", transforms=_crop_view(image_size, crop_scale_min, flip)),
+            }
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
                              distributed=distributed, seed=seed, drop_last=True, pipelines=pipelines,
                              indices=indices)
@@ -66,8 +81,13 @@ class TwoViewLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for view1, labels, index, view2 in self.loader:
-            yield view1, view2, labels.long(), index.long()
+        if not self.decode_once:
+            for view1, labels, index, view2 in self.loader:
+                yield view1, view2, labels.long(), index.long()
+            return
+        self.epoch_cell[0] = self.loader.next_epoch  # the pass about to start draws its crops with this epoch
+        for views, labels, index in self.loader:  # views: [n, 2, S, S, 3] -> two [n, 3, S, S] (channels-last)
+            yield views[:, 0].permute(0, 3, 1, 2), views[:, 1].permute(0, 3, 1, 2), labels.long(), index.long()
 
 
 class EvalLoader:

@@ -17,7 +17,7 @@ def train_loader(config, files: PreparedDataset, batch_size: int, distributed: b
     args = dict(batch_size=batch_size, image_size=d.image_size, crop_scale_min=d.crop_scale_min,
                 flip=d.horizontal_flip, distributed=distributed, seed=config.seed, indices=split.bank)
     if d.loader == "ffcv":
-        return TwoViewLoader(files.train, threads=d.loader_threads, **args)
+        return TwoViewLoader(files.train, threads=d.loader_threads, decode_once=d.ffcv_views == "decode_once", **args)
     return TorchvisionTwoViewLoader(load_source(d, log=lambda *_: None)["train"], workers=d.loader_threads, **args)
 
 
