@@ -77,13 +77,15 @@ def flips(seed, epoch, index, view):
     return uniform(sample_key(seed, epoch, index, view), FLIP_DRAW) < 0.5
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, fastmath=True)
 def _coefficients(in_size, out_size):
-    """Per output position: the first input position and ``[out, taps]`` normalised triangle weights."""
+    """Per output position: the first input position, the number of taps and ``[out, taps]`` normalised
+    triangle weights (support 1, widened by the shrink factor: antialias)."""
     scale = in_size / out_size
-    support = max(scale, 1.0)  # the bilinear filter's support, widened when shrinking (antialias)
+    support = max(scale, 1.0)
     taps = int(math.ceil(support)) * 2 + 1
-    first = np.zeros(out_size, np.int64)
+    first = np.empty(out_size, np.int64)
+    count = np.empty(out_size, np.int64)
     weights = np.zeros((out_size, taps), np.float32)
     for x in range(out_size):
         centre = (x + 0.5) * scale
@@ -92,43 +94,48 @@ def _coefficients(in_size, out_size):
         total = 0.0
         for k in range(low, high):
             value = 1.0 - abs((k - centre + 0.5) / support)
-            value = value if value > 0.0 else 0.0
-            weights[x, k - low] = value
-            total += value
-        if total > 0.0:
-            for t in range(high - low):
-                weights[x, t] /= total
-        first[x] = low
-    return first, weights
+            if value > 0.0:
+                weights[x, k - low] = value
+                total += value
+        for t in range(high - low):
+            weights[x, t] /= total
+        first[x], count[x] = low, high - low
+    return first, count, weights
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, fastmath=True)
 def resize_crop(image, top, left, h, w, flip, out):
     """Render ``image[top:top+h, left:left+w]`` (uint8 ``[H, W, 3]``) into ``out`` (uint8 ``[S, T, 3]``),
-    mirrored when ``flip``: horizontal pass into float32, then vertical, rounded and clamped."""
+    mirrored when ``flip``: horizontal pass into float32 rows, then vertical, rounded and clamped."""
     out_h, out_w = out.shape[0], out.shape[1]
-    col_first, col_weights = _coefficients(w, out_w)
-    row_first, row_weights = _coefficients(h, out_h)
-    rows = np.zeros((h, out_w, 3), np.float32)
+    col_first, col_count, col_weights = _coefficients(w, out_w)
+    row_first, row_count, row_weights = _coefficients(h, out_h)
+    rows = np.empty((h, out_w * 3), np.float32)
     for r in range(h):
+        source = image[top + r]
         for x in range(out_w):
-            target = out_w - 1 - x if flip else x
-            for c in range(3):
-                acc = 0.0
-                for t in range(col_weights.shape[1]):
-                    k = col_first[x] + t
-                    if k >= w:
-                        break
-                    acc += col_weights[x, t] * image[top + r, left + k, c]
-                rows[r, target, c] = acc
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            base = left + col_first[x]
+            for t in range(col_count[x]):
+                weight = col_weights[x, t]
+                a0 += weight * source[base + t, 0]
+                a1 += weight * source[base + t, 1]
+                a2 += weight * source[base + t, 2]
+            target = 3 * (out_w - 1 - x if flip else x)
+            rows[r, target] = a0
+            rows[r, target + 1] = a1
+            rows[r, target + 2] = a2
+    line = np.empty(out_w * 3, np.float32)
     for y in range(out_h):
-        for x in range(out_w):
-            for c in range(3):
-                acc = 0.0
-                for t in range(row_weights.shape[1]):
-                    k = row_first[y] + t
-                    if k >= h:
-                        break
-                    acc += row_weights[y, t] * rows[k, x, c]
-                value = np.rint(acc)
-                out[y, x, c] = 0 if value < 0 else 255 if value > 255 else np.uint8(value)
+        line[:] = 0.0
+        for t in range(row_count[y]):
+            weight = row_weights[y, t]
+            row = rows[row_first[y] + t]
+            for q in range(out_w * 3):
+                line[q] += weight * row[q]
+        flat = out[y].reshape(-1)
+        for q in range(out_w * 3):
+            value = np.rint(line[q])
+            flat[q] = 0 if value < 0 else 255 if value > 255 else np.uint8(value)
