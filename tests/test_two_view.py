@@ -38,3 +38,31 @@ def test_views_are_seeded_by_epoch_and_index_and_rendered_like_the_reference(dig
             expected = np.zeros((32, 32, 3), np.uint8)
             crops.resize_crop(images[sample], *box, crops.flips(0, 3, sample, view), expected)
             assert np.array_equal(views[row, view].numpy(), expected)
+
+
+def test_the_torchvision_fallback_draws_the_same_views(digits_files):
+    """Raw storage: FFCV's decode-once loader and the torchvision loader reading the source give every sample
+    the same two views in the same epoch (their orders differ); the next epoch draws others."""
+    from pipeline.data.ffcv_loader import TwoViewLoader
+    from pipeline.data.torchvision_loader import TorchvisionTwoViewLoader
+
+    args = dict(batch_size=64, image_size=32, crop_scale_min=0.2, flip=True, distributed=False, seed=5)
+    split = digits(32, 0.25, split_seed=0)["train"]
+
+    def by_index(loader):
+        found = {}
+        for view1, view2, _, index in loader:
+            for row, sample in enumerate(index.tolist()):
+                found[sample] = (view1[row].clone(), view2[row].clone())
+        return found
+
+    ffcv_loader = TwoViewLoader(digits_files.train, threads=2, **args)
+    tv_loader = TorchvisionTwoViewLoader(split, workers=0, **args)
+    ffcv_views, tv_views = by_index(ffcv_loader), by_index(tv_loader)
+    common = set(ffcv_views) & set(tv_views)
+    assert len(common) > 1200
+    for sample in common:
+        assert torch.equal(ffcv_views[sample][0], tv_views[sample][0]), sample
+        assert torch.equal(ffcv_views[sample][1], tv_views[sample][1]), sample
+    second = by_index(tv_loader)
+    assert sum(torch.equal(second[s][0], tv_views[s][0]) for s in common if s in second) < len(common) / 10

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torchvision.transforms import v2
 
 
@@ -32,24 +32,64 @@ class _Views(Dataset):
         return (*(self.transform(image) for _ in range(self.views)), label, index)
 
 
+class _SeededTwoViews(Dataset):
+    """Item ``(i, epoch)`` -> ``(view1, view2, label, index)``: the decode-once FFCV loader's views
+    (``pipeline.data.crops``: crops and flips drawn from (seed, epoch, index, view), the same resize) of sample
+    ``index = indices[i]`` decoded once."""
+
+    def __init__(self, split, image_size: int, crop_scale_min: float, flip: bool, seed: int, indices=None) -> None:
+        self.split, self.size, self.scale_min, self.flip, self.seed = split, image_size, crop_scale_min, flip, seed
+        self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item_and_epoch):
+        from pipeline.data import crops
+
+        item, epoch = item_and_epoch
+        index = int(self.indices[item])
+        image, label, _ = self.split[index]
+        image = np.ascontiguousarray(image)
+        views = []
+        for view in range(2):
+            box = crops.crop_box(self.seed, epoch, index, view, image.shape[0], image.shape[1], self.scale_min,
+                                 1.0, 3 / 4, 4 / 3)
+            out = np.empty((self.size, self.size, 3), np.uint8)
+            crops.resize_crop(image, *box, self.flip and crops.flips(self.seed, epoch, index, view), out)
+            views.append(torch.from_numpy(out).permute(2, 0, 1))
+        return views[0], views[1], label, index
+
+
+class _WithEpoch(Sampler):
+    """``base``'s items paired with the epoch the loader sets (the sampler runs in the main process)."""
+
+    def __init__(self, base) -> None:
+        self.base, self.epoch = base, 0
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 class TorchvisionTwoViewLoader:
-    """Iterates ``(view1, view2, labels, index)`` like ``TwoViewLoader``, decoding and cropping in ``workers``
-    processes; ``DistributedSampler`` shards under DDP.
+    """Iterates ``(view1, view2, labels, index)`` like ``TwoViewLoader`` (the same seeded crops, flips and
+    resize), decoding in ``workers`` processes; ``DistributedSampler`` shards under DDP.
     """
 
     def __init__(self, split, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
                  distributed: bool, seed: int, workers: int = 1, indices=None) -> None:
-        ops = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True)]
-        if flip:
-            ops.append(v2.RandomHorizontalFlip())
-        dataset = _Views(split, v2.Compose(ops), views=2, indices=indices)
+        dataset = _SeededTwoViews(split, image_size, crop_scale_min, flip, seed, indices)
         if distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        self.with_epoch = _WithEpoch(self.sampler)
         self._epoch = 0
         # its own generator seeds the worker processes: the global RNG (which evaluation may use) plays no part
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.with_epoch, num_workers=workers,
                                  drop_last=True, persistent_workers=workers > 0,
                                  generator=torch.Generator().manual_seed(seed))
 
@@ -67,6 +107,7 @@ class TorchvisionTwoViewLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(self._epoch)
+        self.with_epoch.epoch = self._epoch
         self._epoch += 1
         for view1, view2, labels, index in self.loader:
             yield view1, view2, labels.long(), index.long()
