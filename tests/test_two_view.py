@@ -1,10 +1,13 @@
 """The decode-once two-view FFCV operation: seeded, thread-count independent, equal to the reference render."""
 import numpy as np
+import pytest
 import torch
 
 from pipeline.data import crops
 from pipeline.data.ffcv_two_view import two_view_decoder
 from pipeline.data.sources import digits
+
+JPEG_TOLERANCE = 4.0  # mean grey levels between views of a JPEG-stored image and of its lossless source
 
 
 def loader(path, threads, cell):
@@ -66,3 +69,43 @@ def test_the_torchvision_fallback_draws_the_same_views(digits_files):
         assert torch.equal(ffcv_views[sample][1], tv_views[sample][1]), sample
     second = by_index(tv_loader)
     assert sum(torch.equal(second[s][0], tv_views[s][0]) for s in common if s in second) < len(common) / 10
+
+
+@pytest.mark.parametrize("write_mode", ["jpg", "proportion", "raw"])
+def test_each_storage_mode_renders_the_sources_views(tmp_path, write_mode):
+    """An ImageFolder of smooth 48x40 images stored as JPEG, half JPEG or raw: the decode-once views follow
+    the torchvision fallback's views of the source files, within JPEG's re-encoding error where JPEG is
+    stored (mean JPEG_TOLERANCE grey levels) and exactly where raw is."""
+    from PIL import Image
+
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare_dataset
+    from pipeline.data.ffcv_loader import TwoViewLoader
+    from pipeline.data.sources import load_source
+    from pipeline.data.torchvision_loader import TorchvisionTwoViewLoader
+
+    yy, xx = np.mgrid[0:40, 0:48]
+    for split in ("train", "val"):
+        for label in range(2):
+            folder = tmp_path / "src" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(12):
+                image = np.stack([(np.sin(xx / (4 + i)) + 1) * 110, (np.cos(yy / (3 + label)) + 1) * 110,
+                                  np.full_like(xx, 20 * i)], -1).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i}.png")
+    config = DataConfig(dataset="imagefolder", root=str(tmp_path / "src"), image_size=24, write_mode=write_mode,
+                        max_resolution=48, jpeg_quality=95, compress_probability=0.5, writer_workers=1,
+                        val_fraction=0.0)
+    files = prepare_dataset(config, tmp_path / "cache", log=lambda *_: None)
+    args = dict(batch_size=8, image_size=24, crop_scale_min=0.2, flip=True, distributed=False, seed=1)
+    stored = {int(i): v1 for v1, _, _, index in TwoViewLoader(files.train, **args) for i, v1 in zip(index, v1)}
+    source = {int(i): v1 for v1, _, _, index in TorchvisionTwoViewLoader(load_source(config)["train"], workers=0,
+                                                                           **args) for i, v1 in zip(index, v1)}
+    common = sorted(set(stored) & set(source))
+    differences = [(stored[i].float() - source[i].float()).abs().mean().item() for i in common]
+    mismatched = [(stored[i].float() - source[j].float()).abs().mean().item() for i, j in zip(common, common[1:])]
+    assert len(differences) >= 16 and min(mismatched) > 2 * JPEG_TOLERANCE  # the tolerance tells crops apart
+    if write_mode == "raw":
+        assert max(differences) == 0.0
+    else:
+        assert 0.0 < float(np.mean(differences)) <= JPEG_TOLERANCE
