@@ -35,10 +35,9 @@ def test_warmup_then_cosine_schedule():
     assert lrs[4] == pytest.approx(1.0) and lrs[8] == pytest.approx(0.5) and lrs[11] < 0.05
 
 
-# FFCV draws its crops and flips unseeded (issue 17): whole crops and no flip make the loader deterministic; the
-# colour augmentation draws by (seed, epoch, sample index) and stays on, so a resume must repeat it exactly
-DETERMINISTIC = ["ray.num_workers=1", "optim.epochs=3", "optim.global_batch_size=256", "data.crop_scale_min=1.0",
-                 "data.horizontal_flip=false", "data.grayscale_prob=0.2",
+# crops, flips and colour all draw by (seed, epoch, sample index) (pipeline.data.crops, augment), so a resume must
+# repeat every augmentation exactly
+DETERMINISTIC = ["ray.num_workers=1", "optim.epochs=3", "optim.global_batch_size=256", "data.grayscale_prob=0.2",
                  "eval.every_epochs=10", "eval.linear_probe_epochs=0", "eval.few_shot_episodes=0"]
 
 
