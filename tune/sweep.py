@@ -30,7 +30,7 @@ from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, 
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec
-from tune.trainables import population_trial, train_trial
+from tune.trainables import kept_records, population_trial, train_trial
 
 DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
 
@@ -318,6 +318,10 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: s
     for earlier in kept[:-1]:  # a PBT trial's own epochs before an exploit are only in its own earlier records
         if earlier.record.run_id == run_id:
             opened.run.log_entries(earlier.record.own_entries())
+    if spec.population_based:  # every record the trial reported, also one Tune dropped at an exploit
+        for record in kept_records(Path(result.path)):
+            if record.run_id == run_id:  # sent again: the store keeps one row per (key, step, time, value)
+                opened.run.log_entries(record.own_entries())
     completed = status == "completed"
     finish_run(opened, outcome, completed=completed)
     if completed and spec.population_based:

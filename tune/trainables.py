@@ -15,13 +15,41 @@ it (the divergence would repeat), and the sweep driver records it as failed with
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+from pipeline import checkpoint
+from pipeline.checkpoint import RunRecord
 
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
 from pipeline.ray_train import run_worker, worker_argument
 from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
 from tune.spec import SweepSpec
+
+
+RECORDS_FOLDER = "records"  # in a population trial's folder: the run record of every checkpoint it reported
+
+
+def keep_record(trial_dir: Path, checkpoint_dir: Path) -> None:
+    """Copy the checkpoint's run record to ``<trial_dir>/records/epoch_<n>-<run id>.json`` (atomically): a PBT
+    exploit restarts the trial's checkpoint numbering from the donor's, so Tune's own folder of the epoch before
+    an exploit can be overwritten or never written."""
+    record = checkpoint.load_record(checkpoint_dir)
+    folder = trial_dir / RECORDS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"epoch_{record.epoch:05d}-{record.run_id}.json"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(record.to_json())
+    os.replace(tmp, target)
+
+
+def kept_records(trial_dir: Path) -> list:
+    """The run records ``keep_record`` kept for a trial, oldest epoch first."""
+    found = [RunRecord.from_json(p.read_text()) for p in sorted((trial_dir / RECORDS_FOLDER).glob("epoch_*.json"))]
+    return sorted(found, key=lambda r: r.epoch)
 
 
 def trial_tags(spec: SweepSpec, trial_id: str) -> dict[str, str]:
@@ -37,6 +65,8 @@ class TuneSession:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.tune
 
+        if checkpoint_dir:  # Tune may drop or overwrite the checkpoint of a result it answers with an exploit
+            keep_record(Path(ray.tune.get_context().get_trial_dir()), Path(checkpoint_dir))
         found = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=found)
 
