@@ -6,7 +6,6 @@ import os
 import shlex
 import sys
 import traceback
-from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
 from pipeline.data.sources import DataError
@@ -77,7 +76,7 @@ def _cmd_train(config) -> int:
         print(f"{key}: {final[key]:.2%}")
     print(f"MLflow run id: {outcome.run_id}")
     if outcome.model_path:
-        print(f"final checkpoint: {outcome.model_path}   (varcon eval --checkpoint {Path(outcome.model_path).parent})")
+        print(f"final checkpoint: {outcome.model_path}   (varcon eval --checkpoint {outcome.final.folder})")
         if config.data.val_fraction > 0:
             print(f"best checkpoint:  {outcome.best_model_path}   (by {monitor_source(config.eval)}, the "
                   f"validation split)")

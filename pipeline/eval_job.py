@@ -1,11 +1,9 @@
 """`varcon eval`: the final evaluation (kNN, linear probe, few-shot, dispersion) of a saved checkpoint."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, storage
 from pipeline.config import ConfigError, build_config
 from pipeline.data.augment import ColorAugment
 from pipeline.data.prepare import dataset_splits
@@ -16,14 +14,17 @@ from pipeline.train_job import prepare
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:
-    """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file) with the config
-    stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or GPU (one process).
-    """
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    try:
+    """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file; local, shared or
+    a bucket URI) with the config stored in it (``overrides`` may change evaluation settings) and run
+    ``Evaluator.final`` on CPU or GPU (one process)."""
+    place = storage.location(path)
+    if place.is_file():
+        place = place.on_same(place.path.rsplit("/", 1)[0])
+    if not (place / checkpoint.STATE_FILE).is_file():
+        raise ConfigError(f"{path} holds no {checkpoint.STATE_FILE}: pass a checkpoint folder printed by "
+                          f"`varcon train`")
+    with place.as_local_folder() as folder:
         state = checkpoint.load(folder)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{exc}: pass a checkpoint folder printed by `varcon train`") from None
     config = build_config(state["config"], overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     files = prepare(config, log)

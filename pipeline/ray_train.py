@@ -28,6 +28,7 @@ from pipeline.data.prepare import PreparedDataset
 from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
 from pipeline.names import DIVERGED, MONITOR, monitor_source
+from pipeline.storage import Location
 from pipeline.tracking import MetricSender, TrackedRun
 
 
@@ -78,11 +79,11 @@ def read_record(found) -> RunRecord:
         return RunRecord.from_json(stream.read().decode())
 
 
-def kept_checkpoints(run_folder: Path) -> list[str]:
+def kept_checkpoints(run_folder: Location) -> list[Location]:
     """The folders of the checkpoints Ray Train registered for the run stored in ``run_folder`` (the latest and
-    the best by the monitor, ``CheckpointConfig``), read with Ray's own ``Result.from_path``; none when there is
-    no such run. A folder that a failed attempt wrote but Ray never registered is not among them: Ray does not
-    restore from it, so nothing may be read from it."""
+    the best by the monitor, ``CheckpointConfig``), read with Ray's own ``Result.from_path`` on the folder's
+    filesystem; none when there is no such run. A folder that a failed attempt wrote but Ray never registered is
+    not among them: Ray does not restore from it, so nothing may be read from it."""
     import logging
 
     from ray.train import Result
@@ -93,13 +94,13 @@ def kept_checkpoints(run_folder: Path) -> list[str]:
     level = logger.level
     logger.setLevel(logging.ERROR)  # from_path warns that a new run would need a new name: not ours to say
     try:
-        result = Result.from_path(str(run_folder))
+        result = Result.from_path(run_folder.path, storage_filesystem=run_folder.filesystem)
     finally:
         logger.setLevel(level)
     found = [c.path for c, _ in result.best_checkpoints or []]
     if result.checkpoint is not None and result.checkpoint.path not in found:
         found.append(result.checkpoint.path)
-    return found
+    return [run_folder.on_same(path) for path in found]
 
 
 def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str, run_key: str,

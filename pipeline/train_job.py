@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import checkpoint, identity, plots
+from pipeline import checkpoint, identity, plots, storage
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
 from pipeline.data.manifest import manifest_path
@@ -34,6 +34,7 @@ from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
+from pipeline.storage import Location
 from pipeline.ray_train import init_ray, kept_checkpoints, require_resources, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
@@ -53,30 +54,40 @@ class RunPlan:
     run_key: str
     identity: str
     tracking_uri: str
-    storage_path: Path
-    run_folder: Path | None  # None: a population trial, whose checkpoints Tune keeps
+    storage_path: Location  # a local or shared folder, or a bucket URI (``pipeline.storage``)
+    run_folder: Location | None  # None: a population trial, whose checkpoints Tune keeps
 
     @classmethod
     def of(cls, config: ExperimentConfig, own_checkpoints: bool = True) -> RunPlan:
-        storage = resolve_path(config.ray.storage_path)
+        storage_path = storage.location(config.ray.storage_path)
         key = identity.run_key(config)
         return cls(config, key, identity.identity_digest(config), resolve_tracking_uri(config.tracking.tracking_uri),
-                   storage, storage / key if own_checkpoints else None)
+                   storage_path, storage_path / key if own_checkpoints else None)
 
 
 @dataclass
 class Checkpointed:
-    """A checkpoint folder and its record."""
+    """A checkpoint folder (local, shared or in a bucket) and its record."""
 
-    folder: Path
+    folder: Location
     record: RunRecord
 
+    @classmethod
+    def at(cls, folder: Location) -> Checkpointed:
+        return cls(folder, RunRecord.from_json((folder / checkpoint.RECORD_FILE).read_text()))
 
-def checkpoints_in(run_folder: Path | None) -> list[Checkpointed]:
+    @property
+    def state_file(self) -> Location:
+        return self.folder / checkpoint.STATE_FILE
+
+
+def checkpoints_in(run_folder: Location | str | Path | None) -> list[Checkpointed]:
     """The checkpoints Ray Train registered for a run folder (``ray_train.kept_checkpoints``), oldest epoch first."""
     if run_folder is None:
         return []
-    found = [Checkpointed(Path(folder), checkpoint.load_record(folder)) for folder in kept_checkpoints(run_folder)]
+    if not isinstance(run_folder, Location):
+        run_folder = storage.location(str(run_folder))
+    found = [Checkpointed.at(folder) for folder in kept_checkpoints(run_folder)]
     return sorted(found, key=lambda c: c.record.epoch)
 
 
@@ -93,10 +104,19 @@ class TrainOutcome:
     run_id: str
     tracking_uri: str
     record: RunRecord  # what the run produced, from its final checkpoint
-    model_path: str | None  # the final checkpoint's state.pt
-    best_model_path: str | None  # the checkpoint with the best validation monitor (no validation: the last)
+    final: Checkpointed | None  # the final checkpoint
+    best: Checkpointed | None  # the checkpoint with the best validation monitor (no validation: the last)
     diverged: str = ""  # why the training ended itself, from Ray's result
     tracking_problem: str | None = None  # set when MLflow did not take the final results
+
+    @property
+    def model_path(self) -> str | None:
+        """The final checkpoint's ``state.pt`` (a path or URI)."""
+        return self.final.state_file.uri if self.final else None
+
+    @property
+    def best_model_path(self) -> str | None:
+        return self.best.state_file.uri if self.best else None
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -134,6 +154,7 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
     plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
+    storage.check_writable(plan.storage_path, "ray.storage_path")
     init_ray()
     r = config.ray
     require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
@@ -216,8 +237,7 @@ def outcome_from_checkpoints(opened: OpenRun, diverged: str = "",
     final = kept[-1]
     monitor_key = monitor_source(opened.plan.config.eval)
     best = max(kept, key=lambda c: (c.record.monitor(monitor_key, c.record.epoch), c.record.epoch))
-    return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, final.record,
-                        str(final.folder / checkpoint.STATE_FILE), str(best.folder / checkpoint.STATE_FILE), diverged)
+    return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, final.record, final, best, diverged)
 
 
 def open_run(plan: RunPlan, data: PreparedDataset, log=print, parent_run_id: str | None = None,
@@ -310,18 +330,19 @@ def finish_run(opened: OpenRun, outcome: TrainOutcome, completed: bool = True) -
         plots.learning_curves_plot(histories, Path(folder) / "learning_curves.png")
         plots.temperature_plot(histories, Path(folder) / "temperature_schedule.png")
         run.log_artifacts(folder, "plots")
-    if not completed or outcome.model_path is None:
+    if not completed or outcome.final is None:
         return
     tags = run.tags()
-    final_folder = Path(outcome.model_path).parent
     if MODEL_URI_TAG not in tags:  # the encoder is logged last: with it, everything before it is there too
-        if (final_folder / checkpoint.PLOTS_FOLDER).is_dir():
-            run.log_artifacts(final_folder / checkpoint.PLOTS_FOLDER, "plots")
-        if config.tracking.log_checkpoints:
-            run.log_artifact(outcome.model_path, "checkpoints/final")
-            run.log_artifact(outcome.best_model_path, "checkpoints/best")
-        model = build_model(config, opened.data.num_classes)
-        model.load_state_dict(checkpoint.load(final_folder)["model"])
+        with outcome.final.folder.as_local_folder() as final_folder:
+            if (final_folder / checkpoint.PLOTS_FOLDER).is_dir():
+                run.log_artifacts(final_folder / checkpoint.PLOTS_FOLDER, "plots")
+            if config.tracking.log_checkpoints:
+                run.log_artifact(final_folder / checkpoint.STATE_FILE, "checkpoints/final")
+                with outcome.best.folder.as_local_folder() as best_folder:
+                    run.log_artifact(best_folder / checkpoint.STATE_FILE, "checkpoints/best")
+            model = build_model(config, opened.data.num_classes)
+            model.load_state_dict(checkpoint.load(final_folder)["model"])
         size = config.data.image_size
         run.log_pytorch_model(model.encoder, ENCODER_MODEL, torch.zeros(2, 3, size, size))
     name = config.tracking.registered_model_name

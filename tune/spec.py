@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, flatten,
                              load_config, resolve_path, set_dotted, to_dict, yaml_problem)
+from pipeline import storage
 from pipeline.tracking import resolve_tracking_uri
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
@@ -133,11 +134,11 @@ class SweepSpec:
         e = self.experiment
         values = {"tracking.tracking_uri": resolve_tracking_uri(e["tracking"]["tracking_uri"]),
                   "data.cache_dir": str(resolve_path(e["data"]["cache_dir"])),
-                  "ray.storage_path": str(resolve_path(e["ray"]["storage_path"]))}
+                  "ray.storage_path": storage.location(e["ray"]["storage_path"]).uri}
         if e["data"]["root"]:
             values["data.root"] = str(resolve_path(e["data"]["root"]))
         settings = copy.copy(self.settings)
-        settings.output_dir = str(resolve_path(settings.output_dir))
+        settings.output_dir = storage.location(settings.output_dir).uri
         return SweepSpec(settings, with_values(e, values), self.space, self.source)
 
     def describe(self) -> dict[str, str]:

@@ -19,18 +19,18 @@ from pathlib import Path
 import yaml
 from ray.tune import Callback
 
-from pipeline import checkpoint, faults, plots
-from pipeline.config import ConfigError, resolve_path, to_dict
+from pipeline import faults, plots, storage
+from pipeline.config import ConfigError, to_dict
 from pipeline.data.prepare import dataset_key
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
-from pipeline.ray_train import RecordForwarding, init_ray, require_resources
+from pipeline.ray_train import RecordForwarding, init_ray, read_record, require_resources
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
                                 outcome_from_checkpoints, prepare)
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec
-from tune.trainables import kept_records, population_trial, train_trial
+from tune.trainables import kept_records, population_trial, records_folder, train_trial
 
 DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
 
@@ -65,7 +65,7 @@ class SweepOutcome:
     parent_run_id: str
     rows: list[TrialRow]
     best: TrialRow | None
-    best_config_path: Path | None
+    best_config_path: str | None  # a path or URI (``tune.output_dir``)
     registered: str | None
     compared: list[Compared] = field(default_factory=list)
 
@@ -140,10 +140,10 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
     function = population_trial if spec.population_based else train_trial
     trainable = tune.with_resources(tune.with_parameters(function, spec=spec, parent_run_id=parent_run_id,
                                                          prepared=prepared), own)
-    storage = resolve_path(base.ray.storage_path)
-    path = storage / s.name
-    if tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
+    place = storage.location(base.ray.storage_path)
+    path = place / s.name
+    if tune.Tuner.can_restore(path.uri):
+        return tune.Tuner.restore(path.uri, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False), True
     search = None if spec.population_based else space.searcher(spec)
     callbacks = [forwarder] if forwarder is not None else []
@@ -152,7 +152,7 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
         param_space=space.param_space(spec),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=_scheduler(spec),
                                     num_samples=space.trial_count(spec), max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=s.name, storage_path=str(storage),
+        run_config=tune.RunConfig(name=s.name, storage_path=place.uri,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                   callbacks=callbacks + faults.sweep_callbacks()),
@@ -164,6 +164,8 @@ def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri
     check_reachable(tracking_uri)
+    storage.check_writable(storage.location(base.ray.storage_path), "ray.storage_path")
+    storage.check_writable(storage.location(s.output_dir), "tune.output_dir")
     init_ray()
     _, cpus, gpus = trial_resources(spec)
     cluster = require_resources(cpus, gpus, base.ray.resource_wait_s, log)
@@ -205,22 +207,24 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
     compared = compare(rows, comparison_metrics(spec))
     best = best_trial(compared, s.metric, s.mode)
     _print_table(rows, s.metric, best, log)
-    out = resolve_path(s.output_dir) / s.name
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(rows, out / "trials.csv")
-    parent.log_artifact(out / "trials.csv")
-    if s.seeds > 1 or s.searcher == "grid":
-        table = comparison_table(compared, comparison_metrics(spec))
-        log("\n" + table)
-        (out / "comparison.txt").write_text(table + "\n")
-        _write_comparison_csv(compared, comparison_metrics(spec), out / "comparison.csv")
-        parent.log_artifact(out / "comparison.txt")
-        parent.log_artifact(out / "comparison.csv")
+    out = storage.location(s.output_dir) / s.name
     best_path, registered = None, None
+    with tempfile.TemporaryDirectory(prefix="varcon-sweep-") as staged:
+        staged = Path(staged)
+        _write_csv(rows, staged / "trials.csv")
+        if s.seeds > 1 or s.searcher == "grid":
+            table = comparison_table(compared, comparison_metrics(spec))
+            log("\n" + table)
+            (staged / "comparison.txt").write_text(table + "\n")
+            _write_comparison_csv(compared, comparison_metrics(spec), staged / "comparison.csv")
+        if best is not None:
+            (staged / "best_config.yaml").write_text(
+                yaml.safe_dump(best_config(spec, best, records[best.trial_id]), sort_keys=False))
+            best_path = (out / "best_config.yaml").uri
+        for name in sorted(p.name for p in staged.iterdir()):
+            parent.log_artifact(staged / name)
+        out.upload(staged)  # a local or shared folder, or the bucket
     if best is not None:
-        best_path = out / "best_config.yaml"
-        best_path.write_text(yaml.safe_dump(best_config(spec, best, records[best.trial_id]), sort_keys=False))
-        parent.log_artifact(best_path)
         parent.log_metrics({f"best_{s.metric}": best.metric}, step=epochs)
         tags = parent.tags()
         if s.registered_model_name and REGISTERED_TAG not in tags:
@@ -310,8 +314,8 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: s
     opened = OpenRun(plan, data, TrackedRun(plan.tracking_uri, run_id), None)
     if spec.population_based:  # Tune keeps their checkpoints: the last one and the best few
         found = [c for c, _ in result.best_checkpoints] + ([result.checkpoint] if result.checkpoint else [])
-        kept = sorted({c.path: Checkpointed(Path(c.path), checkpoint.load_record(c.path)) for c in found}.values(),
-                      key=lambda c: c.record.epoch)
+        kept = sorted({c.path: Checkpointed(plan.storage_path.on_same(c.path), read_record(c))
+                       for c in found}.values(), key=lambda c: c.record.epoch)
     else:
         kept = checkpoints_in(plan.run_folder)
     outcome = outcome_from_checkpoints(opened, (result.metrics or {}).get(DIVERGED, ""), kept)
@@ -319,7 +323,7 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: s
         if earlier.record.run_id == run_id:
             opened.run.log_entries(earlier.record.own_entries())
     if spec.population_based:  # every record the trial reported, also one Tune dropped at an exploit
-        for record in kept_records(Path(result.path)):
+        for record in kept_records(records_folder(spec, trial_id)):
             if record.run_id == run_id:  # sent again: the store keeps one row per (key, step, time, value)
                 opened.run.log_entries(record.own_entries())
     completed = status == "completed"

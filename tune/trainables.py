@@ -15,13 +15,13 @@ it (the divergence would repeat), and the sweep driver records it as failed with
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, storage
 from pipeline.checkpoint import RunRecord
+from pipeline.storage import Location
 
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
@@ -30,25 +30,26 @@ from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
 from tune.spec import SweepSpec
 
 
-RECORDS_FOLDER = "records"  # in a population trial's folder: the run record of every checkpoint it reported
+RECORDS_FOLDER = "varcon_records"  # in the sweep's folder: per trial, the run record of every checkpoint it reported
 
 
-def keep_record(trial_dir: Path, checkpoint_dir: Path) -> None:
-    """Copy the checkpoint's run record to ``<trial_dir>/records/epoch_<n>-<run id>.json`` (atomically): a PBT
-    exploit restarts the trial's checkpoint numbering from the donor's, so Tune's own folder of the epoch before
-    an exploit can be overwritten or never written."""
+def records_folder(spec: SweepSpec, trial_id: str) -> Location:
+    """Where a population trial keeps its reported records: ``<ray.storage_path>/<sweep>/varcon_records/<trial>``
+    (beside Tune's own trial folders, on the same storage)."""
+    return storage.location(spec.base.ray.storage_path) / spec.settings.name / RECORDS_FOLDER / trial_id
+
+
+def keep_record(folder: Location, checkpoint_dir: Path) -> None:
+    """Copy the checkpoint's run record to ``<folder>/epoch_<n>-<run id>.json``: a PBT exploit restarts the
+    trial's checkpoint numbering from the donor's, so Tune's own folder of the epoch before an exploit can be
+    overwritten or never written."""
     record = checkpoint.load_record(checkpoint_dir)
-    folder = trial_dir / RECORDS_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"epoch_{record.epoch:05d}-{record.run_id}.json"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(record.to_json())
-    os.replace(tmp, target)
+    (folder / f"epoch_{record.epoch:05d}-{record.run_id}.json").write_text(record.to_json())
 
 
-def kept_records(trial_dir: Path) -> list:
-    """The run records ``keep_record`` kept for a trial, oldest epoch first."""
-    found = [RunRecord.from_json(p.read_text()) for p in sorted((trial_dir / RECORDS_FOLDER).glob("epoch_*.json"))]
+def kept_records(folder: Location) -> list[RunRecord]:
+    """The run records ``keep_record`` kept in ``folder``, oldest epoch first."""
+    found = [RunRecord.from_json(place.read_text()) for place in folder.files(".json")]
     return sorted(found, key=lambda r: r.epoch)
 
 
@@ -59,14 +60,15 @@ def trial_tags(spec: SweepSpec, trial_id: str) -> dict[str, str]:
 class TuneSession:
     """``pipeline.ray_train.Session`` for a single-process Tune trial."""
 
-    def __init__(self, use_gpu: bool) -> None:
+    def __init__(self, use_gpu: bool, records: Location) -> None:
         self.use_gpu = use_gpu
+        self.records = records
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.tune
 
         if checkpoint_dir:  # Tune may drop or overwrite the checkpoint of a result it answers with an exploit
-            keep_record(Path(ray.tune.get_context().get_trial_dir()), Path(checkpoint_dir))
+            keep_record(self.records, Path(checkpoint_dir))
         found = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=found)
 
@@ -111,7 +113,10 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 
 def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str,
                      prepared: dict[str, PreparedDataset]) -> None:
+    import ray.tune
+
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     plan = opened.plan
+    records = records_folder(spec, ray.tune.get_context().get_trial_id())
     run_worker(worker_argument(plan.config, opened.data, opened.run.run_id, plan.run_key, plan.identity),
-               TuneSession(plan.config.ray.use_gpu))
+               TuneSession(plan.config.ray.use_gpu, records))
