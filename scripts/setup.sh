@@ -7,7 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev chromium)  # chromium: the MLflow UI test
+# chromium: the MLflow UI test; postgresql-15: the durable-tracking tests run a throw-away server of it
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev chromium postgresql-15)
 STAMP="$VENV/.varcon-installed"
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -19,8 +20,14 @@ done
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   log "installing Debian packages: ${missing[*]}"
+  if [ ! -f /etc/postgresql-common/createcluster.conf ]; then
+    # no auto-created 'main' cluster on port 5432: the tests start their own, in a temporary folder
+    $SUDO mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf > /dev/null
+  fi
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+    -o Dpkg::Options::=--force-confold "${missing[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
