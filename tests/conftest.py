@@ -23,7 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # where tests write the faults they inject (pipeline.faults); every Ray process of the session gets the variable
 FAULTS_FILE = os.path.join(tempfile.mkdtemp(prefix="varcon-faults-"), "faults.json")
 os.environ["VARCON_FAULTS_FILE"] = FAULTS_FILE
-CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained"}
+CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained", "s3", "tracking_service"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -136,3 +136,27 @@ def mlflow_server():
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The session's S3-compatible server (``tests.services.S3Server``)."""
+    from services import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tracking_service(s3):
+    """``mlflow server`` on a throw-away PostgreSQL with its artifacts in the S3 server's ``varcon-mlflow``
+    bucket: the durable tracking service of ``cluster.yaml``, on loopback. Yields (service, database)."""
+    from services import PostgresServer, TrackingService
+
+    database = PostgresServer().start()
+    bucket = s3.create_bucket("varcon-mlflow")
+    service = TrackingService(database.create_database("mlflow"), f"s3://{bucket}/artifacts", s3).start()
+    yield service, database
+    service.stop()
+    database.remove()

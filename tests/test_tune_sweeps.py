@@ -7,10 +7,7 @@ Each trial is 1 worker x 1 CPU; epochs are few and evaluation is cut short.
 """
 import csv
 import json
-import os
 import statistics
-import subprocess
-import sys
 
 import optuna
 import pytest
@@ -24,31 +21,9 @@ from pipeline.names import EXPLOITS_TAG
 from pipeline.train_job import checkpoints_in
 from tune import space
 from tune.spec import load_sweep
+from varcon_process import succeeded, varcon
 
 SHORT_EVAL = ["eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
-SWEEP_TIMEOUT_S = 600
-
-
-def varcon(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``varcon *args`` in a new process that starts its own local Ray instance (``RAY_ADDRESS=local``: without
-    it Ray would join the session's cluster, which runs on this machine); a sweep still running after
-    ``SWEEP_TIMEOUT_S`` is killed (its Ray instance with it) and fails the test with the end of what it printed."""
-    try:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
-                              env={**os.environ, "RAY_ADDRESS": "local", **(env or {})},
-                              capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
-    except subprocess.TimeoutExpired as hung:
-        tail = (hung.stderr or b"")[-4000:]
-        pytest.fail(f"`varcon {' '.join(args)}` ran past {SWEEP_TIMEOUT_S} s; its output ended with:\n"
-                    f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
-
-
-def succeeded(done: subprocess.CompletedProcess) -> str:
-    """What a finished ``varcon`` printed, after checking it exited 0."""
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
-
-
 def store(home):
     return MlflowClient(f"sqlite:///{home / '.cache' / 'mlflow' / 'mlflow.db'}")
 
