@@ -156,6 +156,8 @@ class RayConfig:
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
     resource_wait_s: float = 600.0  # on a running cluster: how long to wait for the autoscaler to add the CPUs/GPUs
     #                                 a run needs before failing (a local instance fails at once)
+    autoscaler_config: str = "~/ray_bootstrap_config.yaml"  # the cluster's autoscaler config (where `ray up` puts
+    #   it on the head): what exceeds its node types x max_workers is refused at once; absent: not checked
 
 
 @dataclass

@@ -12,7 +12,6 @@ single-process Ray Tune trial (population-based training, ``tune/``) runs the sa
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -23,7 +22,7 @@ import torch
 
 from pipeline import checkpoint, engine, faults, plots
 from pipeline.checkpoint import RunRecord
-from pipeline.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from pipeline.config import ExperimentConfig, from_dict, to_dict
 from pipeline.data.prepare import PreparedDataset
 from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
@@ -273,43 +272,3 @@ def _checkpoint_config(has_validation: bool):
     if has_validation:
         return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max")
     return CheckpointConfig(num_to_keep=2)
-
-
-_started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
-
-
-def init_ray() -> None:
-    """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance
-    (Ray's own rule: a cluster started on this machine by ``ray start`` is joined; ``RAY_ADDRESS=local`` always
-    starts a new private one)."""
-    global _started_locally
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, log_to_driver=True)
-        _started_locally = address in (None, "local")
-
-
-def require_resources(cpus: float, gpus: float, wait_s: float, log=print) -> dict:
-    """The cluster's resources once they hold ``cpus`` CPUs and ``gpus`` GPUs. On a running cluster the
-    autoscaler gets ``wait_s`` seconds to add nodes; then (and at once on a local instance) a ``ConfigError``
-    names the shortfall, instead of a run that waits forever."""
-    import ray
-
-    deadline = time.monotonic() + (0.0 if _started_locally else wait_s)
-    announced = False
-    while True:
-        have = ray.cluster_resources()
-        if have.get("CPU", 0.0) >= cpus and have.get("GPU", 0.0) >= gpus:
-            return have
-        if time.monotonic() >= deadline:
-            raise ConfigError(f"the run needs {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
-                              f"{have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs: lower ray.num_workers "
-                              f"or ray.cpus_per_worker, set ray.use_gpu=false, or add nodes")
-        if not announced:
-            log(f"waiting up to {wait_s:g} s (ray.resource_wait_s) for the cluster to offer {cpus:g} CPUs and "
-                f"{gpus:g} GPUs")
-            announced = True
-        time.sleep(5)

@@ -34,8 +34,9 @@ from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
+from pipeline.cluster import init_ray, requested, training_bundles
 from pipeline.storage import Location
-from pipeline.ray_train import init_ray, kept_checkpoints, require_resources, run_training, worker_argument
+from pipeline.ray_train import kept_checkpoints, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
@@ -157,14 +158,15 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     storage.check_writable(plan.storage_path, "ray.storage_path")
     init_ray()
     r = config.ray
-    require_resources(r.num_workers * r.cpus_per_worker, r.num_workers * float(r.use_gpu), r.resource_wait_s, log)
-    data = prepare(config, log, for_training=True)  # a bad dataset or split fails here, before any worker starts
-    opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
-    try:
-        outcome = train_opened(opened, log, callbacks)  # train under Ray
-    except BaseException as exc:
-        end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
-        raise
+    bundles = training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
+    with requested(bundles, bundles, r.resource_wait_s, r.autoscaler_config, log):
+        data = prepare(config, log, for_training=True)  # a bad dataset or split fails here, before any worker
+        opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
+        try:
+            outcome = train_opened(opened, log, callbacks)  # train under Ray
+        except BaseException as exc:
+            end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
+            raise
     if outcome.diverged:  # record the outcome
         _record_divergence(opened, outcome)
     _finish_within_outage_wait(opened, outcome, log)

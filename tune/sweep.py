@@ -19,11 +19,11 @@ from pathlib import Path
 import yaml
 from ray.tune import Callback
 
-from pipeline import faults, plots, storage
+from pipeline import cluster, faults, plots, storage
 from pipeline.config import ConfigError, to_dict
 from pipeline.data.prepare import dataset_key
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
-from pipeline.ray_train import RecordForwarding, init_ray, read_record, require_resources
+from pipeline.ray_train import RecordForwarding, read_record
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
                                 outcome_from_checkpoints, prepare)
@@ -81,11 +81,21 @@ def trial_resources(spec: SweepSpec) -> tuple[dict, float, float]:
     return own, spec.settings.trial_driver_cpus + r.num_workers * r.cpus_per_worker, float(r.num_workers * r.use_gpu)
 
 
-def concurrency(spec: SweepSpec, cluster: dict) -> int:
+def trial_bundles(spec: SweepSpec) -> list[dict]:
+    """The CPU/GPU bundles one trial places: its own process (if it takes a CPU) and its Ray Train workers."""
+    own, _, _ = trial_resources(spec)
+    r = spec.base.ray
+    if spec.population_based:
+        return [{k: float(v) for k, v in own.items() if v}]
+    driver = [{"CPU": float(own["CPU"])}] if own.get("CPU") else []
+    return driver + cluster.training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
+
+
+def concurrency(spec: SweepSpec, have: dict) -> int:
     """``tune.max_concurrent_trials``, else as many trials as the cluster's CPUs (GPUs) hold; a trial larger
     than the cluster is a ``ConfigError`` instead of a wait forever."""
     _, cpus, gpus = trial_resources(spec)
-    have_cpus, have_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    have_cpus, have_gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpus or gpus > have_gpus:
         raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has {have_cpus:g} "
                           f"CPUs and {have_gpus:g} GPUs: lower ray.num_workers or ray.cpus_per_worker, set "
@@ -166,18 +176,22 @@ def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
     check_reachable(tracking_uri)
     storage.check_writable(storage.location(base.ray.storage_path), "ray.storage_path")
     storage.check_writable(storage.location(s.output_dir), "tune.output_dir")
-    init_ray()
-    _, cpus, gpus = trial_resources(spec)
-    cluster = require_resources(cpus, gpus, base.ray.resource_wait_s, log)
-    max_concurrent = concurrency(spec, cluster)
-    prepared = {dataset_key(base.data): prepare(base, log, for_training=True)}  # once, before trials start
-    parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
-                                         spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
-    forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None
-    tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, forwarder)
-    log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher {s.searcher}, "
-        f"scheduler {s.scheduler}, up to {max_concurrent} at a time (MLflow parent run {parent.run_id})")
-    results = tuner.fit()
+    cluster.init_ray()
+    trial = trial_bundles(spec)
+    maximum = cluster.cluster_maximum(base.ray.autoscaler_config)
+    side_by_side = cluster.trials_that_fit(maximum, trial, s.max_concurrent_trials or space.trial_count(spec))
+    with cluster.requested(trial * side_by_side, trial, base.ray.resource_wait_s, base.ray.autoscaler_config,
+                           log) as have:
+        max_concurrent = side_by_side if maximum is not None else concurrency(spec, have)
+        prepared = {dataset_key(base.data): prepare(base, log, for_training=True)}  # once, before trials start
+        parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
+                                             spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
+        forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None
+        tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, forwarder)
+        log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher "
+            f"{s.searcher}, scheduler {s.scheduler}, up to {max_concurrent} at a time (MLflow parent run "
+            f"{parent.run_id})")
+        results = tuner.fit()
     if forwarder is not None:  # what it still holds is in the trials' checkpoints too: a bounded wait
         forwarder.forwarding.flush(base.tracking.outage_wait_s)
     return summarise(spec, results, parent, prepared, log)

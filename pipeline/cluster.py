@@ -1,0 +1,178 @@
+"""The Ray cluster a job runs on: connecting to it, what it can hold at most, and asking its autoscaler.
+
+One owner asks, the driver of a training or a sweep: ``requested(bundles, ...)`` tells the autoscaler the
+bundles the work will place (``ray.autoscaler.sdk.request_resources``; the request is cluster-wide and each call
+replaces the last), waits up to ``ray.resource_wait_s`` for the first of them to fit, and withdraws the request
+when the work ends (the placement groups then hold what they use; idle nodes go after the config's
+``idle_timeout_minutes``). What exceeds the cluster's maximum is refused at once: the maximum is computed from
+the autoscaler's own cluster config (``ray.autoscaler_config``; ``ray up`` puts it on the head as
+``~/ray_bootstrap_config.yaml``, where ``ray job submit`` runs the driver), from every node type's explicit
+``resources``. A private local instance has no autoscaler: there what is not there is refused at once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError
+
+_started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
+SHOWN = ("CPU", "GPU")
+
+
+def init_ray() -> None:
+    """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance
+    (Ray's own rule: a cluster started on this machine by ``ray start`` is joined; ``RAY_ADDRESS=local`` always
+    starts a new private one)."""
+    global _started_locally
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)  # no connection banner
+        _started_locally = address in (None, "local")
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict[str, float]
+    max_workers: int
+    is_head: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterMaximum:
+    """What an autoscaling cluster can grow to: its node types (the head's ``max_workers`` counts as 1) and the
+    cluster's ``max_workers``. Node types without explicit ``resources`` are unknown and hold nothing here."""
+
+    node_types: tuple[NodeType, ...]
+    max_workers: int
+    source: str
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> ClusterMaximum:
+        config = yaml.safe_load(Path(path).expanduser().read_text())
+        head = config.get("head_node_type")
+        types = []
+        for name, spec in (config.get("available_node_types") or {}).items():
+            resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+            types.append(NodeType(name, resources, 1 if name == head else int(spec.get("max_workers", 0)),
+                                  name == head))
+        return cls(tuple(types), int(config.get("max_workers", 0)), str(path))
+
+    def problem(self, bundles: list[dict]) -> str | None:
+        """Why ``bundles`` can never be placed, or None: a bundle no node type holds, or totals beyond what the
+        largest nodes can add up to within ``max_workers``."""
+        for bundle in bundles:
+            if not any(all(t.resources.get(k, 0.0) >= v for k, v in bundle.items() if v) for t in self.node_types):
+                return f"no node type of {self.source} holds a bundle of {_describe(bundle)}"
+        needed = _totals(bundles)
+        for resource, amount in needed.items():
+            most = self.most(resource)
+            if amount > most:
+                return (f"the run needs {amount:g} {resource} but {self.source} can grow to {most:g} {resource} at "
+                        f"most (node types x max_workers)")
+        return None
+
+    def most(self, resource: str) -> float:
+        """The most of ``resource`` the cluster holds: the head, plus the worker types richest in it first,
+        within the cluster's ``max_workers``."""
+        heads = [t for t in self.node_types if t.is_head]
+        workers = sorted((t for t in self.node_types if not t.is_head), key=lambda t: -t.resources.get(resource, 0))
+        total, left = sum(t.resources.get(resource, 0.0) for t in heads), self.max_workers
+        for t in workers:
+            count = min(t.max_workers, left)
+            total, left = total + count * t.resources.get(resource, 0.0), left - count
+        return total
+
+
+def _totals(bundles: list[dict]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            found[key] = found.get(key, 0.0) + value
+    return found
+
+
+def _describe(resources: dict) -> str:
+    shown = {k: resources.get(k, 0.0) for k in SHOWN} | {k: v for k, v in resources.items() if k not in SHOWN}
+    return ", ".join(f"{v:g} {k}" for k, v in shown.items())
+
+
+def fits(have: dict, bundles: list[dict]) -> bool:
+    """Whether the resource totals ``have`` hold ``bundles``' totals."""
+    return all(have.get(k, 0.0) >= v for k, v in _totals(bundles).items())
+
+
+def cluster_maximum(autoscaler_config: str) -> ClusterMaximum | None:
+    """The maximum of the cluster described by ``autoscaler_config``, None when there is no such file."""
+    path = Path(autoscaler_config).expanduser() if autoscaler_config else None
+    return ClusterMaximum.from_config(path) if path is not None and path.is_file() else None
+
+
+@contextmanager
+def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_config: str, log=print):
+    """Ask the autoscaler for ``bundles`` while the block runs and wait until ``first`` (the part that must fit
+    before work starts, e.g. one trial of a sweep) fits; yields the cluster's resources then. Refuses at once
+    what exceeds the cluster's maximum (or, on a local instance, its resources); a ``ConfigError`` after
+    ``wait_s`` names the shortfall."""
+    import ray
+
+    have = ray.cluster_resources()
+    if _started_locally or fits(have, first):
+        if not fits(have, first):
+            raise ConfigError(_shortfall(first, have, "lower ray.num_workers or ray.cpus_per_worker, set "
+                                                      "ray.use_gpu=false, or run on a cluster"))
+        yield have
+        return
+    maximum = cluster_maximum(autoscaler_config)
+    problem = maximum.problem(first) if maximum is not None else None
+    if problem:
+        raise ConfigError(f"{problem}: lower ray.num_workers or ray.cpus_per_worker, or add node types / raise "
+                          f"max_workers in the cluster config")
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+    try:
+        log(f"asked the autoscaler for {len(bundles)} bundles ({_describe(_totals(bundles))}); waiting up to "
+            f"{wait_s:g} s (ray.resource_wait_s)")
+        deadline = time.monotonic() + wait_s
+        while not fits(have := ray.cluster_resources(), first):
+            if time.monotonic() >= deadline:
+                raise ConfigError(_shortfall(first, have, f"the autoscaler did not add the nodes within {wait_s:g} s "
+                                                          f"(ray.resource_wait_s): see `ray status` and the "
+                                                          f"autoscaler's log (monitor.log)"))
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+        yield have
+    finally:
+        request_resources(bundles=[])  # withdraw: each call replaces the cluster-wide request
+
+
+def _shortfall(bundles: list[dict], have: dict, fix: str) -> str:
+    needed = _totals(bundles)
+    return (f"the run needs {needed.get('CPU', 0.0):g} CPUs and {needed.get('GPU', 0.0):g} GPUs but the Ray "
+            f"cluster has {have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs: {fix}")
+
+
+def training_bundles(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> list[dict]:
+    """The placement-group bundles of one Ray Train run (one per worker)."""
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    return [dict(bundle) for _ in range(num_workers)]
+
+
+def trials_that_fit(maximum: ClusterMaximum | None, trial: list[dict], wanted: int) -> int:
+    """How many of ``wanted`` trials of ``trial``'s bundles the cluster's maximum holds side by side."""
+    if maximum is None:
+        return wanted
+    totals = _totals(trial)
+    most = [math.floor(maximum.most(k) / v) for k, v in totals.items() if v]
+    return max(1, min([wanted, *most]))

@@ -1,0 +1,31 @@
+"""The autoscaler gets asked: a training on a Ray cluster that starts with no worker node (Ray's fake multi-node
+provider, in a process of its own: ``tests/autoscaling_cluster.py``) makes the autoscaler add the nodes it needs,
+trains, and withdraws its request, so the nodes go idle and are removed; what exceeds the cluster's maximum is
+refused at once with one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.mark.cluster
+def test_a_training_makes_the_autoscaler_add_nodes_and_an_impossible_one_is_refused_at_once(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "autoscaling_cluster.py"), str(tmp_path)], cwd=HERE,
+                          capture_output=True, text=True, timeout=840)
+    assert done.returncode == 0, done.stderr[-4000:]
+    steps = {step["step"]: step for step in map(json.loads, done.stdout.strip().splitlines())}
+    assert steps["started"]["worker_nodes"] == 0  # the head offers no CPU: nothing can train before scaling up
+    trained = steps["trained"]
+    assert trained["returncode"] == 0, trained["stderr"]
+    assert "asked the autoscaler for 2 bundles (2 CPU, 0 GPU)" in trained["stdout"]
+    assert "Adding" in trained["stdout"] and "node(s) of type cpu_1" in trained["stdout"]  # the autoscaler's log
+    assert "== autoscaled: varcon on digits, 1 epochs, 2 Ray Train workers ==" in trained["stdout"]
+    assert steps["after"]["worker_nodes"] == 0  # the request was withdrawn: idle nodes were removed
+    too_big = steps["too_big"]
+    assert too_big["returncode"] == 2
+    (line,) = too_big["stderr"].strip().splitlines()
+    assert line.startswith("varcon: error: the run needs 4 CPU but ") and "can grow to 2 CPU at most" in line
