@@ -96,19 +96,16 @@ class S3Server:
         client = self.client()
         kept = tempfile.mkdtemp(prefix="varcon-s3-kept-")
         buckets = [b["Name"] for b in client.list_buckets()["Buckets"]]
-        for bucket in buckets:
-            for key in self.keys(bucket):
-                target = Path(kept, bucket, key)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, key, str(target))
+        objects = [(bucket, key) for bucket in buckets for key in self.keys(bucket)]  # keys may end in "/"
+        for i, (bucket, key) in enumerate(objects):
+            client.download_file(bucket, key, os.path.join(kept, str(i)))
         self.stop()
         self.start()
         client = self.client()
         for bucket in buckets:
             client.create_bucket(Bucket=bucket)
-            for path in Path(kept, bucket).rglob("*"):
-                if path.is_file():
-                    client.upload_file(str(path), bucket, path.relative_to(Path(kept, bucket)).as_posix())
+        for i, (bucket, key) in enumerate(objects):
+            client.upload_file(os.path.join(kept, str(i)), bucket, key)
         shutil.rmtree(kept)
 
 

@@ -59,7 +59,7 @@ def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(varc
     assert run.info.status == "FAILED" and "training loss became nan" in run.data.tags["varcon.error"]
     assert steps(client, run, "train_loss") == [1]
     (kept,) = checkpoints_in(varcon_home / ".cache" / "ray_results" / run.data.tags["varcon.run_key"])
-    state = checkpoint.load(kept.folder)
+    state = checkpoint.load(kept.folder.path)
     assert kept.record.epoch == state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 

@@ -102,7 +102,7 @@ def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable
     assert "error: diverged: training loss became nan at epoch 2" in line
     assert "1 of 4 trials ended with an error" in printed
     (kept,) = checkpoints_in(varcon_home / ".cache" / "ray_results" / diverged.data.tags["varcon.run_key"])
-    state = checkpoint.load(kept.folder)  # the last good one, not overwritten
+    state = checkpoint.load(kept.folder.path)  # the last good one, not overwritten
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                        if v.is_floating_point())
 
