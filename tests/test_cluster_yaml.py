@@ -27,3 +27,43 @@ def test_schema_check_rejects_unknown_fields():
     config["available_node_types"]["gpu_worker"]["gpus"] = 8  # not a launcher field
     with pytest.raises(jsonschema.ValidationError):
         validate_config(config)
+
+
+def bundled_work():
+    """(name, bundles) of every bundled training config and sweep file: what each places on the cluster."""
+    from pipeline.cluster import training_bundles
+    from pipeline.config import load_config
+    from tune.spec import load_sweep
+    from tune.sweep import trial_bundles
+
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        r = load_config(path).ray
+        yield path.name, training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
+    for path in sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml")):
+        yield f"tune/{path.name}", trial_bundles(load_sweep(path))
+
+
+def test_cluster_yaml_can_grow_to_hold_every_bundled_config():
+    from pipeline.cluster import ClusterMaximum
+
+    maximum = ClusterMaximum.from_config(REPO_ROOT / "cluster.yaml")
+    work = dict(bundled_work())
+    assert max(sum(b.get("GPU", 0) for b in bundles) for bundles in work.values()) == 32  # imagenet1k
+    for name, bundles in work.items():
+        assert maximum.problem(bundles) is None, name
+    assert maximum.most("GPU") == 32 and maximum.problem([{"CPU": 10, "GPU": 1}] * 33) is not None
+    types = load_prepared()["available_node_types"]
+    assert all("resources" in t and (t["resources"] or name == "head") for name, t in types.items())
+    assert types["head"]["resources"] == {"CPU": 0}  # no training or preparation on the head
+    assert any(t["resources"].get("CPU") and not t["resources"].get("GPU") for t in types.values())  # CPU jobs
+
+
+def test_the_maximum_counts_the_largest_nodes_within_max_workers():
+    from pipeline.cluster import ClusterMaximum, NodeType
+
+    maximum = ClusterMaximum((NodeType("head", {"CPU": 0}, 1, True), NodeType("small", {"CPU": 4}, 10),
+                              NodeType("big", {"CPU": 16, "GPU": 2}, 2)), 3, "test.yaml")
+    assert maximum.most("CPU") == 16 + 16 + 4  # both big nodes, then one small one: 3 workers at most
+    assert maximum.most("GPU") == 4
+    assert maximum.problem([{"CPU": 17}]) == "no node type of test.yaml holds a bundle of 17 CPU, 0 GPU"
+    assert "needs 37 CPU" in maximum.problem([{"CPU": 1}] * 37) and maximum.problem([{"CPU": 1}] * 36) is None
