@@ -153,6 +153,8 @@ class RayConfig:
     run_name: str = ""  # the run key by hand; default <name>-<digest of the trajectory settings> (pipeline.identity)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
+    checkpoint_upload: str = "sync"  # sync | async: Ray uploads the checkpoint in the background while training goes
+    #                                  on (Ray Train's CheckpointUploadMode.ASYNC; worth it for bucket storage)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
     resource_wait_s: float = 600.0  # on a running cluster: how long to wait for the autoscaler to add the CPUs/GPUs
     #                                 a run needs before failing (a local instance fails at once)
@@ -363,6 +365,8 @@ def validate(config: ExperimentConfig) -> None:
     need(r.resource_wait_s >= 0, "ray.resource_wait_s must be >= 0")
     need(config.tracking.outage_wait_s >= 0, "tracking.outage_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
+    need(r.checkpoint_upload in ("sync", "async"),
+         f"ray.checkpoint_upload={r.checkpoint_upload!r} must be sync or async")
     need(r.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
          f"ray.placement_strategy={r.placement_strategy!r} must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
     need(o.optimizer in ("sgd", "lars"), f"optim.optimizer={o.optimizer!r} must be sgd or lars")

@@ -27,7 +27,7 @@ OPERATIONAL = frozenset({
     "eval.at_epochs", "eval.initial_fraction", "eval.test_every_epochs", "eval.probe", "eval.reference_probe_epochs",
     "eval.reference_probe_lr", "eval.reference_probe_batch_size",
     "ray.cpus_per_worker", "ray.storage_path", "ray.run_name", "ray.max_failures", "ray.checkpoint_every",
-    "ray.placement_strategy", "ray.resource_wait_s", "ray.autoscaler_config",
+    "ray.checkpoint_upload", "ray.placement_strategy", "ray.resource_wait_s", "ray.autoscaler_config",
     "tracking.tracking_uri", "tracking.experiment", "tracking.log_checkpoints", "tracking.registered_model_name",
     "tracking.outage_wait_s",
 })

@@ -12,6 +12,7 @@ single-process Ray Tune trial (population-based training, ``tune/``) runs the sa
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -42,13 +43,30 @@ class Session(Protocol):
 
 
 class RayTrainSession:
-    """A worker of a ``TorchTrainer``: DDP-prepared model, reports through ``ray.train``."""
+    """A worker of a ``TorchTrainer``: DDP-prepared model, reports through ``ray.train``. With
+    ``upload_async`` every rank reports with ``CheckpointUploadMode.ASYNC``, so no rank waits at the report
+    barrier while rank 0's checkpoint uploads; the report reaches the controller (and ``RecordForwarder``) once
+    the checkpoint is persisted, in order."""
+
+    def __init__(self, upload_async: bool = False) -> None:
+        self.upload_async = upload_async
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
-        found = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=found)
+        if not self.upload_async:
+            found = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=found)
+            return
+        found = None
+        if checkpoint_dir:  # the caller deletes its folder on return: hand Ray the files under another name
+            staged = tempfile.mkdtemp(prefix="varcon-upload-")
+            os.rmdir(staged)
+            os.rename(checkpoint_dir, staged)
+            os.mkdir(checkpoint_dir)
+            found = ray.train.Checkpoint.from_directory(staged)  # Ray deletes it once uploaded
+        ray.train.report(metrics, checkpoint=found, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     def last_checkpoint(self):
         import ray.train
@@ -237,7 +255,8 @@ def _record_forwarder(tracking_uri: str):
 
 
 def train_loop_per_worker(argument: dict) -> str | None:
-    return run_worker(argument, RayTrainSession())  # rank 0's return value is the Result's ``return_value``
+    upload_async = argument["experiment"]["ray"]["checkpoint_upload"] == "async"
+    return run_worker(argument, RayTrainSession(upload_async))  # rank 0's return value is the Result's ``return_value``
 
 
 def run_training(config: ExperimentConfig, argument: dict, run_key: str, storage_path: str, tracking_uri: str,

@@ -165,13 +165,13 @@ class TrackingService:
     """``mlflow server`` on PostgreSQL with its artifacts in the S3 server (``--artifacts-destination``, served
     through the tracking server), as ``cluster.yaml`` runs it."""
 
-    def __init__(self, database_uri: str, artifacts: str, s3: S3Server) -> None:
+    def __init__(self, database_uri: str, artifacts: str, s3: S3Server | None = None, workers: int = 2) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                        str(self.port), "--workers", "2", "--backend-store-uri", database_uri,
+                        str(self.port), "--workers", str(workers), "--backend-store-uri", database_uri,
                         "--artifacts-destination", artifacts]
-        self.env = {**os.environ, **s3.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        self.env = {**os.environ, **(s3.env if s3 else {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                     "MLFLOW_DISABLE_TELEMETRY": "true"}
         self.process: subprocess.Popen | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="varcon-mlflow-server-", suffix=".log", delete=False).name

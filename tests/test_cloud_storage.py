@@ -19,7 +19,8 @@ def test_a_two_worker_training_in_a_bucket_survives_a_failure_and_eval_reads_it_
         varcon_home, s3, inject_faults, monkeypatch, capsys):
     bucket = s3.create_bucket("varcon-train-runs")
     inject_faults(fail_after_epoch=1)  # rank 0 raises once after epoch 1's checkpoint: Ray restores from S3
-    args = ["train", *SHORT, "ray.max_failures=1", "name=in-bucket", f"ray.storage_path=s3://{bucket}/runs"]
+    args = ["train", *SHORT, "ray.max_failures=1", "name=in-bucket", f"ray.storage_path=s3://{bucket}/runs",
+            "ray.checkpoint_upload=async"]  # uploads in the background, forwarded once persisted
     env = {**s3.env, "VARCON_HOME": str(varcon_home)}
     done = varcon(*args, env=env)
     printed = succeeded(done)
