@@ -52,10 +52,22 @@ def resolve_tracking_uri(configured: str = "") -> str:
     return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
 
 
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow talks to directly
+KNOWN_SCHEMES = ("http", "https", "file", "sqlite", "databricks", *DATABASE_SCHEMES)
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any training, when an http(s) tracking server does not answer its health check
-    (MLflow's own client would retry for minutes)."""
-    if not tracking_uri.startswith(("http://", "https://")):
+    (MLflow's own client would retry for minutes), a database store does not take a connection, or the URI's
+    scheme is none MLflow's stores use."""
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else "file"
+    if scheme not in KNOWN_SCHEMES:
+        raise TrackingError(f"tracking URI {_redacted(tracking_uri)} has scheme {scheme}://, which no MLflow store "
+                            f"uses: use http(s):// (an MLflow server), postgresql://, mysql://, sqlite:/// or a path")
+    if scheme in DATABASE_SCHEMES:
+        _check_database(tracking_uri, timeout_s)
+        return
+    if scheme not in ("http", "https"):
         return
     import urllib.error
     import urllib.request
@@ -69,6 +81,25 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         problem = str(getattr(exc, "reason", exc))
     raise TrackingError(f"the MLflow tracking server {tracking_uri} does not answer ({problem}): start it "
                         f"(`mlflow server` or `varcon ui`), or unset MLFLOW_TRACKING_URI to use the local store")
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(max(1, timeout_s))})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - the driver's own error (refused, unknown host, auth, no driver)
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise TrackingError(f"the tracking database {_redacted(uri)} does not take a connection "
+                            f"({(lines[0] if lines else type(exc).__name__)[:200]}): check host, port, database and "
+                            f"credentials in tracking.tracking_uri (or MLFLOW_TRACKING_URI)") from None
+
+
+def _redacted(uri: str) -> str:
+    return URL_CREDENTIALS.sub("***@", uri)
 
 
 def ui_command(tracking_uri: str, port: int = 5000) -> list[str]:

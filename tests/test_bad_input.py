@@ -104,6 +104,11 @@ CASES = {
     "monitor epoch beyond training": (["train", "eval.at_epochs=[3, 16]"], "eval.at_epochs=[3, 16] must list epochs"),
     "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"],
                                     "does not answer"),
+    "unreachable tracking database": (
+        lambda home: ["train", f"tracking.tracking_uri=postgresql://varcon:secret@127.0.0.1:{closed_port()}/mlflow"],
+        "the tracking database postgresql://***@127.0.0.1:"),
+    "tracking URI no MLflow store uses": (["train", "tracking.tracking_uri=ftp://host/mlflow"],
+                                          "has scheme ftp://, which no MLflow store uses"),
     # the cluster
     "more workers than CPUs": (["train", "ray.num_workers=4", "ray.resource_wait_s=0"],
                                "the run needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"),
