@@ -101,7 +101,7 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False,
         val = split_indices(d, splits["train"].labels, splits["train"].class_names)
         check_split(val)
         return PreparedDataset("", "", len(splits["train"].class_names), len(splits["train"]), len(splits["test"]),
-                               tuple(mean), tuple(std), len(val.val), val.digest() if len(val.val) else "")
+                               tuple(mean), tuple(std), len(val.val), val.digest())
     settings, fingerprint = stored_settings(d), source_fingerprint(d)
     folder = dataset_folder(d, cache_root)
     paths = {split: folder / f"{split}.beton" for split in SPLITS}
@@ -126,7 +126,7 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False,
         write_validation_manifest(folder, d, val, labels)
     return PreparedDataset(str(paths["train"]), str(paths["test"]), train["num_classes"], train["num_samples"],
                            test["num_samples"], tuple(train["channel_mean"]), tuple(train["channel_std"]),
-                           len(val.val), val.digest() if len(val.val) else "")
+                           len(val.val), val.digest())
 
 
 def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
@@ -137,7 +137,7 @@ def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
     else:
         labels = load_source(d, log=lambda *_: None)["train"].labels
     split = split_indices(d, labels)
-    if (split.digest() if len(split.val) else "") != files.val_digest:
+    if split.digest() != files.val_digest:
         raise DataError(f"the validation split of {files.train or d.dataset} differs from the one prepared: "
                         f"run `varcon prepare` again")
     return split

@@ -30,6 +30,9 @@ class SplitIndices:
     val: np.ndarray
 
     def digest(self) -> str:
+        """Names the validation indices (``PreparedDataset.val_digest``); "" when there are none."""
+        if not len(self.val):
+            return ""
         return hashlib.sha256(self.val.astype(np.int64).tobytes()).hexdigest()[:16]
 
 
