@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import checkpoint, identity, plots, storage
+from pipeline import checkpoint, identity, plots, provenance, storage
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
 from pipeline.data.manifest import manifest_path
@@ -277,7 +277,8 @@ def open_run(plan: RunPlan, data: PreparedDataset, log=print, parent_run_id: str
 
 def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tags: dict[str, str] | None):
     config = plan.config
-    all_tags = {"varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
+    code = provenance.code_version()
+    all_tags = {**code.tags(), "varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
                 "varcon.schedule": config.loss.schedule.kind, RUN_FOLDER_TAG: str(plan.run_folder or ""),
                 ATTEMPTS_TAG: "1", **(tags or {})}
     run = create_run(plan.tracking_uri, config.tracking.experiment, plan.run_key, config.name, flatten(config),
@@ -286,6 +287,8 @@ def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tag
     for beton in filter(None, (data.train, data.test)):
         run.log_artifact(manifest_path(beton), "dataset")
     run.log_environment()
+    if code.dirty:
+        run.log_text(code.patch(), "code/uncommitted.diff")
     return run
 
 

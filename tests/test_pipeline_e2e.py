@@ -6,6 +6,7 @@ node boundary.
 """
 import contextlib
 import io
+import subprocess
 
 import mlflow
 import pytest
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
 from pipeline.cli import main
-from pipeline.config import flatten, load_config
+from pipeline.config import REPO_ROOT, flatten, load_config
 from pipeline.data.manifest import read_manifest
 from pipeline.tracking import using_tracking_uri
 
@@ -90,6 +91,13 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     assert listing("checkpoints/best") == {"checkpoints/best/state.pt"}
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(home))))
     assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
+
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert run.data.tags["varcon.git_commit"] == run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], capture_output=True,
+                                text=True).stdout.strip())
+    assert run.data.tags["varcon.git_dirty"] == str(dirty).lower()
+    assert ("code" in listing()) == dirty  # the uncommitted diff only when there is one
 
     (version,) = client.search_model_versions("name='e2e-encoder'")
     assert version.run_id == run.info.run_id
