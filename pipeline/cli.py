@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"{'sweep' if name == 'tune' else 'experiment'} YAML (default: {default})")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
         sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        if name in ("train", "tune"):
+            sub.add_argument("--verbose", action="store_true", help="also stream Ray's own worker, controller and "
+                                                                    "autoscaler output (else: its log folder)")
         if name == "config":
             sub.add_argument("--keys", action="store_true", help="list every config key (and, for a sweep file, "
                                                                  "every tune.* key) with type, default, description")
@@ -61,12 +64,12 @@ def _cmd_prepare(config) -> int:
     return 0
 
 
-def _cmd_train(config) -> int:
+def _cmd_train(config, verbose: bool = False) -> int:
     from pipeline.names import monitor_source
     from pipeline.tracking import ui_command
     from pipeline.train_job import train
 
-    outcome = train(config)
+    outcome = train(config, verbose=verbose)
     print(f"\n== {config.name}: {config.loss.name} on {config.data.dataset}, {config.optim.epochs} epochs, "
           f"{config.ray.num_workers} Ray Train workers ==")
     final = outcome.final_metrics
@@ -99,7 +102,7 @@ def _cmd_tune(args) -> int:
     from tune.sweep import run_sweep
 
     spec = load_sweep(args.config, args.overrides)
-    outcome = run_sweep(spec)
+    outcome = run_sweep(spec, verbose=args.verbose)
     print(f"\nMLflow parent run: {outcome.parent_run_id} (one child run per trial)")
     errored = [row for row in outcome.rows if row.status.startswith("error")]
     if errored:
@@ -181,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("eval", "tune", "config"):
             return {"eval": _cmd_eval, "tune": _cmd_tune, "config": _cmd_config}[args.command](args)
         config = load_config(args.config, args.overrides)
-        return {"prepare": _cmd_prepare, "train": _cmd_train, "ui": _cmd_ui}[args.command](config)
+        if args.command == "train":
+            return _cmd_train(config, args.verbose)
+        return {"prepare": _cmd_prepare, "ui": _cmd_ui}[args.command](config)
     except (ConfigError, DataError, TrackingError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -252,6 +254,51 @@ def _record_forwarder(tracking_uri: str):
                 self.forwarding.forward(checkpoint)
 
     return RecordForwarder()
+
+
+def _report_sender(queue):
+    from ray.train import UserCallback
+
+    class ReportSender(UserCallback):
+        """Puts rank 0's report on a queue the driver reads (the report stream reaches the controller only)."""
+
+        def after_report(self, run_context, metrics, checkpoint=None):
+            if metrics:
+                try:
+                    queue.put_nowait(dict(metrics[0]))
+                except Exception:  # noqa: BLE001 - a full or gone queue costs console lines, never the training
+                    pass
+
+    return ReportSender()
+
+
+@contextmanager
+def reports_to_driver(on_report):
+    """A Ray Train callback whose reports (rank 0's) reach ``on_report`` on the driver, in order: through a queue
+    actor (no CPU), drained by a thread here until the block ends."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                on_report(queue.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue actor is gone (Ray shut down): nothing more will come
+                return
+
+    thread = threading.Thread(target=pump, name="varcon-console", daemon=True)
+    thread.start()
+    try:
+        yield _report_sender(queue)
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        queue.shutdown()
 
 
 def train_loop_per_worker(argument: dict) -> str | None:

@@ -36,7 +36,8 @@ from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
 from pipeline.cluster import init_ray, requested, training_bundles
 from pipeline.storage import Location
-from pipeline.ray_train import kept_checkpoints, run_training, worker_argument
+from pipeline.console import EpochPrinter
+from pipeline.ray_train import kept_checkpoints, reports_to_driver, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
@@ -150,20 +151,23 @@ def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
-          tags: dict[str, str] | None = None, callbacks: list | tuple = ()) -> TrainOutcome:
-    """Train under Ray Train, or continue the run of the same identity from its last checkpoint.
-    ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
+          tags: dict[str, str] | None = None, callbacks: list | tuple = (), verbose: bool = False) -> TrainOutcome:
+    """Train under Ray Train, or continue the run of the same identity from its last checkpoint, printing one
+    line per epoch (``pipeline.console``). ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks``
+    go to Ray Train's ``RunConfig``; ``verbose`` streams Ray's own output here too."""
     plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
     storage.check_writable(plan.storage_path, "ray.storage_path")
-    init_ray()
+    init_ray(verbose, log)
     r = config.ray
     bundles = training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
     with requested(bundles, bundles, r.resource_wait_s, r.autoscaler_config, log):
         data = prepare(config, log, for_training=True)  # a bad dataset or split fails here, before any worker
         opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
+        printer = EpochPrinter(config.optim.epochs, monitor_source(config.eval) if data.num_val else None, log)
         try:
-            outcome = train_opened(opened, log, callbacks)  # train under Ray
+            with reports_to_driver(printer) as console:
+                outcome = train_opened(opened, log, [*callbacks, console])  # train under Ray
         except BaseException as exc:
             end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
             raise

@@ -63,6 +63,9 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     home, summary, _ = trained
     assert "val_knn_top1_k20: " in summary and "test_knn_top1_k20: " in summary
     assert "by val_knn_top1_k20, the validation split" in summary and "mlflow ui --backend-store-uri" in summary
+    epochs = [line for line in summary.splitlines() if line.startswith("epoch ")]  # from Ray's report stream
+    assert [line.split()[1] for line in epochs] == ["0/2", "1/2", "2/2"]
+    assert "val_knn_top1_k20" in epochs[2] and "loss " in epochs[2] and "tau2 " in epochs[2] and "ETA " in epochs[2]
 
     (beton,) = (home / ".cache" / "data").glob("digits-*/train.beton")
     assert beton.is_file() and read_manifest(beton)["num_samples"] == 1347
