@@ -12,8 +12,10 @@ single-process Ray Tune trial (population-based training, ``tune/``) runs the sa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -23,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline import checkpoint, engine, faults, plots
+from pipeline import checkpoint, engine, faults, plots, system_metrics
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ExperimentConfig, from_dict, to_dict
 from pipeline.data.prepare import PreparedDataset
@@ -31,7 +33,7 @@ from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
 from pipeline.names import DIVERGED, MONITOR, monitor_source
 from pipeline.storage import Location
-from pipeline.tracking import MetricSender, TrackedRun
+from pipeline.tracking import MetricSender, TrackedRun, resolve_tracking_uri
 
 
 class Session(Protocol):
@@ -127,7 +129,18 @@ def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str
     """The plain-data argument of ``run_worker`` (it crosses process boundaries), with the faults a test
     injects into this run (``pipeline.faults``)."""
     return {"experiment": to_dict(config), "dataset": data.as_dict(), "run_id": run_id, "run_key": run_key,
-            "identity": identity, "faults": faults.for_run(run_key)}
+            "identity": identity, "faults": faults.for_run(run_key),
+            "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)}
+
+
+def monitored(argument: dict, local_rank: int, node: str | None = None):
+    """The node's system-metrics monitor around a worker's training, on the worker of local rank 0 when
+    ``tracking.system_metrics`` asks for it (``pipeline.system_metrics``); else nothing."""
+    t, use_gpu = argument["experiment"]["tracking"], argument["experiment"]["ray"]["use_gpu"]
+    if local_rank != 0 or not system_metrics.enabled(t["system_metrics"], use_gpu):
+        return contextlib.nullcontext()
+    return system_metrics.node_monitor(argument["run_id"], argument["tracking_uri"], t["system_metrics_interval_s"],
+                                       node)
 
 
 def run_worker(argument: dict, session: Session) -> str | None:
@@ -302,8 +315,13 @@ def reports_to_driver(on_report):
 
 
 def train_loop_per_worker(argument: dict) -> str | None:
+    import ray.train
+
     upload_async = argument["experiment"]["ray"]["checkpoint_upload"] == "async"
-    return run_worker(argument, RayTrainSession(upload_async))  # rank 0's return value is the Result's ``return_value``
+    context = ray.train.get_context()
+    node = f"node{context.get_node_rank()}-{socket.gethostname()}"
+    with monitored(argument, context.get_local_rank(), node):
+        return run_worker(argument, RayTrainSession(upload_async))  # rank 0's: the Result's ``return_value``
 
 
 def run_training(config: ExperimentConfig, argument: dict, run_key: str, storage_path: str, tracking_uri: str,

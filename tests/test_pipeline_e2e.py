@@ -22,7 +22,8 @@ from pipeline.data.manifest import read_manifest
 from pipeline.tracking import using_tracking_uri
 
 OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e", "tracking.registered_model_name=e2e-encoder",
-             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD"]
+             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD", "tracking.system_metrics=on",
+             "tracking.system_metrics_interval_s=1"]
 
 
 def train_workers():
@@ -94,6 +95,13 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     assert listing("checkpoints/best") == {"checkpoints/best/state.pt"}
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(home))))
     assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
+
+    system = {key for key in run.data.metrics if key.startswith("system/")}  # one monitor per node
+    for node in ("node0", "node1"):
+        mine = {key.split("/", 2)[2] for key in system if key.split("/")[1].startswith(f"{node}-")}
+        assert {"cpu_utilization_percentage", "system_memory_usage_megabytes"} <= mine, sorted(system)
+        if torch.cuda.is_available():
+            assert "gpu_0_utilization_percentage" in mine
 
     head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert run.data.tags["varcon.git_commit"] == run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
