@@ -40,6 +40,12 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the fix."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a dependency's exception, for a one-line error that names the fix."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
     """A schema field and its one-line description, held in the field's metadata (``varcon config --keys``
     prints them: the schema is the one place a key is described)."""

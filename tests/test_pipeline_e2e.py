@@ -158,6 +158,13 @@ def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monk
     for key, abs_tol in tolerance.items():
         assert float(printed[key]) == pytest.approx(run.data.metrics[key], abs=abs_tol), key
 
+    # the registered encoder's run logged the same final checkpoint: evaluating the model URI gives the same figures
+    assert main(["eval", "--checkpoint", "models:/e2e-encoder/1", "eval.few_shot_episodes=20"]) == 0
+    registered = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
+    assert registered["epoch"] == "2"
+    for key in ("test_knn_top1_k20", "val_knn_top1_k20", "test_dispersion_intra_cos"):
+        assert float(registered[key]) == pytest.approx(float(printed[key]), abs=1e-6), key
+
 
 def test_operational_changes_continue_the_finished_run_without_training_again(trained, monkeypatch, capsys):
     """Another max_failures, resource wait, outage wait, loader thread count or evaluation setting is the same run:
