@@ -28,7 +28,7 @@ from pipeline.ray_train import RecordForwarding, read_record
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
                                 outcome_from_checkpoints, prepare)
-from tune import space
+from tune import analysis, space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec
 from tune.trainables import kept_records, population_trial, records_folder, train_trial
@@ -251,6 +251,9 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
             best_path = (out / "best_config.yaml").uri
         for name in sorted(p.name for p in staged.iterdir()):
             parent.log_artifact(staged / name)
+        (staged / "analysis").mkdir()
+        log("\n" + analysis.write_analysis(spec, rows, records, staged / "analysis").table().rstrip())
+        parent.log_artifacts(staged / "analysis", "analysis")
         out.upload(staged)  # a local or shared folder, or the bucket
     if best is not None:
         parent.log_metrics({f"best_{s.metric}": best.metric}, step=epochs)
