@@ -29,7 +29,7 @@ from pipeline import checkpoint, identity, plots, provenance, storage
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
 from pipeline.data.manifest import manifest_path
-from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
+from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset, prepared_split
 from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
@@ -138,6 +138,20 @@ def prepare(config: ExperimentConfig, log=print, repair: bool = False, for_train
                            check_split=check)
 
 
+def preflight(config: ExperimentConfig) -> None:
+    """What a prepared dataset's manifests already tell, checked before Ray starts: the batches against the
+    training samples, and a contrastive loss against a single class. (A dataset not prepared yet is checked
+    by ``prepare`` before it writes anything.)"""
+    found = prepared_split(config.data, resolve_path(config.data.cache_dir))
+    if found is None:
+        return
+    split, names = found
+    if len(names) < 2:
+        raise ConfigError(f"{config.data.dataset} has {len(names)} class: {config.loss.name} needs at least 2 "
+                          f"(check data.root)")
+    check_batches_fit(config, split)
+
+
 def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
     """Refuse a training whose batches exceed its training samples (the split minus validation)."""
     trained = len(split.bank)
@@ -158,6 +172,7 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
     plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
     storage.check_writable(plan.storage_path, "ray.storage_path")
+    preflight(config)
     init_ray(verbose, log)
     r = config.ray
     bundles = training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)

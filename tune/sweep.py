@@ -27,7 +27,7 @@ from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG,
 from pipeline.ray_train import RecordForwarding, read_record
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
-                                outcome_from_checkpoints, prepare)
+                                outcome_from_checkpoints, preflight, prepare)
 from tune import analysis, space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec
@@ -190,6 +190,7 @@ def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome
     check_reachable(tracking_uri)
     storage.check_writable(storage.location(base.ray.storage_path), "ray.storage_path")
     storage.check_writable(storage.location(s.output_dir), "tune.output_dir")
+    preflight(base)
     cluster.init_ray(verbose, log)
     trial = trial_bundles(spec)
     maximum = cluster.cluster_maximum(base.ray.autoscaler_config)
