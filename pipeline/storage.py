@@ -146,12 +146,13 @@ def location(path_or_uri: str) -> Location:
 def check_writable(place: Location, key: str) -> None:
     """Write and delete a probe file under ``place``, so that a missing bucket, missing credentials or an
     unreachable service is one ``ConfigError`` naming ``key`` before any cluster resource is used."""
-    if place.is_local:
-        try:
-            Path(place.path).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"{key}={place.uri} cannot be created ({exc.strerror}): choose a writable folder") \
-                from None
+    if place.is_local:  # nothing is created here: the nearest existing folder must let it be
+        existing = Path(place.path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={place.uri} cannot be created ({existing} is not a writable folder): choose a "
+                              f"writable folder")
         return
     bucket = place.path.split("/", 1)[0]
     try:

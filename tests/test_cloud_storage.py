@@ -83,3 +83,12 @@ def test_an_unreachable_storage_service_names_the_fix(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(ConfigError, match="is not writable .* give every node credentials"):
         storage.check_writable(storage.location(f"s3://{bucket}/runs"), "ray.storage_path")
+
+
+def test_a_local_storage_path_is_checked_without_creating_it(tmp_path):
+    place = storage.location(str(tmp_path / "runs" / "deeper"))
+    storage.check_writable(place, "ray.storage_path")
+    assert not (tmp_path / "runs").exists()  # Ray creates it when it writes; a refused run leaves nothing
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="a-file is not a writable folder"):
+        storage.check_writable(storage.location(str(tmp_path / "a-file" / "runs")), "ray.storage_path")
