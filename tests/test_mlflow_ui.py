@@ -90,7 +90,8 @@ def test_the_system_metrics_tab_and_the_sweeps_analysis_are_in_the_ui(mlflow_ui)
     dom = visible_text(chromium("--dump-dom", page))
     assert "cpu_utilization_percentage" in dom
     screenshot(page, "mlflow-system-metrics.png")
-    artifacts = f"{base}/#/experiments/{experiment_id}/runs/{parent.run_id}/artifacts"
+    artifacts = (f"{base}/#/experiments/{experiment_id}/runs/{parent.run_id}/artifacts/analysis/"
+                 f"parallel_coordinates.png")
     assert {a.path for a in client.list_artifacts(parent.run_id, "analysis")} >= {
         "analysis/importance.txt", "analysis/parallel_coordinates.png", "analysis/best_schedules.png"}
     screenshot(artifacts, "mlflow-sweep-parent.png")
