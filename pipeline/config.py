@@ -196,8 +196,8 @@ class TrackingConfig:
     experiment: str = setting("varcon", "MLflow experiment name")
     log_checkpoints: bool = setting(True, "log the final and best full checkpoints (state.pt) as run artifacts")
     registered_model_name: str = setting("", "register the final encoder in the Model Registry under this name")
-    system_metrics: str = setting("auto", "on | off | auto (on for GPU training): CPU/memory/GPU utilisation of every "
-                                          "node in the run's System metrics tab (MLflow's monitor)")
+    system_metrics: str = setting("auto", "always | never | auto (GPU training only): CPU/memory/GPU utilisation "
+                                          "of every node in the run's System metrics tab (MLflow's monitor)")
     system_metrics_interval_s: float = setting(10.0, "seconds between system-metric samples")
     outage_wait_s: float = setting(120.0, "at the end of a run, keep trying an unreachable store this long; then what"
                                           " it did not take stays in the final checkpoint and the same command sends "
@@ -397,8 +397,8 @@ def validate(config: ExperimentConfig) -> None:
     need(r.resource_wait_s >= 0, "ray.resource_wait_s must be >= 0")
     need(config.tracking.outage_wait_s >= 0, "tracking.outage_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
-    need(config.tracking.system_metrics in ("on", "off", "auto"),
-         f"tracking.system_metrics={config.tracking.system_metrics!r} must be on, off or auto")
+    need(config.tracking.system_metrics in ("always", "never", "auto"),
+         f"tracking.system_metrics={config.tracking.system_metrics!r} must be always, never or auto")
     need(config.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s must be > 0")
     need(r.checkpoint_upload in ("sync", "async"),
          f"ray.checkpoint_upload={r.checkpoint_upload!r} must be sync or async")

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 
 def enabled(setting: str, use_gpu: bool) -> bool:
-    """``tracking.system_metrics``: on | off | auto (on for GPU training)."""
-    return setting == "on" or (setting == "auto" and use_gpu)
+    """``tracking.system_metrics``: always | never | auto (GPU training only)."""
+    return setting == "always" or (setting == "auto" and use_gpu)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.tracking import using_tracking_uri
 
 OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e", "tracking.registered_model_name=e2e-encoder",
-             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD", "tracking.system_metrics=on",
+             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD", "tracking.system_metrics=always",
              "tracking.system_metrics_interval_s=1"]
 
 
