@@ -139,9 +139,9 @@ def prepare(config: ExperimentConfig, log=print, repair: bool = False, for_train
 
 
 def preflight(config: ExperimentConfig) -> None:
-    """What a prepared dataset's manifests already tell, checked before Ray starts: the batches against the
-    training samples, and a contrastive loss against a single class. (A dataset not prepared yet is checked
-    by ``prepare`` before it writes anything.)"""
+    """What a prepared dataset's files already tell, checked before Ray starts: their integrity, the batches
+    against the training samples, and a loss against a single class. (A dataset not prepared yet is checked by
+    ``prepare`` before it writes anything.)"""
     found = prepared_split(config.data, resolve_path(config.data.cache_dir))
     if found is None:
         return
