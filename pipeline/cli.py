@@ -19,6 +19,8 @@ for `tune` a sweep file, configs/tune/digits_asha.yaml) followed by dotted overr
   varcon train loss.tau1=0.07 optim.epochs=30 ray.num_workers=4
   varcon tune --config configs/tune/digits_pbt.yaml tune.num_samples=8 optim.epochs=12
 Relative paths in a config resolve against $VARCON_HOME, else the current directory.
+Every key, with its type, default and meaning: `varcon config --keys`; the resolved config of a file and
+overrides: `varcon config --config FILE [overrides]` (a sweep file too).
 """
 
 COMMANDS = {
@@ -27,6 +29,7 @@ COMMANDS = {
     "tune": "search tau1, eps, optimisation settings and temperature schedules with Ray Tune",
     "eval": "evaluate a saved checkpoint: kNN, linear probe, few-shot, dispersion",
     "ui": "serve the MLflow UI for the configured tracking store on 127.0.0.1:5000",
+    "config": "print the resolved config as YAML; --keys lists every key with its type, default and meaning",
 }
 
 
@@ -41,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"{'sweep' if name == 'tune' else 'experiment'} YAML (default: {default})")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
         sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        if name in ("train", "tune"):
+            sub.add_argument("--verbose", action="store_true", help="also stream Ray's own worker, controller and "
+                                                                    "autoscaler output (else: its log folder)")
+        if name == "config":
+            sub.add_argument("--keys", action="store_true", help="list every config key (and, for a sweep file, "
+                                                                 "every tune.* key) with type, default, description")
         if name == "eval":
             sub.add_argument("--checkpoint", required=True, metavar="DIR",
                              help="checkpoint folder (printed by `varcon train`); its stored config is used")
@@ -55,12 +64,12 @@ def _cmd_prepare(config) -> int:
     return 0
 
 
-def _cmd_train(config) -> int:
+def _cmd_train(config, verbose: bool = False) -> int:
     from pipeline.names import monitor_source
     from pipeline.tracking import ui_command
     from pipeline.train_job import train
 
-    outcome = train(config)
+    outcome = train(config, verbose=verbose)
     print(f"\n== {config.name}: {config.loss.name} on {config.data.dataset}, {config.optim.epochs} epochs, "
           f"{config.ray.num_workers} Ray Train workers ==")
     final = outcome.final_metrics
@@ -93,7 +102,7 @@ def _cmd_tune(args) -> int:
     from tune.sweep import run_sweep
 
     spec = load_sweep(args.config, args.overrides)
-    outcome = run_sweep(spec)
+    outcome = run_sweep(spec, verbose=args.verbose)
     print(f"\nMLflow parent run: {outcome.parent_run_id} (one child run per trial)")
     errored = [row for row in outcome.rows if row.status.startswith("error")]
     if errored:
@@ -119,6 +128,47 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    import yaml
+
+    from pipeline.config import describe_keys, to_dict
+
+    sweep = _is_sweep_file(args.config)
+    if args.keys:
+        from tune.spec import TuneSettings
+
+        rows = (describe_keys(TuneSettings, "tune.") if sweep else []) + describe_keys()
+        width = max(len(key) for key, *_ in rows)
+        for key, kind, default, text in rows:
+            print(f"{key.ljust(width)}  {kind} = {default}\n{' ' * (width + 2)}{text}")
+        return 0
+    if sweep:
+        from dataclasses import asdict
+
+        from tune.spec import load_sweep
+
+        spec = load_sweep(args.config, args.overrides)
+        resolved = {"tune": vars(spec.settings), "space": {p.key: {k: v for k, v in asdict(p).items() if k != "key"}
+                                                           for p in spec.space}, "experiment": to_dict(spec.base)}
+    else:
+        resolved = to_dict(load_config(args.config, args.overrides))
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")
+    return 0
+
+
+def _is_sweep_file(path: str | None) -> bool:
+    """Whether ``path`` is a sweep file (it names an ``experiment`` and a ``space``), not an experiment."""
+    import yaml
+
+    if not path or not os.path.isfile(path):
+        return False
+    try:
+        raw = yaml.safe_load(open(path).read())
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and "experiment" in raw and "space" in raw
+
+
 def _cmd_ui(config) -> int:
     from pipeline.tracking import resolve_tracking_uri, ui_command
 
@@ -131,10 +181,12 @@ def _cmd_ui(config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("eval", "tune"):
-            return {"eval": _cmd_eval, "tune": _cmd_tune}[args.command](args)
+        if args.command in ("eval", "tune", "config"):
+            return {"eval": _cmd_eval, "tune": _cmd_tune, "config": _cmd_config}[args.command](args)
         config = load_config(args.config, args.overrides)
-        return {"prepare": _cmd_prepare, "train": _cmd_train, "ui": _cmd_ui}[args.command](config)
+        if args.command == "train":
+            return _cmd_train(config, args.verbose)
+        return {"prepare": _cmd_prepare, "ui": _cmd_ui}[args.command](config)
     except (ConfigError, DataError, TrackingError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -27,18 +27,30 @@ _started_locally = False  # init_ray started a private instance (no autoscaler c
 SHOWN = ("CPU", "GPU")
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False, log=print) -> None:
     """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance
     (Ray's own rule: a cluster started on this machine by ``ray start`` is joined; ``RAY_ADDRESS=local`` always
-    starts a new private one)."""
+    starts a new private one). Ray's worker and controller output stays in its log folder on this node (named
+    once), unless ``verbose`` streams it here as well."""
     global _started_locally
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)  # no connection banner
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING)  # no connection banner
         _started_locally = address in (None, "local")
+        if not verbose:
+            log(f"Ray's own output (workers, Train controller, autoscaler): {ray_logs_folder()}  (--verbose shows "
+                f"it here)")
+
+
+def ray_logs_folder() -> str:
+    """The session log folder of the Ray node this driver runs on."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor in this Ray
+    return node.get_logs_dir_path() if node is not None else "/tmp/ray/session_latest/logs"
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,30 @@
 """`varcon eval`: the final evaluation (kNN, linear probe, few-shot, dispersion) of a saved checkpoint."""
 from __future__ import annotations
 
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 
 from pipeline import checkpoint, storage
-from pipeline.config import ConfigError, build_config
+from pipeline.config import ConfigError, build_config, first_line
 from pipeline.data.augment import ColorAugment
 from pipeline.data.prepare import dataset_splits
 from pipeline.engine import autocast_dtype
 from pipeline.evaluator import Evaluator
 from pipeline.models import build_model
+from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
 from pipeline.train_job import prepare
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:
-    """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file; local, shared or
-    a bucket URI) with the config stored in it (``overrides`` may change evaluation settings) and run
-    ``Evaluator.final`` on CPU or GPU (one process)."""
-    place = storage.location(path)
-    if place.is_file():
-        place = place.on_same(place.path.rsplit("/", 1)[0])
-    if not (place / checkpoint.STATE_FILE).is_file():
-        raise ConfigError(f"{path} holds no {checkpoint.STATE_FILE}: pass a checkpoint folder printed by "
-                          f"`varcon train`")
-    with place.as_local_folder() as folder:
-        state = checkpoint.load(folder)
+    """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file; local, shared,
+    a bucket URI, or a registered model ``models:/NAME/VERSION``, whose run's final checkpoint is used) with the
+    config stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or
+    GPU (one process)."""
+    with _checkpoint_folder(path, overrides) as folder:
+        state = _load_state(folder, path)
     config = build_config(state["config"], overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     files = prepare(config, log)
@@ -35,3 +35,39 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
     evaluator = Evaluator(config, files, dataset_splits(config.data, files),
                           autocast_dtype(config.optim.precision, device))
     return {"epoch": state["epoch"], **evaluator.final(model, preprocess, device)[0]}
+
+
+@contextmanager
+def _checkpoint_folder(path: str, overrides):
+    """A local folder holding the checkpoint's state.pt."""
+    if path.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="varcon-model-") as folder:
+            yield registered_checkpoint(path, _tracking_uri(overrides), Path(folder))
+        return
+    place = storage.location(path)
+    if place.is_file():
+        place = place.on_same(place.path.rsplit("/", 1)[0])
+    if not (place / checkpoint.STATE_FILE).is_file():
+        raise ConfigError(f"{path} holds no {checkpoint.STATE_FILE}: pass a checkpoint folder printed by "
+                          f"`varcon train`, or a registered model models:/NAME/VERSION")
+    with place.as_local_folder() as folder:
+        yield folder
+
+
+def _tracking_uri(overrides) -> str:
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("tracking.tracking_uri=")]
+    return resolve_tracking_uri(given[-1] if given else "")
+
+
+def _load_state(folder: Path, named: str) -> dict:
+    """The training state in ``folder``; a damaged file, or one that is no varcon checkpoint, is a
+    ``ConfigError`` that names what was given."""
+    try:
+        state = checkpoint.load(folder)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged or foreign file
+        raise ConfigError(f"{named}: {checkpoint.STATE_FILE} cannot be read ({first_line(exc)}): it is damaged or "
+                          f"not a varcon checkpoint; pass a checkpoint folder printed by `varcon train`") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ConfigError(f"{named}: {checkpoint.STATE_FILE} is not a varcon checkpoint (no config and model in it):"
+                          f" pass a checkpoint folder printed by `varcon train`")
+    return state

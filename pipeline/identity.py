@@ -29,6 +29,7 @@ OPERATIONAL = frozenset({
     "ray.cpus_per_worker", "ray.storage_path", "ray.run_name", "ray.max_failures", "ray.checkpoint_every",
     "ray.checkpoint_upload", "ray.placement_strategy", "ray.resource_wait_s", "ray.autoscaler_config",
     "tracking.tracking_uri", "tracking.experiment", "tracking.log_checkpoints", "tracking.registered_model_name",
+    "tracking.system_metrics", "tracking.system_metrics_interval_s",
     "tracking.outage_wait_s",
 })
 # keys that change what is trained, as they are

@@ -12,16 +12,20 @@ single-process Ray Tune trial (population-based training, ``tune/``) runs the sa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from pipeline import checkpoint, engine, faults, plots
+from pipeline import checkpoint, engine, faults, plots, system_metrics
 from pipeline.checkpoint import RunRecord
 from pipeline.config import ExperimentConfig, from_dict, to_dict
 from pipeline.data.prepare import PreparedDataset
@@ -29,7 +33,7 @@ from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
 from pipeline.names import DIVERGED, MONITOR, monitor_source
 from pipeline.storage import Location
-from pipeline.tracking import MetricSender, TrackedRun
+from pipeline.tracking import MetricSender, TrackedRun, resolve_tracking_uri
 
 
 class Session(Protocol):
@@ -125,7 +129,18 @@ def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str
     """The plain-data argument of ``run_worker`` (it crosses process boundaries), with the faults a test
     injects into this run (``pipeline.faults``)."""
     return {"experiment": to_dict(config), "dataset": data.as_dict(), "run_id": run_id, "run_key": run_key,
-            "identity": identity, "faults": faults.for_run(run_key)}
+            "identity": identity, "faults": faults.for_run(run_key),
+            "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)}
+
+
+def monitored(argument: dict, local_rank: int, node: str | None = None):
+    """The node's system-metrics monitor around a worker's training, on the worker of local rank 0 when
+    ``tracking.system_metrics`` asks for it (``pipeline.system_metrics``); else nothing."""
+    t, use_gpu = argument["experiment"]["tracking"], argument["experiment"]["ray"]["use_gpu"]
+    if local_rank != 0 or not system_metrics.enabled(t["system_metrics"], use_gpu):
+        return contextlib.nullcontext()
+    return system_metrics.node_monitor(argument["run_id"], argument["tracking_uri"], t["system_metrics_interval_s"],
+                                       node)
 
 
 def run_worker(argument: dict, session: Session) -> str | None:
@@ -254,9 +269,59 @@ def _record_forwarder(tracking_uri: str):
     return RecordForwarder()
 
 
+def _report_sender(queue):
+    from ray.train import UserCallback
+
+    class ReportSender(UserCallback):
+        """Puts rank 0's report on a queue the driver reads (the report stream reaches the controller only)."""
+
+        def after_report(self, run_context, metrics, checkpoint=None):
+            if metrics:
+                try:
+                    queue.put_nowait(dict(metrics[0]))
+                except Exception:  # noqa: BLE001 - a full or gone queue costs console lines, never the training
+                    pass
+
+    return ReportSender()
+
+
+@contextmanager
+def reports_to_driver(on_report):
+    """A Ray Train callback whose reports (rank 0's) reach ``on_report`` on the driver, in order: through a queue
+    actor (no CPU), drained by a thread here until the block ends."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                on_report(queue.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue actor is gone (Ray shut down): nothing more will come
+                return
+
+    thread = threading.Thread(target=pump, name="varcon-console", daemon=True)
+    thread.start()
+    try:
+        yield _report_sender(queue)
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        queue.shutdown()
+
+
 def train_loop_per_worker(argument: dict) -> str | None:
+    import ray.train
+
     upload_async = argument["experiment"]["ray"]["checkpoint_upload"] == "async"
-    return run_worker(argument, RayTrainSession(upload_async))  # rank 0's return value is the Result's ``return_value``
+    context = ray.train.get_context()
+    node = f"node{context.get_node_rank()}-{socket.gethostname()}"
+    with monitored(argument, context.get_local_rank(), node):
+        return run_worker(argument, RayTrainSession(upload_async))  # rank 0's: the Result's ``return_value``
 
 
 def run_training(config: ExperimentConfig, argument: dict, run_key: str, storage_path: str, tracking_uri: str,

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from pipeline.config import ConfigError, resolve_path
+from pipeline.config import ConfigError, first_line, resolve_path
 
 
 def is_uri(text: str) -> bool:
@@ -138,7 +138,7 @@ def location(path_or_uri: str) -> Location:
     try:
         filesystem, path = pafs.FileSystem.from_uri(path_or_uri)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ValueError or OSError by scheme
-        raise ConfigError(f"storage URI {path_or_uri} cannot be opened ({_first_line(exc)}): use a local or shared "
+        raise ConfigError(f"storage URI {path_or_uri} cannot be opened ({first_line(exc)}): use a local or shared "
                           f"path, or a scheme pyarrow.fs supports (s3://, gs://, abfs://, hdfs://)") from None
     return Location(path_or_uri, filesystem, path)
 
@@ -166,14 +166,9 @@ def check_writable(place: Location, key: str) -> None:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow's OSError carries the service's own reason
-        raise ConfigError(f"{key}={place.uri} is not writable ({_first_line(exc)}): give every node credentials for "
+        raise ConfigError(f"{key}={place.uri} is not writable ({first_line(exc)}): give every node credentials for "
                           f"it (an instance profile / service account; see README: Storage) and check that the "
                           f"bucket and its endpoint exist") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def csv_text(write_rows) -> str:

@@ -25,7 +25,7 @@ from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import workdir
+from pipeline.config import first_line, workdir
 from pipeline.names import MODEL_URI_TAG, PARENT_TAG, RUN_KEY_TAG
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
@@ -92,9 +92,8 @@ def _check_database(uri: str, timeout_s: float) -> None:
             pass
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - the driver's own error (refused, unknown host, auth, no driver)
-        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise TrackingError(f"the tracking database {_redacted(uri)} does not take a connection "
-                            f"({(lines[0] if lines else type(exc).__name__)[:200]}): check host, port, database and "
+                            f"({first_line(getattr(exc, 'orig', None) or exc)}): check host, port, database and "
                             f"credentials in tracking.tracking_uri (or MLFLOW_TRACKING_URI)") from None
 
 
@@ -395,6 +394,34 @@ class TrackedRun:
         with using_tracking_uri(self.tracking_uri):
             version = mlflow.register_model(model_uri, name, tags={"varcon.run_id": self.run_id})
         return int(version.version)
+
+
+def registered_checkpoint(model_uri: str, tracking_uri: str, folder: Path) -> Path:
+    """Download the final checkpoint (``checkpoints/final/state.pt``) of the run behind a registered model
+    ``models:/NAME/VERSION`` into ``folder``; returns the folder holding ``state.pt``."""
+    parts = model_uri.removeprefix("models:/").split("/")
+    if len(parts) != 2 or not parts[1].isdigit():
+        raise TrackingError(f"{model_uri} is not models:/NAME/VERSION (a version number): see the Models page "
+                            f"of the MLflow UI")
+    missing = TrackingError(f"the MLflow store {_redacted(tracking_uri)} holds no {model_uri}: see the Models page of "
+                            f"its UI (`varcon ui`), or point tracking.tracking_uri at the store that registered it")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise missing  # asking would create the store
+    client = _client(tracking_uri)
+    try:
+        version = client.get_model_version(parts[0], parts[1])
+    except Exception as exc:  # noqa: BLE001
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            raise missing from None
+        raise TrackingError(f"cannot use the MLflow store {_redacted(tracking_uri)} ({first_line(exc)}): check the "
+                            f"URI or start the server") from None
+    try:
+        client.download_artifacts(version.run_id, "checkpoints/final", str(folder))
+    except Exception:  # noqa: BLE001 - MLflow raises by store type when the artifact is missing
+        raise TrackingError(f"the run {version.run_id} of {model_uri} logged no checkpoints/final/state.pt (it was "
+                            f"trained with tracking.log_checkpoints=false): evaluate its checkpoint folder "
+                            f"instead") from None
+    return folder / "final"
 
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list:

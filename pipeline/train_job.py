@@ -25,18 +25,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import checkpoint, identity, plots, storage
+from pipeline import checkpoint, identity, plots, provenance, storage
 from pipeline.checkpoint import RunRecord
+from pipeline.cluster import init_ray, requested, training_bundles
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
+from pipeline.console import EpochPrinter
 from pipeline.data.manifest import manifest_path
-from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset
+from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset, prepared_split
 from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
-from pipeline.cluster import init_ray, requested, training_bundles
+from pipeline.ray_train import kept_checkpoints, reports_to_driver, run_training, worker_argument
 from pipeline.storage import Location
-from pipeline.ray_train import kept_checkpoints, run_training, worker_argument
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
@@ -137,6 +138,20 @@ def prepare(config: ExperimentConfig, log=print, repair: bool = False, for_train
                            check_split=check)
 
 
+def preflight(config: ExperimentConfig) -> None:
+    """What a prepared dataset's files already tell, checked before Ray starts: their integrity, the batches
+    against the training samples, and a loss against a single class. (A dataset not prepared yet is checked by
+    ``prepare`` before it writes anything.)"""
+    found = prepared_split(config.data, resolve_path(config.data.cache_dir))
+    if found is None:
+        return
+    split, names = found
+    if len(names) < 2:
+        raise ConfigError(f"{config.data.dataset} has {len(names)} class: {config.loss.name} needs at least 2 "
+                          f"(check data.root)")
+    check_batches_fit(config, split)
+
+
 def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
     """Refuse a training whose batches exceed its training samples (the split minus validation)."""
     trained = len(split.bank)
@@ -150,20 +165,24 @@ def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
-          tags: dict[str, str] | None = None, callbacks: list | tuple = ()) -> TrainOutcome:
-    """Train under Ray Train, or continue the run of the same identity from its last checkpoint.
-    ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks`` go to Ray Train's ``RunConfig``."""
+          tags: dict[str, str] | None = None, callbacks: list | tuple = (), verbose: bool = False) -> TrainOutcome:
+    """Train under Ray Train, or continue the run of the same identity from its last checkpoint, printing one
+    line per epoch (``pipeline.console``). ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks``
+    go to Ray Train's ``RunConfig``; ``verbose`` streams Ray's own output here too."""
     plan = RunPlan.of(config)  # resolve
     check_reachable(plan.tracking_uri)
     storage.check_writable(plan.storage_path, "ray.storage_path")
-    init_ray()
+    preflight(config)
+    init_ray(verbose, log)
     r = config.ray
     bundles = training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
     with requested(bundles, bundles, r.resource_wait_s, r.autoscaler_config, log):
         data = prepare(config, log, for_training=True)  # a bad dataset or split fails here, before any worker
         opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
+        printer = EpochPrinter(config.optim.epochs, monitor_source(config.eval) if data.num_val else None, log)
         try:
-            outcome = train_opened(opened, log, callbacks)  # train under Ray
+            with reports_to_driver(printer) as console:
+                outcome = train_opened(opened, log, [*callbacks, console])  # train under Ray
         except BaseException as exc:
             end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
             raise
@@ -277,7 +296,8 @@ def open_run(plan: RunPlan, data: PreparedDataset, log=print, parent_run_id: str
 
 def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tags: dict[str, str] | None):
     config = plan.config
-    all_tags = {"varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
+    code = provenance.code_version()
+    all_tags = {**code.tags(), "varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
                 "varcon.schedule": config.loss.schedule.kind, RUN_FOLDER_TAG: str(plan.run_folder or ""),
                 ATTEMPTS_TAG: "1", **(tags or {})}
     run = create_run(plan.tracking_uri, config.tracking.experiment, plan.run_key, config.name, flatten(config),
@@ -286,6 +306,8 @@ def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tag
     for beton in filter(None, (data.train, data.test)):
         run.log_artifact(manifest_path(beton), "dataset")
     run.log_environment()
+    if code.dirty:
+        run.log_text(code.patch(), "code/uncommitted.diff")
     return run
 
 

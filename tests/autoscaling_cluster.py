@@ -98,7 +98,7 @@ def main(home: Path) -> None:
         common = ["optim.epochs=1", "optim.warmup_epochs=0", "eval.linear_probe_epochs=3", "eval.few_shot_episodes=5",
                   "ray.num_workers=2", f"ray.autoscaler_config={config_file}", "ray.resource_wait_s=300"]
         done = varcon(home, address, "train", *common, "name=autoscaled")
-        report(step="trained", returncode=done.returncode, stdout=done.stdout[-3000:], stderr=done.stderr[-3000:])
+        report(step="trained", returncode=done.returncode, stdout=done.stdout[-20000:], stderr=done.stderr[-3000:])
         deadline = time.monotonic() + 180  # the request withdrawn, the idle nodes go after idle_timeout_minutes
         while (left := worker_nodes(address)) and time.monotonic() < deadline:
             time.sleep(3)

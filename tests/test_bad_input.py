@@ -109,6 +109,19 @@ CASES = {
         "the tracking database postgresql://***@127.0.0.1:"),
     "tracking URI no MLflow store uses": (["train", "tracking.tracking_uri=ftp://host/mlflow"],
                                           "has scheme ftp://, which no MLflow store uses"),
+    # evaluation of what is not a checkpoint: the error names what was given
+    "eval of a folder without a checkpoint": (lambda home: ["eval", "--checkpoint", str(folder_with(home, "empty"))],
+                                              "/empty holds no state.pt: pass a checkpoint folder"),
+    "eval of a damaged checkpoint": (
+        lambda home: ["eval", "--checkpoint", str(folder_with(home, "damaged", b"\x80junk"))],
+        "/damaged: state.pt cannot be read"),
+    "eval of a file that is no varcon checkpoint": (
+        lambda home: ["eval", "--checkpoint", str(folder_with(home, "foreign", {"weights": [1.0]}) / "state.pt")],
+        "/foreign/state.pt: state.pt is not a varcon checkpoint"),
+    "eval of a model the store does not hold": (["eval", "--checkpoint", "models:/nope/1"],
+                                                "holds no models:/nope/1"),
+    "eval of a model URI without a version": (["eval", "--checkpoint", "models:/nope/latest"],
+                                              "is not models:/NAME/VERSION"),
     # the cluster
     "more workers than CPUs": (["train", "ray.num_workers=4", "ray.resource_wait_s=0"],
                                "the run needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"),
@@ -117,6 +130,19 @@ CASES = {
     "tune trial larger than the cluster": (["tune", "ray.num_workers=4", "ray.resource_wait_s=0"],
                                            "needs 4 CPUs and 0 GPUs"),
 }
+
+
+def folder_with(home, name, state=None):
+    """``home/name``, holding ``state.pt`` with ``state`` (bytes as they are, else ``torch.save``) if given."""
+    import torch
+
+    folder = home / name
+    folder.mkdir()
+    if isinstance(state, bytes):
+        (folder / "state.pt").write_bytes(state)
+    elif state is not None:
+        torch.save(state, folder / "state.pt")
+    return folder
 
 
 def files_under(folder):

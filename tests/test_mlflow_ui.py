@@ -6,11 +6,16 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
+from test_sweep_analysis import synthetic_trials
 
+from pipeline import system_metrics
 from pipeline.config import REPO_ROOT, flatten, load_config
 from pipeline.tracking import create_run, resolve_tracking_uri
+from tune.analysis import write_analysis
+from tune.spec import load_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
@@ -26,7 +31,15 @@ def mlflow_ui(varcon_home, mlflow_server):
         config = load_config(None, [f"name=trial-{trial}", "tracking.experiment=ui-check"])
         run = create_run(uri, "ui-check", f"trial-{trial}", config.name, flatten(config), parent_run_id=parent.run_id)
         run.log_metrics({"val_knn_top1_k20": 0.5 + trial / 10}, step=1)
+        with system_metrics.node_monitor(run.run_id, uri, 0.5, "node0-test"):  # this machine, sampled for real
+            time.sleep(3)
         run.end()
+    spec = load_sweep("configs/tune/digits_asha.yaml", ["tune.scheduler=fifo"])
+    rows, records = synthetic_trials(spec)
+    analysis_folder = varcon_home / "analysis"
+    analysis_folder.mkdir()
+    write_analysis(spec, rows, records, analysis_folder)
+    parent.log_artifacts(analysis_folder, "analysis")
     parent.end()
     server = mlflow_server(uri)
     assert server.command[server.command.index("--host") + 1] == "127.0.0.1"  # never public by default
@@ -56,3 +69,29 @@ def test_ui_lists_the_experiment_and_its_runs(mlflow_ui):
     screenshot.parent.mkdir(exist_ok=True)
     chromium("--window-size=1400,900", f"--screenshot={screenshot}", runs_page)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20000
+
+
+def screenshot(url: str, name: str) -> None:
+    target = REPO_ROOT / "test-output" / name
+    target.parent.mkdir(exist_ok=True)
+    chromium("--window-size=1400,1000", f"--screenshot={target}", url)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20000
+
+
+def test_the_system_metrics_tab_and_the_sweeps_analysis_are_in_the_ui(mlflow_ui):
+    base, parent = mlflow_ui
+    client = parent.client
+    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    (trial, _) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    sampled = {key for key in trial.data.metrics if key.startswith("system/node0-test/")}
+    assert {"system/node0-test/cpu_utilization_percentage", "system/node0-test/system_memory_usage_megabytes"} <= \
+        sampled  # MLflow's monitor, attached by run id, one node name per monitor
+    page = f"{base}/#/experiments/{experiment_id}/runs/{trial.info.run_id}/system-metrics"
+    dom = visible_text(chromium("--dump-dom", page))
+    assert "cpu_utilization_percentage" in dom
+    screenshot(page, "mlflow-system-metrics.png")
+    artifacts = (f"{base}/#/experiments/{experiment_id}/runs/{parent.run_id}/artifacts/analysis/"
+                 f"parallel_coordinates.png")
+    assert {a.path for a in client.list_artifacts(parent.run_id, "analysis")} >= {
+        "analysis/importance.txt", "analysis/parallel_coordinates.png", "analysis/best_schedules.png"}
+    screenshot(artifacts, "mlflow-sweep-parent.png")

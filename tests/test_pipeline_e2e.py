@@ -6,6 +6,8 @@ node boundary.
 """
 import contextlib
 import io
+import socket
+import subprocess
 
 import mlflow
 import pytest
@@ -16,12 +18,13 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
 from pipeline.cli import main
-from pipeline.config import flatten, load_config
+from pipeline.config import REPO_ROOT, flatten, load_config
 from pipeline.data.manifest import read_manifest
 from pipeline.tracking import using_tracking_uri
 
 OVERRIDES = ["optim.epochs=2", "optim.warmup_epochs=0", "name=e2e", "tracking.registered_model_name=e2e-encoder",
-             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD"]
+             "eval.few_shot_episodes=20", "ray.placement_strategy=STRICT_SPREAD", "tracking.system_metrics=always",
+             "tracking.system_metrics_interval_s=1"]
 
 
 def train_workers():
@@ -62,6 +65,9 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     home, summary, _ = trained
     assert "val_knn_top1_k20: " in summary and "test_knn_top1_k20: " in summary
     assert "by val_knn_top1_k20, the validation split" in summary and "mlflow ui --backend-store-uri" in summary
+    epochs = [line for line in summary.splitlines() if line.startswith("epoch ")]  # from Ray's report stream
+    assert [line.split()[1] for line in epochs] == ["0/2", "1/2", "2/2"]
+    assert "val_knn_top1_k20" in epochs[2] and "loss " in epochs[2] and "tau2 " in epochs[2] and "ETA " in epochs[2]
 
     (beton,) = (home / ".cache" / "data").glob("digits-*/train.beton")
     assert beton.is_file() and read_manifest(beton)["num_samples"] == 1347
@@ -90,6 +96,21 @@ def test_train_command_records_a_complete_mlflow_run(trained):
     assert listing("checkpoints/best") == {"checkpoints/best/state.pt"}
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(home))))
     assert logged["optim"]["epochs"] == 2 and logged["ray"]["num_workers"] == 2
+
+    # one monitor per machine: Ray Train ranks nodes by IP, and the session's two Ray nodes share this machine's
+    system = {key for key in run.data.metrics if key.startswith("system/")}
+    assert {key.split("/")[1] for key in system} == {f"node0-{socket.gethostname()}"}, sorted(system)
+    measured = {key.split("/", 2)[2] for key in system}
+    assert {"cpu_utilization_percentage", "system_memory_usage_megabytes"} <= measured
+    if torch.cuda.is_available():
+        assert "gpu_0_utilization_percentage" in measured
+
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert run.data.tags["varcon.git_commit"] == run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], capture_output=True,
+                                text=True).stdout.strip())
+    assert run.data.tags["varcon.git_dirty"] == str(dirty).lower()
+    assert ("code" in listing()) == dirty  # the uncommitted diff only when there is one
 
     (version,) = client.search_model_versions("name='e2e-encoder'")
     assert version.run_id == run.info.run_id
@@ -138,6 +159,13 @@ def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monk
                  "test_probe_top1": 0.02, "test_fewshot_5way_5shot": 0.02}
     for key, abs_tol in tolerance.items():
         assert float(printed[key]) == pytest.approx(run.data.metrics[key], abs=abs_tol), key
+
+    # the registered encoder's run logged the same final checkpoint: evaluating the model URI gives the same figures
+    assert main(["eval", "--checkpoint", "models:/e2e-encoder/1", "eval.few_shot_episodes=20"]) == 0
+    registered = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
+    assert registered["epoch"] == "2"
+    for key in ("test_knn_top1_k20", "val_knn_top1_k20", "test_dispersion_intra_cos"):
+        assert float(registered[key]) == pytest.approx(float(printed[key]), abs=1e-6), key
 
 
 def test_operational_changes_continue_the_finished_run_without_training_again(trained, monkeypatch, capsys):

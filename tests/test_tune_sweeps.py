@@ -121,7 +121,11 @@ def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable
         assert trial_id in printed  # the table of trials
 
     best_config = varcon_home / ".cache" / "sweeps" / "t-asha" / "best_config.yaml"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "trials.csv"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_config.yaml", "trials.csv", "analysis"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")} == {
+        f"analysis/{name}" for name in ("importance.txt", "importance.csv", "parallel_coordinates.png",
+                                        "best_schedules.png")}
+    assert "hyperparameter importance for the monitor (monitor_top1 at epoch 2 (ASHA's first rung)" in printed
     config = load_config(best_config, ["optim.epochs=1", "ray.num_workers=1", "eval.every_epochs=5",
                                        "eval.linear_probe_epochs=0", "eval.few_shot_episodes=0"])
     best = client.get_run(best_run_id)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, flatten,
+from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, flatten, setting,
                              load_config, resolve_path, set_dotted, to_dict, yaml_problem)
 from pipeline import storage
 from pipeline.tracking import resolve_tracking_uri
@@ -36,26 +36,26 @@ POPULATION_KEYS = ("loss.tau1", "loss.eps")  # what PBT/PB2 may change during tr
 
 @dataclass
 class TuneSettings:
-    name: str = "sweep"  # names the Tune experiment (storage folder), the MLflow parent run, trial runs
-    searcher: str = "random"  # random | optuna (TPE) | grid (every grid value; other keys drawn at random); PBT/PB2
-    #                           sample their population at random
-    scheduler: str = "asha"  # fifo | asha (early stopping) | pbt | pb2 (population-based)
-    num_samples: int = 8  # configurations (PBT/PB2: the population size; grid: repeats of the grid)
-    seeds: int = 1  # each configuration trained with seeds seed, seed+1, ...: the table reports mean +- sd
-    metric: str = "monitor_top1"  # the latest validation kNN top-1 (never a test metric), reported every epoch
-    mode: str = "max"
-    seed: int = 0  # searcher seed
-    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (GPUs with ray.use_gpu) allow
-    trial_driver_cpus: float = 0.0  # CPUs for each trial's Ray Train driver process (it only coordinates)
-    max_failures: int = 1  # Tune-level retries of a trial whose driver died
-    grace_period: int = 1  # ASHA: epochs every trial gets before it may be stopped
-    reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
-    perturbation_interval: int = 2  # PBT/PB2: epochs between exploit/explore steps
-    quantile_fraction: float = 0.25  # PBT/PB2: bottom fraction that copies the top fraction
-    resample_probability: float = 0.25  # PBT: chance to resample instead of perturbing by 0.8/1.2
-    mutate: list[str] = field(default_factory=lambda: list(POPULATION_KEYS))  # PBT/PB2: keys changed in training
-    registered_model_name: str = ""  # register the best trial's encoder under this name ("" = no registration)
-    output_dir: str = ".cache/sweeps"  # <output_dir>/<name>/best_config.yaml and trials.csv
+    name: str = setting("sweep", "names the Tune experiment (storage folder), the MLflow parent run, trial runs")
+    searcher: str = setting("random", "random | optuna (TPE) | grid (every grid value; other keys drawn at random); "
+                                      "PBT/PB2 sample their population at random")
+    scheduler: str = setting("asha", "fifo | asha (early stopping) | pbt | pb2 (population-based)")
+    num_samples: int = setting(8, "configurations (PBT/PB2: the population size; grid: repeats of the grid)")
+    seeds: int = setting(1, "each configuration trained with seeds seed, seed+1, ...: the table reports mean +- sd")
+    metric: str = setting("monitor_top1", "the latest validation kNN top-1 (never a test metric), reported every epoch")
+    mode: str = setting("max", "max | min: the direction of tune.metric")
+    seed: int = setting(0, "searcher seed")
+    max_concurrent_trials: int = setting(0, "0: as many as the cluster's CPUs (GPUs with ray.use_gpu) allow")
+    trial_driver_cpus: float = setting(0.0, "CPUs for each trial's Ray Train driver process (it only coordinates)")
+    max_failures: int = setting(1, "Tune-level retries of a trial whose driver died")
+    grace_period: int = setting(1, "ASHA: epochs every trial gets before it may be stopped")
+    reduction_factor: int = setting(2, "ASHA: keep the top 1/reduction_factor at each rung")
+    perturbation_interval: int = setting(2, "PBT/PB2: epochs between exploit/explore steps")
+    quantile_fraction: float = setting(0.25, "PBT/PB2: bottom fraction that copies the top fraction")
+    resample_probability: float = setting(0.25, "PBT: chance to resample instead of perturbing by 0.8/1.2")
+    mutate: list[str] = setting(factory=lambda: list(POPULATION_KEYS), help="PBT/PB2: keys changed in training")
+    registered_model_name: str = setting("", "register the best trial's encoder under this name ('' = no registration)")
+    output_dir: str = setting(".cache/sweeps", "<output_dir>/<name>/best_config.yaml and trials.csv")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import tempfile
 import statistics
 from dataclasses import dataclass, field
@@ -26,8 +27,8 @@ from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG,
 from pipeline.ray_train import RecordForwarding, read_record
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
-                                outcome_from_checkpoints, prepare)
-from tune import space
+                                outcome_from_checkpoints, preflight, prepare)
+from tune import analysis, space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec
 from tune.trainables import kept_records, population_trial, records_folder, train_trial
@@ -162,21 +163,35 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
         param_space=space.param_space(spec),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=_scheduler(spec),
                                     num_samples=space.trial_count(spec), max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=s.name, storage_path=place.uri,
+        run_config=tune.RunConfig(name=s.name, storage_path=place.uri, progress_reporter=_reporter(spec), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                   callbacks=callbacks + faults.sweep_callbacks()),
     ), False
 
 
-def run_sweep(spec: SweepSpec, log=print) -> SweepOutcome:
+def _reporter(spec: SweepSpec):
+    """Tune's live table with chosen columns: trial (and status), the sampled values, epoch and the monitor,
+    best first. It is Tune's classic reporter (``RAY_AIR_NEW_OUTPUT=0``), the one that takes columns."""
+    from ray.tune import CLIReporter
+
+    s = spec.settings
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    return CLIReporter(parameter_columns={p.key: p.key.split(".")[-1] for p in spec.space},
+                       metric_columns={EPOCH: "epoch", s.metric: s.metric}, max_report_frequency=30,
+                       sort_by_metric=True, max_progress_rows=32, max_error_rows=8,
+                       print_intermediate_tables=True)
+
+
+def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome:
     spec = spec.with_absolute_paths()
     s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri
     check_reachable(tracking_uri)
     storage.check_writable(storage.location(base.ray.storage_path), "ray.storage_path")
     storage.check_writable(storage.location(s.output_dir), "tune.output_dir")
-    cluster.init_ray()
+    preflight(base)
+    cluster.init_ray(verbose, log)
     trial = trial_bundles(spec)
     maximum = cluster.cluster_maximum(base.ray.autoscaler_config)
     side_by_side = cluster.trials_that_fit(maximum, trial, s.max_concurrent_trials or space.trial_count(spec))
@@ -237,6 +252,9 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
             best_path = (out / "best_config.yaml").uri
         for name in sorted(p.name for p in staged.iterdir()):
             parent.log_artifact(staged / name)
+        (staged / "analysis").mkdir()
+        log("\n" + analysis.write_analysis(spec, rows, records, staged / "analysis").table().rstrip())
+        parent.log_artifacts(staged / "analysis", "analysis")
         out.upload(staged)  # a local or shared folder, or the bucket
     if best is not None:
         parent.log_metrics({f"best_{s.metric}": best.metric}, step=epochs)

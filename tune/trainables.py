@@ -25,7 +25,7 @@ from pipeline.storage import Location
 
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
-from pipeline.ray_train import run_worker, worker_argument
+from pipeline.ray_train import monitored, run_worker, worker_argument
 from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
 from tune.spec import SweepSpec
 
@@ -118,5 +118,6 @@ def population_trial(sampled: dict, spec: SweepSpec, parent_run_id: str,
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     plan = opened.plan
     records = records_folder(spec, ray.tune.get_context().get_trial_id())
-    run_worker(worker_argument(plan.config, opened.data, opened.run.run_id, plan.run_key, plan.identity),
-               TuneSession(plan.config.ray.use_gpu, records))
+    argument = worker_argument(plan.config, opened.data, opened.run.run_id, plan.run_key, plan.identity)
+    with monitored(argument, local_rank=0):  # one trial process per node slot: its own monitor
+        run_worker(argument, TuneSession(plan.config.ray.use_gpu, records))

@@ -129,6 +129,21 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False,
                            len(val.val), val.digest())
 
 
+def prepared_split(d, cache_root: str | Path) -> tuple[SplitIndices, list[str]] | None:
+    """The split and class names of an FFCV dataset already prepared with the current settings, read from its
+    manifest and labels only (nothing written, no source decoded), after the file's integrity check
+    (``DataError``); None when it is not prepared yet."""
+    if d.loader != "ffcv":
+        return None
+    train = dataset_folder(d, cache_root) / "train.beton"
+    if not manifests.is_current(train, stored_settings(d), source_fingerprint(d)):
+        return None
+    # an altered file is refused here, before its labels are trusted (hashing at most 1 GiB: prepare hashes
+    # larger ones again if data.verify_hash=always)
+    names = manifests.verify_beton(train, "never" if d.verify_hash == "never" else "auto")["class_names"]
+    return split_indices(d, beton_labels(str(train)), names), names
+
+
 def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
     """The bank and validation indices of ``files`` (prepared from ``DataConfig`` ``d``), as ``prepare_dataset``
     chose them; what a worker calls."""
