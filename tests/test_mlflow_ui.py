@@ -87,8 +87,11 @@ def test_the_system_metrics_tab_and_the_sweeps_analysis_are_in_the_ui(mlflow_ui)
     assert {"system/node0-test/cpu_utilization_percentage", "system/node0-test/system_memory_usage_megabytes"} <= \
         sampled  # MLflow's monitor, attached by run id, one node name per monitor
     page = f"{base}/#/experiments/{experiment_id}/runs/{trial.info.run_id}/system-metrics"
-    dom = visible_text(chromium("--dump-dom", page))
-    assert "cpu_utilization_percentage" in dom
+    for _ in range(3):  # the single-page app may not have rendered within the budget on a loaded machine
+        dom = visible_text(chromium("--dump-dom", page))
+        if "cpu_utilization_percentage" in dom:
+            break
+    assert "cpu_utilization_percentage" in dom, dom[:300]
     screenshot(page, "mlflow-system-metrics.png")
     artifacts = (f"{base}/#/experiments/{experiment_id}/runs/{parent.run_id}/artifacts/analysis/"
                  f"parallel_coordinates.png")
