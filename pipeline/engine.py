@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint, distributed
-from pipeline.data.augment import ColorAugment, to_device
+from pipeline.data.augment import ColorAugment
 from pipeline.data.loaders import train_loader
 from pipeline.data.prepare import PreparedDataset, dataset_splits
 from pipeline.data.splits import SplitIndices
+from pipeline.data.transfer import to_device
 from pipeline.evaluator import Evaluator, FinalFeatures
 from pipeline.losses import build_loss
 from pipeline.models import build_model

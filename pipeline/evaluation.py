@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import distributed
+from pipeline.data.transfer import to_device
 
 NO_INDEX = 2**52  # the global index of a padding candidate: after every real one, exact in float64
 
@@ -56,12 +57,12 @@ def extract_features(features_fn: Callable[[torch.Tensor], torch.Tensor], batche
     """
     feats, labels, index = [], [], []
     for images, y, i in batches:
-        x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
+        x = preprocess(to_device(images, device)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = features_fn(x)
         feats.append(out.float())
-        labels.append(y.to(device))
-        index.append(i.to(device))
+        labels.append(to_device(y, device))
+        index.append(to_device(i, device))
     keep = len(range(distributed.rank(), total, distributed.world_size()))
     raw = torch.cat(feats)[:keep] if feats else torch.zeros(0, 0, device=device)
     labels = torch.cat(labels)[:keep] if labels else torch.zeros(0, dtype=torch.long, device=device)
@@ -277,10 +278,10 @@ def reference_probe(features_fn: Callable[[torch.Tensor], torch.Tensor], batches
     for _ in range(epochs):
         for view1, _, labels, _ in batches:
             with torch.no_grad():
-                x = preprocess(view1.to(device)).contiguous(memory_format=torch.channels_last)
+                x = preprocess(to_device(view1, device)).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     feats = features_fn(x).float()
-            loss = F.cross_entropy(layer(feats), labels.to(device)) / distributed.world_size()
+            loss = F.cross_entropy(layer(feats), to_device(labels, device)) / distributed.world_size()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _average_gradients(layer)

@@ -17,6 +17,8 @@ import itertools
 import torch
 from torch import nn
 
+from pipeline.data.transfer import to_device
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 ORDERS = torch.tensor(list(itertools.permutations(range(4))))  # [24, 4]: torchvision's randperm(4), uniformly
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -55,17 +57,6 @@ def sample_uniform(seed: int, epoch: int, index: torch.Tensor, draws: int, strea
     counters = torch.arange(1, draws + 1, device=index.device, dtype=torch.int64) * _GOLDEN
     bits = _shift_right(_mix(base[:, None] + counters[None, :]), 40)  # the top 24 bits
     return bits.to(torch.float32) / float(1 << 24)
-
-
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 images on ``device``: to a GPU through a pinned staging copy from PyTorch's caching host allocator,
-    which keeps the block until the asynchronous copy has finished (the loader may refill its own buffer at
-    once), converted to float only on the device."""
-    if device.type != "cuda" or images.device.type == "cuda":
-        return images.to(device)
-    staged = torch.empty_like(images, pin_memory=True)
-    staged.copy_(images)
-    return staged.to(device, non_blocking=True)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +137,7 @@ class ColorAugment(nn.Module):
         if self.random:
             if index is None:
                 raise ValueError("ColorAugment draws per sample: pass the batch's global sample indices")
-            x = self.jitter(x, sample_uniform(self.seed, epoch, index.to(x.device), 8, stream=view))
+            x = self.jitter(x, sample_uniform(self.seed, epoch, to_device(index, x.device), 8, stream=view))
         return (x - self.mean) / self.std
 
     def jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
