@@ -45,6 +45,16 @@ def loss_scale_for_global_batch() -> int:
     return world_size()
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank's buffers (BatchNorm's running statistics) replaced by rank ``src``'s, in place.
+
+    DDP broadcasts buffers from rank 0 at the start of each training forward, so after a step every rank holds its
+    own batch's update: evaluated as they are, the W ranks would extract features with W slightly different
+    encoders, none of them exactly the one rank 0 checkpoints."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``tensor`` over the ranks (in place; returned)."""

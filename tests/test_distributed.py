@@ -122,3 +122,32 @@ def test_two_workers_split_the_global_batch(digits_files):
         assert steps == (1347 - digits_files.num_val) // 128  # each rank's shard gives the same number of steps
     # each rank draws its own colour augmentation (by global sample index), not the same parameters twice
     assert not torch.equal(results[0][2], results[1][2])
+
+
+def _buffers_rank(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Sequential(torch.nn.Linear(D_IN, D_OUT), torch.nn.BatchNorm1d(D_OUT)))
+        model(torch.randn(N_PER_RANK, D_IN, generator=torch.Generator().manual_seed(rank)))  # each rank its batch
+        trained = [b.clone() for b in model.module.buffers()]
+        distributed.broadcast_buffers(model.module)
+        results[rank] = (trained, [b.clone() for b in model.module.buffers()])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_after_a_ddp_step_ranks_hold_their_own_batchnorm_statistics_until_rank_0_s_are_broadcast():
+    """DDP broadcasts rank 0's buffers at the start of a training forward; the forward then updates each rank's
+    running statistics with its own batch. Evaluation and the checkpoint must see one encoder: rank 0's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_buffers_rank, args=(port, results), nprocs=WORLD, join=True)
+    (trained0, synced0), (trained1, synced1) = results[0], results[1]
+    assert not torch.equal(trained0[0], trained1[0])  # running_mean: each rank's own batch
+    for rank0, synced_0, synced_1 in zip(trained0, synced0, synced1):
+        assert torch.equal(synced_0, rank0) and torch.equal(synced_1, rank0)

@@ -153,9 +153,12 @@ def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monk
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
     _, run = the_run(home)
     assert printed["epoch"] == "2"
-    # Same weights and data, but another process and thread count than the worker: features agree to float
-    # rounding, so continuous metrics match closely and accuracies may move by a few of the 450 test samples.
-    tolerance = {"test_dispersion_intra_cos": 1e-3, "test_knn_top1_k20": 0.01, "val_knn_top1_k20": 0.01,
+    # Same encoder (the workers evaluated rank 0's BatchNorm statistics, which it checkpointed) and data, but
+    # another process, batch composition and thread count: features agree to float rounding, which moves no kNN
+    # vote on these splits (none flips under a relative perturbation of 1e-5), so the kNN accuracies are the same
+    # count of images (1e-4: the printed 4 decimals; one image of 450 is 2.2e-3); the probes train on another
+    # process's float sums.
+    tolerance = {"test_dispersion_intra_cos": 1e-3, "test_knn_top1_k20": 1e-4, "val_knn_top1_k20": 1e-4,
                  "test_probe_top1": 0.02, "test_fewshot_5way_5shot": 0.02}
     for key, abs_tol in tolerance.items():
         assert float(printed[key]) == pytest.approx(run.data.metrics[key], abs=abs_tol), key
