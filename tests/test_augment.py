@@ -101,3 +101,94 @@ def test_each_image_is_torchvision_s_functional_steps_in_its_own_drawn_order():
         torch.testing.assert_close(ours[i], image, atol=3e-6, rtol=0, msg=f"image {i}")
     drawn = (sample_uniform(0, 0, torch.arange(48_000), 8)[:, 5] * 24).long().bincount(minlength=24)
     assert drawn.min() > 1700 and drawn.max() < 2300  # 2000 expected each
+
+
+# --- the one-pass implementation against the masked one it replaced (bench/augment_before.py, frozen) ---
+
+def _before_module():
+    """``bench/augment_before.py`` (today's masked ColorAugment, frozen), loaded by path: ``bench`` is no package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "augment_before.py"
+    spec = importlib.util.spec_from_file_location("augment_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def edge_images(n: int, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images whose even rows hold hue edge cases (as many of the 18 as fit): gray pixels (0, 255 and
+    between), ties of the largest or smallest channel (every pair), pure and secondary hues on the sextant
+    boundaries, and their 1-off neighbours."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    a = torch.randint(1, 256, (n, size), generator=gen, dtype=torch.uint8)
+    b = (a.int() * torch.rand(n, size, generator=gen)).to(torch.uint8)  # b <= a
+    one = torch.ones_like(a)
+    zero = torch.zeros_like(a)
+    rows = [(a, a, a), (zero, zero, zero), (255 * one, 255 * one, 255 * one),  # gray
+            (a, a, b), (a, b, a), (b, a, a), (b, b, a), (b, a, b), (a, b, b),  # ties at the max / min
+            (a, zero, zero), (a, a, zero), (zero, a, zero), (zero, a, a), (zero, zero, a), (a, zero, a),  # sextants
+            (a, a - (a > 0).to(torch.uint8), zero), (a, one, zero), (one, a, one)]  # next to them
+    for k, (r, g, bl) in enumerate(rows[:size // 2]):
+        x[:, :, 2 * k] = torch.stack((r, g, bl), 1)
+    return x
+
+
+@pytest.mark.parametrize("strength, jitter_prob, grayscale_prob", [(0.4, 0.8, 0.2), (1.0, 1.0, 0.5), (0.1, 0.5, 0.0)])
+def test_one_pass_eager_equals_the_masked_version(strength, jitter_prob, grayscale_prob):
+    """The eager path (6 blend slots around one hue slot) against today's masked version on the same draws, hue
+    edge cases included: equal to atol 1e-6 in [0, 1] units (bit-identical on CPU today)."""
+    before = _before_module().ColorAugmentBefore([0.0] * 3, [1.0] * 3, strength, jitter_prob, grayscale_prob, seed=4)
+    ours = ColorAugment([0.0] * 3, [1.0] * 3, strength, jitter_prob, grayscale_prob, seed=4, compile="off")
+    for epoch, view, x in ((1, 0, edge_images(96, 36, seed=1)), (2, 1, images(64, 7, seed=2)),
+                           (3, 0, edge_images(48, 12, seed=3).contiguous(memory_format=torch.channels_last))):
+        index = torch.arange(x.shape[0]) * 5 + epoch
+        torch.testing.assert_close(ours(x, epoch, index, view=view), before(x, epoch, index, view=view),
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("step, factors", [(BRIGHTNESS, [0.0, 0.6, 1.0, 1.4, 2.0]),
+                                           (CONTRAST, [0.0, 0.6, 1.0, 1.4, 2.0]),
+                                           (SATURATION, [0.0, 0.6, 1.0, 1.4, 2.0]),
+                                           (HUE, [-0.5, -1 / 6, 0.0, 1 / 12, 1 / 6, 0.25, 0.5])])
+def test_each_step_equals_the_masked_version_on_hue_edge_cases(step, factors):
+    """Per step, with factors that land hues on sextant boundaries (shifts of 0, 1/12, 1/6 on the pure hues)."""
+    x = edge_images(len(factors), 36, seed=5).float() / 255
+    reference = _before_module().ColorAugmentBefore._step(x, step, torch.tensor(factors))
+    torch.testing.assert_close(ColorAugment._step(x, step, torch.tensor(factors)), reference, atol=1e-6, rtol=0)
+
+
+def test_compiled_path_equals_the_masked_version_and_never_recompiles():
+    """``torch.compile`` of the two-pass plane expression (Inductor's CPU backend here; the CUDA path is the same
+    graph): equal to today's masked version to atol 1e-5 in [0, 1] units on edge-case channels-last batches (the
+    loader's layout, kept in the output), and new epochs and views reuse the compiled code. Compiles once: ~20 s
+    on 2 cores (Inductor's cache makes reruns faster)."""
+    import torch._dynamo
+
+    before = _before_module().ColorAugmentBefore([0.0] * 3, [1.0] * 3, 0.4, 0.8, 0.2, seed=6)
+    ours = ColorAugment([0.0] * 3, [1.0] * 3, 0.4, 0.8, 0.2, seed=6, compile="on")
+    assert ours.compiled(torch.device("cpu")) and not ColorAugment(MEAN, STD, 0.4, 0.8).compiled(torch.device("cpu"))
+    x = edge_images(64, 36, seed=7).contiguous(memory_format=torch.channels_last)
+    index = torch.arange(64) * 3 + 11
+    first = ours(x, 1, index, view=0)
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(first, before(x, 1, index, view=0), atol=1e-5, rtol=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for epoch, view in ((2, 1), (7, 0)):
+            torch.testing.assert_close(ours(x, epoch, index, view=view), before(x, epoch, index, view=view),
+                                       atol=1e-5, rtol=0)
+
+
+def test_compile_setting_is_checked():
+    with pytest.raises(ValueError, match="compile"):
+        ColorAugment(MEAN, STD, 0.4, 0.8, 0.2, compile="yes")
+
+
+def test_draws_are_the_same_numbers_as_before_the_rewrite():
+    """``sample_uniform`` (now ``_uniforms`` of ``_seeded``, shared with the compiled path) draws what it drew at
+    b02a0f8: these are that version's values, x 2^24."""
+    u = sample_uniform(7, 2, torch.tensor([0, 1, 123456789]), 3, stream=1)
+    assert (u * 2**24).long().tolist() == [[10386312, 14202174, 2611493], [9914, 11730510, 1058080],
+                                           [4414487, 16591308, 273841]]
