@@ -163,8 +163,13 @@ class EvalConfig:
                                      " encoder, training crops, the papers' SGD schedule) | both")
     linear_probe_epochs: int = setting(100, "the features probe's epochs; 0 skips it")
     reference_probe_epochs: int = setting(100, "the reference probe: epochs (lr x0.2 at 60%, 75%, 90% of them)")
-    reference_probe_lr: float = setting(5.0, "for reference_probe_batch_size, used as is")
-    reference_probe_batch_size: int = setting(256, "global, split over the workers")
+    reference_probe_batch_per_worker: int = setting(128, "the reference probe's images per worker per step; the "
+                                                         "global batch is this x ray.num_workers (the reference: 128 "
+                                                         "x 8 GPUs = 1,024), logged as refprobe_global_batch")
+    reference_probe_lr: float = setting(5.0, "the reference probe's lr at reference_probe_lr_batch images per step "
+                                             "(the reference: 5.0 at 1,024); the run uses it x global batch / "
+                                             "reference_probe_lr_batch, logged as refprobe_lr")
+    reference_probe_lr_batch: int = setting(1024, "the global batch that reference_probe_lr is given for")
     few_shot_episodes: int = setting(200, "final 5-way 1-/5-shot nearest-class-mean episodes; 0 skips them")
 
 
@@ -222,6 +227,11 @@ WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 ENCODERS = ("small_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 LOSSES = ("varcon", "supcon", "cross_entropy")
 PROBES = ("features", "reference", "both")
+REPLACED_KEYS = {  # a key that was removed, and what to write instead
+    "eval.reference_probe_batch_size": "set eval.reference_probe_batch_per_worker (the global batch is it x "
+                                       "ray.num_workers; eval.reference_probe_lr is given at "
+                                       "eval.reference_probe_lr_batch images and scaled to it)",
+}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -297,6 +307,8 @@ def build_dataclass(cls: type, raw: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
+            if f"{prefix}{key}" in REPLACED_KEYS:
+                raise ConfigError(f"config key {prefix}{key} was replaced: {REPLACED_KEYS[prefix + key]}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
@@ -410,12 +422,15 @@ def validate(config: ExperimentConfig) -> None:
     need(e.linear_probe_epochs >= 0 and e.few_shot_episodes >= 0,
          "eval.linear_probe_epochs and eval.few_shot_episodes must be >= 0")
     need(e.probe in PROBES, f"eval.probe={e.probe!r} must be one of {', '.join(PROBES)}")
+    need(e.reference_probe_batch_per_worker >= 1,
+         f"eval.reference_probe_batch_per_worker={e.reference_probe_batch_per_worker} must be >= 1: images per worker "
+         f"per step (the reference: 128 on 8 workers)")
+    need(e.reference_probe_lr_batch >= 1,
+         f"eval.reference_probe_lr_batch={e.reference_probe_lr_batch} must be >= 1: the global batch that "
+         f"eval.reference_probe_lr is given for (the reference: 1024)")
     if e.probe in ("reference", "both"):
         need(e.reference_probe_epochs >= 1 and e.reference_probe_lr > 0,
              f"eval.probe={e.probe} needs eval.reference_probe_epochs >= 1 and eval.reference_probe_lr > 0")
-        need(e.reference_probe_batch_size >= r.num_workers and e.reference_probe_batch_size % r.num_workers == 0,
-             f"eval.reference_probe_batch_size={e.reference_probe_batch_size} must be a positive multiple of "
-             f"ray.num_workers={r.num_workers}")
     need(0.0 <= e.initial_fraction <= 1.0, f"eval.initial_fraction={e.initial_fraction} must lie in [0, 1]")
     need(e.test_every_epochs >= 0, "eval.test_every_epochs must be >= 0")
     need(all(1 <= epoch <= o.epochs for epoch in e.at_epochs),

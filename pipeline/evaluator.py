@@ -20,14 +20,17 @@ from pipeline.data.loaders import eval_loaders, train_loader
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.splits import SplitIndices
 from pipeline.evaluation import (Shard, accuracy, dispersion, extract_features, few_shot_ncm, knn_neighbours,
-                                 knn_vote, linear_probe, reference_probe)
+                                 knn_vote, linear_probe, reference_probe, reference_probe_lr)
 from pipeline.models import unwrap
 
 
 @contextmanager
 def frozen(model: nn.Module):
-    """The plain encoder in eval mode (BatchNorm on its running statistics) for the block, then as it was."""
+    """The plain encoder in eval mode (BatchNorm on its running statistics) for the block, then as it was. Every
+    rank first takes rank 0's buffers (``distributed.broadcast_buffers``): the ranks evaluate one encoder, the one
+    rank 0 checkpoints, so ``varcon eval`` of that checkpoint reproduces the run's figures."""
     encoder = unwrap(model)
+    distributed.broadcast_buffers(encoder)
     was_training = encoder.training
     encoder.eval()
     try:
@@ -116,7 +119,10 @@ class Evaluator:
     def final(self, model: nn.Module, preprocess: nn.Module,
               device: torch.device) -> tuple[dict[str, float], FinalFeatures]:
         """After the last epoch: kNN on validation and test, test dispersion, the probes (``eval.probe``) and
-        few-shot episodes on test; and the gathered test features for plots."""
+        few-shot episodes on test; and the gathered test features for plots. The reference probe runs
+        ``eval.reference_probe_batch_per_worker`` images per worker per step at ``eval.reference_probe_lr`` scaled
+        from ``eval.reference_probe_lr_batch`` to that global batch; both are reported beside its top-1
+        (``refprobe_lr``, ``refprobe_global_batch``)."""
         e = self.eval_config
         shards = self._shards(model, preprocess, device, self.loaders)
         bank, test = shards["bank"], shards["test"]
@@ -131,12 +137,15 @@ class Evaluator:
             metrics.update(linear_probe(bank, evaluated, self.num_classes, epochs=e.linear_probe_epochs,
                                         seed=self.seed))
         if e.probe in ("reference", "both"):
-            batches = train_loader(self.config, self.files, e.reference_probe_batch_size // distributed.world_size(),
-                                   self.distributed, self.split)
+            global_batch = e.reference_probe_batch_per_worker * distributed.world_size()
+            lr = reference_probe_lr(e.reference_probe_lr, e.reference_probe_lr_batch, global_batch)
+            batches = train_loader(self.config, self.files, e.reference_probe_batch_per_worker, self.distributed,
+                                   self.split)
             with frozen(model) as encoder:  # BatchNorm keeps its running statistics, as in the reference
                 metrics.update(reference_probe(encoder.features, batches, preprocess, device, self.amp_dtype,
-                                               evaluated, self.num_classes, e.reference_probe_epochs,
-                                               e.reference_probe_lr, seed=self.seed))
+                                               evaluated, self.num_classes, e.reference_probe_epochs, lr,
+                                               seed=self.seed))
+            metrics.update(refprobe_lr=lr, refprobe_global_batch=float(global_batch))  # beside its top-1
         gathered = self._gather(test, predicted)
         for shots in (1, 5) if e.few_shot_episodes else ():
             metrics[f"test_fewshot_5way_{shots}shot"] = few_shot_ncm(gathered.features, gathered.labels, shots=shots,

@@ -25,7 +25,7 @@ OPERATIONAL = frozenset({
     "model.compile",
     "eval.knn_k", "eval.knn_temperature", "eval.every_epochs", "eval.linear_probe_epochs", "eval.few_shot_episodes",
     "eval.at_epochs", "eval.initial_fraction", "eval.test_every_epochs", "eval.probe", "eval.reference_probe_epochs",
-    "eval.reference_probe_lr", "eval.reference_probe_batch_size",
+    "eval.reference_probe_lr", "eval.reference_probe_batch_per_worker", "eval.reference_probe_lr_batch",
     "ray.cpus_per_worker", "ray.storage_path", "ray.run_name", "ray.max_failures", "ray.checkpoint_every",
     "ray.checkpoint_upload", "ray.placement_strategy", "ray.resource_wait_s", "ray.autoscaler_config",
     "tracking.tracking_uri", "tracking.experiment", "tracking.log_checkpoints", "tracking.registered_model_name",

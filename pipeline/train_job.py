@@ -155,13 +155,16 @@ def preflight(config: ExperimentConfig) -> None:
 def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
     """Refuse a training whose batches exceed its training samples (the split minus validation)."""
     trained = len(split.bank)
-    batches = {"optim.global_batch_size": config.optim.global_batch_size}
-    if config.eval.probe in ("reference", "both"):
-        batches["eval.reference_probe_batch_size"] = config.eval.reference_probe_batch_size
-    for key, size in batches.items():
+    batches = {"optim.global_batch_size": (config.optim.global_batch_size, config.optim.global_batch_size, "")}
+    if config.eval.probe in ("reference", "both"):  # its global batch: per worker x workers
+        per_worker, workers = config.eval.reference_probe_batch_per_worker, config.ray.num_workers
+        batches["eval.reference_probe_batch_per_worker"] = (
+            per_worker, per_worker * workers, f" x ray.num_workers={workers} = {per_worker * workers}")
+    for key, (value, size, product) in batches.items():
         if size > trained:
-            raise ConfigError(f"{key}={size} exceeds the {trained} training samples of {config.data.dataset} (the "
-                              f"training split minus {len(split.val)} for validation): lower {key}")
+            raise ConfigError(f"{key}={value}{product} exceeds the {trained} training samples of "
+                              f"{config.data.dataset} (the training split minus {len(split.val)} for validation): "
+                              f"lower {key}")
 
 
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,

@@ -96,11 +96,14 @@ CASES = {
         "leaves class 'b' (1 training sample) none to train on"),
     "sweep without validation": (["tune", "data.val_fraction=0"], "data.val_fraction=0 leaves none"),
     "unknown probe": (["train", "eval.probe=knn"], "eval.probe='knn' must be one of features, reference, both"),
-    "reference probe batch not divisible": (["train", "eval.probe=reference", "eval.reference_probe_batch_size=255"],
-                                            "must be a positive multiple of ray.num_workers=2"),
+    "reference probe batch per worker below 1": (
+        ["train", "eval.probe=reference", "eval.reference_probe_batch_per_worker=0"],
+        "eval.reference_probe_batch_per_worker=0 must be >= 1"),
+    "reference probe batch of the removed key": (["train", "eval.reference_probe_batch_size=256"],
+                                                 "was replaced: set eval.reference_probe_batch_per_worker"),
     "reference probe batch above the training samples": (
-        ["train", "eval.probe=both", "eval.reference_probe_batch_size=4096"],
-        "eval.reference_probe_batch_size=4096 exceeds the 1207 training samples"),
+        ["train", "eval.probe=both", "eval.reference_probe_batch_per_worker=2048"],
+        "eval.reference_probe_batch_per_worker=2048 x ray.num_workers=2 = 4096 exceeds the 1207 training samples"),
     "monitor epoch beyond training": (["train", "eval.at_epochs=[3, 16]"], "eval.at_epochs=[3, 16] must list epochs"),
     "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"],
                                     "does not answer"),

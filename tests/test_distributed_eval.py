@@ -1,11 +1,15 @@
 """Sharded evaluation with 2 gloo ranks on CPU against the same evaluation in one process.
 
-kNN must give identical predictions (the merge is exact, ties broken by global index); the features probe,
-whose minibatches are drawn per shard, agrees within ``PROBE_TOLERANCE``; no rank holds more than its shard.
+kNN must give identical predictions (the merge is exact, ties broken by global index); the features probe trains
+the single-process layer on every rank (to float rounding; through the whole evaluator its top-1 agrees within
+``PROBE_TOLERANCE``); the reference probe of 2 ranks x b images per step is that of one process with 2b; no rank
+holds more than its shard of what it extracts.
 """
 import os
 import socket
+from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,13 +18,15 @@ import torch.nn.functional as F
 from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
 from pipeline.data.prepare import dataset_splits
-from pipeline.evaluation import Shard, knn_neighbours, knn_vote
+from pipeline.evaluation import (Shard, fit_features_probe, fit_reference_probe, knn_neighbours, knn_vote, linear_probe,
+                                 reference_probe)
 from pipeline.evaluator import Evaluator
 from pipeline.models import build_model
 
 WORLD = 2
-PROBE_TOLERANCE = 0.03  # top-1 of the features probe: shard-local minibatches change the SGD path, not the optimum
-EVAL_OVERRIDES = ["ray.num_workers=2", "eval.linear_probe_epochs=30", "eval.few_shot_episodes=20"]
+PROBE_TOLERANCE = 0.03  # top-1 of the features probe through the evaluator (the same layer, to float rounding)
+EVAL_OVERRIDES = ["ray.num_workers=2", "eval.linear_probe_epochs=30", "eval.few_shot_episodes=20", "eval.probe=both",
+                  "eval.reference_probe_epochs=1", "eval.reference_probe_batch_per_worker=64"]
 
 
 def spawn(target, *args) -> dict:
@@ -115,4 +121,108 @@ def test_two_ranks_evaluate_like_one_process(digits_files):
         for key in ("test_probe_top1", "val_probe_top1"):
             assert abs(metrics[key] - single[key]) <= PROBE_TOLERANCE, (key, metrics[key], single[key])
         assert abs(metrics["test_fewshot_5way_5shot"] - single["test_fewshot_5way_5shot"]) < 0.01
+        # the reference probe: 64 images per worker, lr 5.0 given at 1,024 and scaled to the global batch
+        assert (metrics["refprobe_global_batch"], metrics["refprobe_lr"]) == (128.0, 5.0 * 128 / 1024)
+        assert 0.0 <= metrics["test_refprobe_top1"] <= 1.0
+    assert (single["refprobe_global_batch"], single["refprobe_lr"]) == (64.0, 5.0 * 64 / 1024)
     assert ranks[0][0] == ranks[1][0]  # every rank reports the same reduced metrics
+
+
+def whole(feats, labels) -> Shard:
+    """The whole split as one process holds it (``shard_of``'s layout: raw values, unit norms)."""
+    return Shard(feats, torch.ones(len(labels)), labels, torch.arange(len(labels)), len(labels))
+
+
+def probe_data(n: int = 101, dim: int = 8, seed: int = 3):
+    """Raw features ``[n, dim]`` of 5 noisy clusters (norms around 3) and their labels."""
+    feats, labels = features(n, seed, tied=False)
+    return 3.0 * feats + 0.1 * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), labels
+
+
+REFERENCE_B = 6  # the reference probe's images per rank per step (one process: WORLD x this)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
+               "all_to_all_single", "reduce_scatter_tensor")
+
+
+def reference_batches(feats, labels, per_step: int, part: int = 0, parts: int = 1) -> list:
+    """Two-view loader batches ``(view1, view2, labels, index)`` of raw features as ``[b, F, 1, 1]`` images: step
+    s holds samples ``[s * per_step, (s + 1) * per_step)``, of which this rank takes the ``part``-th of ``parts``
+    equal slices (the last incomplete step dropped, as the training loader does)."""
+    images, size = feats[:, :, None, None], per_step // parts
+    steps = len(labels) // per_step
+    return [(images[s * per_step + part * size:s * per_step + (part + 1) * size], None,
+             labels[s * per_step + part * size:s * per_step + (part + 1) * size], None) for s in range(steps)]
+
+
+@contextmanager
+def counted_collectives():
+    """Counts the calls of ``torch.distributed``'s collectives inside the block (a list of names)."""
+    calls, originals = [], {}
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            originals[name] = getattr(dist, name)
+            setattr(dist, name, lambda *a, _name=name, **k: (calls.append(_name), originals[_name](*a, **k))[1])
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def both_probes(train: Shard, held: Shard, batches: list) -> dict:
+    """Each probe's layer (the features probe's with its standardisation), metrics and collectives, at fixed
+    settings."""
+    flat, cpu = (lambda x: x.flatten(1)), torch.device("cpu")
+    with counted_collectives() as features_calls:
+        layer, mean, std = fit_features_probe(train, 5, epochs=4, lr=0.1, batch_size=16, seed=7)
+    with counted_collectives() as reference_calls:
+        reference = fit_reference_probe(flat, batches, lambda x: x, cpu, None, 8, 5, epochs=6, lr=0.3, seed=5)
+    return {"features": (layer.weight.detach(), layer.bias.detach(), mean, std),
+            "collectives": (len(features_calls), reference_calls),
+            "features_metrics": linear_probe(train, {"test": held}, 5, epochs=4, lr=0.1, batch_size=16, seed=7),
+            "reference": (reference.weight.detach(), reference.bias.detach()),
+            "reference_metrics": reference_probe(flat, batches, lambda x: x, cpu, None, {"test": train}, 5, epochs=6,
+                                                 lr=0.3, seed=5)}
+
+
+def _probes_rank(rank, port, results):
+    join(rank, port)
+    try:
+        feats, labels = probe_data()
+        results[rank] = both_probes(shard_of(feats, labels, rank), shard_of(*features(37, 1, tied=False), rank),
+                                    reference_batches(feats, labels, WORLD * REFERENCE_B, rank, WORLD))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def probes():
+    """Both probes on the same data in one process and on each of 2 ranks (one spawn for both tests)."""
+    feats, labels = probe_data()
+    single = both_probes(whole(feats, labels), whole(*features(37, 1, tied=False)),
+                         reference_batches(feats, labels, WORLD * REFERENCE_B))
+    return single, spawn(_probes_rank)
+
+
+def test_the_sharded_features_probe_trains_the_single_process_layer(probes):
+    """Shards of 51 and 50 samples (the padded gather): every rank ends with the layer, standardisation and
+    metrics of one process holding the whole split, to float rounding."""
+    single, ranks = probes
+    for found in ranks.values():
+        assert found["collectives"][0] <= 8  # a fixed few to gather the split, none in the 4 x 7 steps
+        for name, got, expected in zip(("weight", "bias", "mean", "std"), found["features"], single["features"]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+        for key, value in single["features_metrics"].items():
+            assert abs(found["features_metrics"][key] - value) <= 1 / 37, (key, found["features_metrics"], value)
+
+
+def test_two_ranks_of_b_images_train_the_reference_probe_of_one_process_with_2b(probes):
+    """The same learning rate, the same images per step: 2 ranks x 6 images give the layer of 1 process x 12
+    (one all-reduce of the gradient bucket per step), to float rounding, and the same metrics."""
+    single, ranks = probes
+    steps = 6 * (len(probe_data()[1]) // (WORLD * REFERENCE_B))
+    for found in ranks.values():
+        assert found["collectives"][1] == ["all_reduce"] * steps  # one gradient all-reduce per step
+        for name, got, expected in zip(("weight", "bias"), found["reference"], single["reference"]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+        assert found["reference_metrics"] == single["reference_metrics"]

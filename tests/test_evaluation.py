@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation import (Shard, dispersion, few_shot_ncm, knn_neighbours, knn_predict, linear_probe,
-                                 reference_probe)
+from pipeline.evaluation import (Shard, _probe_layer, dispersion, few_shot_ncm, fit_features_probe, knn_neighbours,
+                                 knn_predict, linear_probe, reference_probe, reference_probe_lr)
 
 
 def clustered(n_per_class=30, classes=6, dim=16, noise=0.2, seed=0):
@@ -79,3 +79,34 @@ def test_the_reference_probe_reports_its_final_epoch_and_names_the_test_selected
     assert set(metrics) == {"val_refprobe_top1", "test_refprobe_top1", "test_refprobe_top1_best_epoch_test_selected"}
     assert metrics["test_refprobe_top1"] == 1.0
     assert metrics["test_refprobe_top1_best_epoch_test_selected"] >= metrics["test_refprobe_top1"]
+
+
+def test_the_reference_probe_lr_is_given_at_a_batch_and_scaled_linearly_to_the_global_batch():
+    assert reference_probe_lr(5.0, 1024, 8 * 128) == 5.0  # the reference command: 8 GPUs x 128, as given
+    assert reference_probe_lr(5.0, 1024, 32 * 128) == 20.0  # the ImageNet-1K config's 32 workers x 128
+    assert reference_probe_lr(5.0, 1024, 2 * 64) == 0.625
+
+
+def test_the_features_probe_step_is_pytorch_sgd_with_momentum_under_the_cosine_schedule():
+    """The written-out step (softmax - onehot, momentum 0.9, closed-form cosine) against autograd, ``torch.optim.SGD``
+    and ``CosineAnnealingLR`` on the same standardised features, order and initialisation."""
+    feats, labels = clustered(noise=0.5)
+    train, epochs, batch = Shard.whole(feats, labels), 7, 16  # 180 samples: the last step of each epoch has 4
+    layer, mean, std = fit_features_probe(train, 6, epochs=epochs, lr=0.1, batch_size=batch, seed=3)
+    x = (train.features - mean) / std
+    reference = _probe_layer(16, 6, 3, torch.device("cpu"))
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    steps = -(-len(x) // batch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            loss = F.cross_entropy(reference(x[idx]), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    torch.testing.assert_close(layer.weight, reference.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias, reference.bias, rtol=1e-5, atol=1e-6)
