@@ -318,6 +318,10 @@ def train_loop_per_worker(argument: dict) -> str | None:
     import ray.train
 
     upload_async = argument["experiment"]["ray"]["checkpoint_upload"] == "async"
+    if argument["experiment"]["data"]["loader"] == "ffcv":  # each trial's workers are new processes
+        from pipeline.data.ffcv_loader import reuse_for_dataset
+
+        reuse_for_dataset(argument["dataset"]["train"])
     context = ray.train.get_context()
     node = f"node{context.get_node_rank()}-{socket.gethostname()}"
     with monitored(argument, context.get_local_rank(), node):

@@ -60,6 +60,57 @@ space:
 ASHA_SEED = 5
 
 
+REUSE_CHECK = """
+import hashlib, json, sys
+from pipeline.config import load_config
+from pipeline.data import PreparedDataset, ffcv_loader
+from pipeline.data.loaders import eval_loaders, train_loader
+from pipeline.data.prepare import dataset_splits
+
+config = load_config(None, ["ray.num_workers=1"])
+files = PreparedDataset.from_dict(json.loads(sys.argv[1]))
+split = dataset_splits(config.data, files)
+
+
+def digest():  # every batch of a trial's four loaders
+    found = hashlib.sha256()
+    for loader in [train_loader(config, files, 64, False, split), *eval_loaders(
+            config, files, 256, False, {"bank": split.bank, "val": split.val, "test": None}).values()]:
+        for batch in loader:
+            for tensor in batch:
+                found.update(tensor.contiguous().numpy().tobytes())
+    return found.hexdigest()
+
+
+digests = {"plain": digest()} if sys.argv[3] == "plain first" else {}
+ffcv_loader.reuse_compiled_code(sys.argv[2])
+digests["reused"] = digest()
+print(json.dumps({**digests, "shared": len(ffcv_loader._compiled)}))
+"""
+
+
+def test_trial_workers_reuse_compiled_loader_code_without_changing_a_batch(digits_files, tmp_path):
+    """What a trial's Ray Train worker turns on (``pipeline.data.ffcv_loader.reuse_compiled_code``): the four
+    loaders give the same batches as with FFCV's own compiles, the bank, validation and test loaders share their
+    compiled decoder, and the next process loads numba's cache from the folder."""
+    import subprocess
+    import sys
+
+    def run(order: str, **env) -> tuple[dict, str]:
+        done = subprocess.run([sys.executable, "-c", REUSE_CHECK, json.dumps(digits_files.as_dict()),
+                               str(tmp_path / "numba"), order], capture_output=True, text=True, timeout=300,
+                              cwd=REPO_ROOT, env={**__import__("os").environ, **env})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+    first, _ = run("plain first")
+    assert first["reused"] == first["plain"]
+    assert first["shared"] == 2  # the two-view decoder, and one centre-crop decoder for bank, validation, test
+    again, printed = run("reused only", NUMBA_DEBUG_CACHE="1")
+    assert again["reused"] == first["plain"]
+    assert f"[cache] data loaded from '{tmp_path / 'numba'}" in printed
+
+
 def test_seeded_random_search_orders_the_asha_trials(tmp_path):
     """The order the ASHA test relies on, drawn from the same sampler and space."""
     spec = load_sweep(write_asha_sweep(tmp_path))

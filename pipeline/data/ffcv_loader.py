@@ -4,16 +4,150 @@ Both yield uint8 images ``[n, 3, S, S]``; colour augmentation and normalisation 
 device afterwards (``pipeline.data.augment``). Under DDP (``distributed=True``) each rank reads a disjoint shard
 in a random order seeded by ``seed + epoch``, like PyTorch's ``DistributedSampler``. Each loader checks its file
 against the manifest (size, sample count) when it opens it.
+
+FFCV compiles every loader's pipeline with numba on its first pass: each loader anew, in each process anew.
+``reuse_compiled_code`` (each Ray Train worker calls it through ``reuse_for_dataset``) makes loaders share the
+compiled code of identical operations within the process (one centre-crop decoder for the bank, validation and
+test loaders) and keeps what numba can cache on disk for the next processes (FFCV's file readers and integer
+decoders, the crop helpers). FFCV's image decoders call OpenCV and libjpeg-turbo through ctypes pointers, which
+numba cannot cache: each process compiles them once.
 """
 from __future__ import annotations
 
+import os
+import threading
+import types
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.data.ffcv_two_view import two_view_decoder
 from pipeline.data.manifest import verify_beton
+
+COMPILE_CACHE_ENV = "VARCON_COMPILE_CACHE"  # a folder for numba's cache, or "off"
+_reuse_lock = threading.RLock()
+_compiled: dict = {}  # reuse key -> numba dispatcher, for the life of the process
+_cache_dir: list[Path | None] = [None]
+_SCALARS = (bool, int, float, str, bytes, type(None), np.generic)
+
+
+def reuse_for_dataset(beton: str) -> None:
+    """``reuse_compiled_code`` for a worker reading ``beton``: numba's cache in ``$VARCON_COMPILE_CACHE``, by
+    default ``numba/`` beside the prepared datasets (in ``data.cache_dir``: on a cluster the shared folder, so
+    the first trial on any node of the same CPU kind compiles for all); ``off`` leaves FFCV's own compiles."""
+    chosen = os.environ.get(COMPILE_CACHE_ENV, "")
+    if chosen != "off":
+        reuse_compiled_code(Path(chosen) if chosen else Path(beton).resolve().parent.parent / "numba")
+
+
+def reuse_compiled_code(cache_dir: str | Path | None) -> None:
+    """From now on in this process, FFCV compiles each distinct operation once (the same code with equal frozen
+    values) and, with ``cache_dir``, loads what numba can cache from there and saves it there. numba's cache key
+    holds the CPU, the code and its frozen values; serial and thread-parallel compiles keep separate folders, as
+    the key does not tell them apart. A pipeline computes what it did: the same functions with FFCV's own numba
+    options. A folder that cannot be written leaves the reuse within the process only."""
+    from ffcv.pipeline.compiler import Compiler
+    from numba.core.errors import NumbaWarning
+
+    folder = Path(cache_dir) if cache_dir else None
+    if folder is not None and not _writable(folder):
+        print(f"[loader] {folder} is not writable: FFCV's compiled code is not cached on disk (set "
+              f"{COMPILE_CACHE_ENV} to another folder, or to off)")
+        folder = None
+    with _reuse_lock:
+        _cache_dir[0] = folder
+        if not getattr(Compiler, "_varcon_reuse", False):
+            Compiler.compile = classmethod(_compile)
+            Compiler._varcon_reuse = True
+    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def _compile(cls, code, signature=None):
+    """FFCV's ``Compiler.compile`` (the same numba options), through the process's reuse table."""
+    if not cls.is_enabled:
+        return code
+    from numba import njit
+
+    parallel = bool(getattr(code, "is_parallel", False)) and cls.num_threads > 1
+    key = _reuse_key(code, signature, parallel)
+    with _reuse_lock:
+        if key is not None and key in _compiled:
+            return _compiled[key]
+        folder = _cache_dir[0]
+        options = dict(fastmath=True, nogil=True, error_model="numpy", parallel=parallel)
+        try:
+            with _numba_cache_dir(folder / ("parallel" if parallel else "serial") if folder else None):
+                compiled = njit(signature, cache=folder is not None, **options)(code)
+        except RuntimeError:  # numba finds no cache locator (code without a source file): compiled uncached
+            compiled = njit(signature, **options)(code)
+        if key is not None:
+            _compiled[key] = compiled
+        return compiled
+
+
+def _reuse_key(code, signature, parallel: bool):
+    """What makes two compiles of ``code`` the same function: its bytecode and globals, the values numba freezes
+    into it (closure cells and defaults: scalars, tuples of them, compiled functions by what they compile) and the
+    options; ``None`` (compiled anew, as FFCV does) for a function without a closure, which may be a helper that
+    other compiled code calls (numba's typing of a helper that two callers share fails on its literal-typed
+    overloads), and for a frozen value of any other kind, such as an array. Operations (FFCV generates each as a
+    closure) are called from Python with arrays: sharing them is safe."""
+    if not isinstance(code, types.FunctionType) or not code.__closure__:
+        return None
+    frozen = _frozen_key(code)
+    return None if frozen is None else (frozen, str(signature), parallel)
+
+
+def _frozen_key(function, depth: int = 0):
+    """``function``'s code, globals and frozen values as a hashable key; ``None`` if a value cannot be keyed."""
+    values = []
+    for value in [cell.cell_contents for cell in function.__closure__ or ()] + list(function.__defaults__ or ()):
+        if isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value):
+            values.append((tuple, tuple((type(v), v) for v in value)))
+        elif isinstance(value, _SCALARS):
+            values.append((type(value), value))
+        elif hasattr(value, "py_func") and hasattr(value, "targetoptions") and depth < 4:  # a numba dispatcher
+            inner = _frozen_key(value.py_func, depth + 1)
+            if inner is None:
+                return None
+            fixed = () if value._can_compile else tuple(map(str, value.signatures))  # njit(signature): eager
+            options = tuple(sorted((name, repr(option)) for name, option in value.targetoptions.items()))
+            values.append(("dispatcher", inner, options, fixed))
+        elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):  # range, prange, ...
+            values.append(("object", value))  # held by the key: its identity cannot be reused
+        else:
+            return None
+    return function.__code__, id(function.__globals__), tuple(values)
+
+
+@contextmanager
+def _numba_cache_dir(folder: Path | None):
+    """numba's cache folder for the dispatchers created in the block (numba reads it when a dispatcher is made)."""
+    from numba.core import config
+
+    before = config.CACHE_DIR
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        config.CACHE_DIR = str(folder)
+    try:
+        yield
+    finally:
+        config.CACHE_DIR = before
 
 
 def _crop_view(image_size: int, crop_scale_min: float, flip: bool) -> list:
@@ -104,6 +238,8 @@ class EvalLoader:
         from ffcv.transforms import ToTensor, ToTorchImage
 
         verify_beton(path, check_hash="never")
+        if indices is not None:  # FFCV's own type for all samples: the bank, validation and test loaders then
+            indices = np.asarray(indices, dtype=np.uint64)  # share one compiled decoder (its argument types)
         pipelines = {"image": [CenterCropRGBImageDecoder((image_size, image_size), crop_ratio), ToTensor(),
                                ToTorchImage()], "label": _int_pipeline(), "index": _int_pipeline()}
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
