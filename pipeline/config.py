@@ -464,6 +464,21 @@ def to_dict(config: ExperimentConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def stored_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The config saved in a checkpoint written by an earlier version, each ``REPLACED_KEYS`` entry translated
+    to what replaced it (a user's YAML or command line naming one is still an error):
+    ``eval.reference_probe_batch_size`` B (a global batch) becomes ``reference_probe_lr_batch`` B (the lr was
+    given at it) and ``reference_probe_batch_per_worker`` ceil(B / ray.num_workers) (the split it had)."""
+    raw = copy.deepcopy(raw)
+    evaluation = raw.get("eval") or {}
+    if "reference_probe_batch_size" in evaluation:
+        batch = int(evaluation.pop("reference_probe_batch_size"))
+        workers = int((raw.get("ray") or {}).get("num_workers", 1)) or 1
+        evaluation.setdefault("reference_probe_lr_batch", batch)
+        evaluation.setdefault("reference_probe_batch_per_worker", -(-batch // workers))
+    return build_config(raw, overrides)
+
+
 def from_dict(raw: dict) -> ExperimentConfig:
     return build_config(raw)
 

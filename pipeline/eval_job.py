@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, storage
-from pipeline.config import ConfigError, build_config, first_line
+from pipeline.config import ConfigError, first_line, stored_config
 from pipeline.data.augment import ColorAugment
 from pipeline.data.prepare import dataset_splits
 from pipeline.engine import autocast_dtype
@@ -25,7 +25,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
     GPU (one process)."""
     with _checkpoint_folder(path, overrides) as folder:
         state = _load_state(folder, path)
-    config = build_config(state["config"], overrides)
+    config = stored_config(state["config"], overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     files = prepare(config, log)
     model = build_model(config, files.num_classes)

@@ -122,7 +122,8 @@ class Evaluator:
         few-shot episodes on test; and the gathered test features for plots. The reference probe runs
         ``eval.reference_probe_batch_per_worker`` images per worker per step at ``eval.reference_probe_lr`` scaled
         from ``eval.reference_probe_lr_batch`` to that global batch; both are reported beside its top-1
-        (``refprobe_lr``, ``refprobe_global_batch``)."""
+        (``refprobe_lr``, ``refprobe_global_batch``). One process (``varcon eval``) takes the run's global batch,
+        per worker x ``ray.num_workers``, so that it trains the probe the run trained."""
         e = self.eval_config
         shards = self._shards(model, preprocess, device, self.loaders)
         bank, test = shards["bank"], shards["test"]
@@ -137,10 +138,11 @@ class Evaluator:
             metrics.update(linear_probe(bank, evaluated, self.num_classes, epochs=e.linear_probe_epochs,
                                         seed=self.seed))
         if e.probe in ("reference", "both"):
-            global_batch = e.reference_probe_batch_per_worker * distributed.world_size()
+            workers = distributed.world_size() if self.distributed else self.config.ray.num_workers
+            global_batch = e.reference_probe_batch_per_worker * workers
             lr = reference_probe_lr(e.reference_probe_lr, e.reference_probe_lr_batch, global_batch)
-            batches = train_loader(self.config, self.files, e.reference_probe_batch_per_worker, self.distributed,
-                                   self.split)
+            batches = train_loader(self.config, self.files, global_batch // distributed.world_size(),
+                                   self.distributed, self.split)
             with frozen(model) as encoder:  # BatchNorm keeps its running statistics, as in the reference
                 metrics.update(reference_probe(encoder.features, batches, preprocess, device, self.amp_dtype,
                                                evaluated, self.num_classes, e.reference_probe_epochs, lr,

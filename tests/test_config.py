@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, flatten, from_dict, load_config, to_dict
+from pipeline.config import (DEFAULT_CONFIG, ConfigError, build_config, flatten, from_dict, load_config, stored_config,
+                             to_dict)
 
 
 def test_default_config_is_the_digits_demo():
@@ -87,3 +88,18 @@ def test_base_cycle_is_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="names itself as a base"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_checkpoint_config_with_a_replaced_key_is_translated_but_a_users_is_refused():
+    """A checkpoint written before eval.reference_probe_batch_size (global) was replaced still evaluates with
+    the probe it had: the same global batch split over its workers, the lr given at that batch."""
+    raw = to_dict(load_config())
+    for key in ("reference_probe_batch_per_worker", "reference_probe_lr_batch"):
+        del raw["eval"][key]
+    raw["eval"]["reference_probe_batch_size"] = 256
+    raw["ray"]["num_workers"] = 2
+    config = stored_config(raw)
+    assert (config.eval.reference_probe_batch_per_worker, config.eval.reference_probe_lr_batch) == (128, 256)
+    assert stored_config(raw, ["eval.reference_probe_epochs=3"]).eval.reference_probe_epochs == 3
+    with pytest.raises(ConfigError, match="eval.reference_probe_batch_size was replaced"):
+        build_config(raw)

@@ -46,9 +46,11 @@ def reuse_for_dataset(beton: str) -> None:
 
 def reuse_compiled_code(cache_dir: str | Path | None) -> None:
     """From now on in this process, FFCV compiles each distinct operation once (the same code with equal frozen
-    values) and, with ``cache_dir``, loads what numba can cache from there and saves it there. numba's cache key
-    holds the CPU, the code and its frozen values; serial and thread-parallel compiles keep separate folders, as
-    the key does not tell them apart. A pipeline computes what it did: the same functions with FFCV's own numba
+    values) and, with ``cache_dir``, loads what numba can cache from there and saves it there, in a folder per
+    CPU kind (``_cpu_kind``). numba's cache key holds the CPU, the code and its frozen values; it writes each file
+    to a unique name and renames it, which its documentation gives as safe on a shared file system with atomic
+    renames (NFS, EFS); serial and thread-parallel compiles keep separate folders, as the key does not tell them
+    apart. A pipeline computes what it did: the same functions with FFCV's own numba
     options. A folder that cannot be written leaves the reuse within the process only."""
     from ffcv.pipeline.compiler import Compiler
     from numba.core.errors import NumbaWarning
@@ -91,7 +93,7 @@ def _compile(cls, code, signature=None):
         folder = _cache_dir[0]
         options = dict(fastmath=True, nogil=True, error_model="numpy", parallel=parallel)
         try:
-            with _numba_cache_dir(folder / ("parallel" if parallel else "serial") if folder else None):
+            with _numba_cache_dir(folder / _cpu_kind() / ("parallel" if parallel else "serial") if folder else None):
                 compiled = njit(signature, cache=folder is not None, **options)(code)
         except RuntimeError:  # numba finds no cache locator (code without a source file): compiled uncached
             compiled = njit(signature, **options)(code)
@@ -133,6 +135,18 @@ def _frozen_key(function, depth: int = 0):
         else:
             return None
     return function.__code__, id(function.__globals__), tuple(values)
+
+
+def _cpu_kind() -> str:
+    """This CPU's name and a digest of numba's whole target key (triple, CPU, features), e.g.
+    ``znver4-ec36b34179``: nodes of another kind on a shared folder never rewrite this kind's index files (numba
+    would skip their entries anyway: its key holds the CPU), so each kind keeps its compiled code."""
+    import hashlib
+
+    from numba.core.registry import cpu_target
+
+    target = cpu_target.target_context.codegen().magic_tuple()
+    return f"{target[1]}-{hashlib.sha256(repr(target).encode()).hexdigest()[:10]}"
 
 
 @contextmanager
