@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="$PWD/.venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MODE=token
 home=$(mktemp -d)
+# This check's own token (Ray reads RAY_AUTH_TOKEN before ~/.ray/auth_token): a fresh machine has none, and the
+# user's own token, if any, is left alone. The head, the job CLI and the job's driver inherit it.
+RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
+export RAY_AUTH_TOKEN
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dash=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # --block keeps `ray start` in the foreground of its own process: stopping it stops this head and nothing else

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,8 @@ import yaml
 from services import free_port
 
 WORKER_TYPE = "cpu_1"
-ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}  # as `ray start` sets up the head
+# as `ray start` sets up the head, with this test's own token (a fresh machine has no ~/.ray/auth_token)
+ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def cluster_config(port: int) -> dict:
