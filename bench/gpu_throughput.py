@@ -45,6 +45,7 @@ from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
 from pipeline.losses import build_loss
 from pipeline.models import build_model, unwrap
+from pipeline.record import RunRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -232,7 +233,7 @@ def checkpoint_round_trip(parts: Parts) -> float:
                                p.amp)
 
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(folder, checkpoint.capture(training(parts), 1, {}), checkpoint.RunRecord("bench", "bench", ""))
+        checkpoint.save(folder, checkpoint.capture(training(parts), 1, {}), RunRecord("bench", "bench", ""))
         state = checkpoint.load(folder)
     fresh = Parts(parts.config, parts.classes, parts.device)
     checkpoint.restore(training(fresh), state)

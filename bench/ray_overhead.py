@@ -74,7 +74,10 @@ def _plain_main(workers: int, epochs: int, files: PreparedDataset) -> None:
 
 def ray_epoch_times(workers: int, epochs: int, files: PreparedDataset, home: Path) -> tuple[list[float], float]:
     from pipeline.identity import identity_digest
-    from pipeline.ray_train import run_training, worker_argument
+    from dataclasses import replace
+
+    from pipeline.ray_train import run_training
+    from pipeline.worker import worker_argument
     from pipeline.tracking import create_run
     from pipeline.train_job import checkpoints_in
 
@@ -82,8 +85,9 @@ def ray_epoch_times(workers: int, epochs: int, files: PreparedDataset, home: Pat
     key = f"bench-{workers}-{time.time_ns()}"
     run = create_run(f"sqlite:///{home / 'mlflow.db'}", "bench", key, key, flatten(config))
     start = time.perf_counter()
-    run_training(config, worker_argument(config, files, run.run_id, key, identity_digest(config)), key,
-                 str(home / "ray"), run.tracking_uri)
+    argument = replace(worker_argument(config, files, run.run_id, key, identity_digest(config)),
+                       tracking_uri=run.tracking_uri)
+    run_training(config, argument, key, str(home / "ray"))
     wall = time.perf_counter() - start
     record = checkpoints_in(home / "ray" / key)[-1].record
     times = [value for _, value in record.history()["epoch_time_s"]]

@@ -348,7 +348,7 @@ def gpu_probe(steps: int, smoke: bool) -> None:
     import torch
 
     from pipeline import checkpoint, engine, plots
-    from pipeline.checkpoint import RunRecord
+    from pipeline.record import RunRecord
     from pipeline.config import load_config, to_dict
     from pipeline.data.augment import ColorAugment
     from pipeline.losses import build_loss

@@ -4,11 +4,11 @@
 (torch, CUDA, numpy, python) and the resolved config, so a restarted training continues at the next epoch exactly
 where it stopped; it is loaded with ``weights_only=True`` (only tensors and plain containers).
 
-``record.json`` (``RunRecord``, a few kB) is what the run produced up to that epoch, for whoever reads the
-checkpoint without loading the weights: the MLflow run id and run key, every metric value of every epoch with the
-timestamp it was first given (so re-sending them is idempotent: MLflow keeps one row per key, step, timestamp and
-value), the PBT/PB2 exploit lineage, and plots made by the workers. The checkpoint is the source of truth for
-what a run has done; MLflow is a view of it.
+``record.json`` (``pipeline.record.RunRecord``, a few kB) is what the run produced up to that epoch, for whoever
+reads the checkpoint without loading the weights: the MLflow run id and run key, every metric value of every epoch
+with the timestamp it was first given (so re-sending them is idempotent: MLflow keeps one row per key, step,
+timestamp and value), the PBT/PB2 exploit lineage, and plots made by the workers. The checkpoint is the source of
+truth for what a run has done; MLflow is a view of it.
 
 Format version 2 (this layout). Later fields go into ``RunRecord`` (what the run produced) or into the state
 dict of ``capture`` (what training needs), with ``FORMAT_VERSION`` raised and ``restore`` told how to read the
@@ -16,85 +16,19 @@ older one.
 """
 from __future__ import annotations
 
-import json
 import random
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.models import unwrap
-from pipeline.names import EPOCH, MONITOR
+from pipeline.record import FORMAT_VERSION, RECORD_FILE, RunRecord, load_record
 
+__all__ = ["FORMAT_VERSION", "PLOTS_FOLDER", "RECORD_FILE", "STATE_FILE", "RunRecord", "capture", "load",
+           "load_record", "restore", "save"]
 STATE_FILE = "state.pt"
-RECORD_FILE = "record.json"
 PLOTS_FOLDER = "plots"  # PNGs the workers drew after the last epoch, logged by the run's owner
-FORMAT_VERSION = 2
-
-
-@dataclass
-class RunRecord:
-    """What a run produced up to ``epoch``: ``entries`` are ``[step, key, value, timestamp_ms]``; steps up to
-    ``inherited_through`` came with a PBT/PB2 exploit from the donor's lineage (they describe the weights, and
-    are never sent to this run's MLflow run)."""
-
-    run_id: str
-    run_key: str
-    identity: str  # ``pipeline.identity.identity_digest`` of the config that trained it
-    epoch: int = 0
-    entries: list = field(default_factory=list)
-    exploits: list = field(default_factory=list)  # [{epoch, donor_run_id}] of the weights' lineage
-    inherited_through: int = -1
-    format_version: int = FORMAT_VERSION
-
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        stamp = int(time.time() * 1000)
-        self.entries += [[step, key, float(value), stamp] for key, value in sorted(metrics.items())]
-
-    def own_entries(self, after_step: int = -1) -> list:
-        """Entries of this run's own epochs after ``after_step``."""
-        floor = max(after_step, self.inherited_through)
-        return [entry for entry in self.entries if entry[0] > floor]
-
-    def history(self) -> dict[str, list[tuple[int, float]]]:
-        """``{metric: [(step, value)]}`` over the weights' lineage, in step order."""
-        curves: dict[str, list[tuple[int, float]]] = {}
-        for step, key, value, _ in sorted(self.entries, key=lambda e: e[0]):
-            curves.setdefault(key, []).append((step, value))
-        return curves
-
-    def monitor(self, key: str, epoch: int) -> float:
-        """The latest value of ``key`` up to ``epoch`` (what ranks checkpoints), ``-inf`` before any."""
-        values = [(step, value) for step, k, value, _ in self.entries if k == key and step <= epoch]
-        return max(values)[1] if values else float("-inf")
-
-    def report(self, monitor_key: str | None) -> dict:
-        """What a worker reports after ``epoch``: that epoch's metrics, the epoch and the monitor following
-        ``monitor_key`` (none without a validation split: ``None``)."""
-        monitor = {MONITOR: self.monitor(monitor_key, self.epoch)} if monitor_key else {}
-        return {**self.at(self.epoch), EPOCH: self.epoch, **monitor}
-
-    def at(self, step: int) -> dict[str, float]:
-        return {key: value for s, key, value, _ in self.entries if s == step}
-
-    def continued_by(self, run_id: str, run_key: str, identity: str) -> RunRecord:
-        """This record as the start of another run that continues from the same weights (a PBT/PB2 exploit):
-        the lineage is kept, the link recorded, nothing of it is this run's own."""
-        link = {"epoch": self.epoch, "donor_run_id": self.run_id}
-        return RunRecord(run_id, run_key, identity, self.epoch, list(self.entries), self.exploits + [link],
-                         self.epoch)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> RunRecord:
-        raw = json.loads(text)
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint record format {raw.get('format_version')} is not {FORMAT_VERSION}")
-        return cls(**raw)
 
 
 def _numpy_rng_state() -> dict:
@@ -161,8 +95,3 @@ def load(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a varcon checkpoint folder")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_record(folder: str | Path) -> RunRecord:
-    """The run record in a checkpoint folder."""
-    return RunRecord.from_json((Path(folder) / RECORD_FILE).read_text())

@@ -1,13 +1,17 @@
 """What ``varcon train`` prints while it trains: one line per epoch, made from rank 0's report as it reaches the
-driver (``ray_train.ConsoleLines`` forwards Ray Train's report stream here). No Ray, no MLflow: formatting and
-the driver-side printer only. A line (wrapped here):
+driver. Ray Train's controller puts each report on a queue (``pipeline.ray_callbacks.ReportSender``) that
+``report_queue`` drains on the driver into the printer (``EpochPrinter``). No MLflow; Ray's queue only. A line
+(wrapped here):
 
     epoch  3/15  loss 4.1021 (kl 0.0213, nll 4.0808)  tau2 0.0998  val_knn_top1_k20 81.43%
         2210 img/s  2.1 s  ETA 00:00:25
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from pipeline.names import EPOCH
 
@@ -57,3 +61,32 @@ class EpochPrinter:
             line += "  (again: replayed after a restart from the last checkpoint)"
         self._printed.add(epoch)
         self.log(line)
+
+
+@contextmanager
+def report_queue(on_report: Callable[[dict], None]) -> Iterator:
+    """A Ray queue (an actor with no CPU) whose items reach ``on_report`` on this process, in order, drained by
+    a thread until the block ends; pass it to ``ray_train.run_training(console_queue=...)``."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                on_report(queue.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue actor is gone (Ray shut down): nothing more will come
+                return
+
+    thread = threading.Thread(target=pump, name="varcon-console", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        queue.shutdown()

@@ -2,7 +2,7 @@
 
 A test writes the faults it wants as JSON to the file named by ``$VARCON_FAULTS_FILE`` (the test session sets
 that variable for the driver and, through Ray's runtime environment, for every Ray process). Whoever builds a
-worker's plain-data argument (``pipeline.ray_train.worker_argument``) calls ``for_run(run_key)``, so the faults
+worker's argument (``pipeline.worker.worker_argument``) calls ``for_run(run_key)``, so the faults
 travel to the workers inside that argument and nowhere else. Keys:
 
 - ``fail_after_epoch: k``: rank 0 raises once, after epoch k's checkpoint of a fresh start.

@@ -1,13 +1,16 @@
-"""MLflow tracking: the only module that imports MLflow.
+"""MLflow tracking: runs, their parameters, metrics, artifacts, tags and the model registry. The modules that
+import MLflow are this one, ``pipeline.metric_forwarding`` and ``pipeline.system_metrics``
+(``tests/test_boundaries.py`` holds them to it).
 
 The default store is a SQLite file under ``<workdir>/.cache/mlflow`` (MLflow 3 refuses the old ``./mlruns`` file
 store by default); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point elsewhere (the cluster's server).
 
 A training is one run, found again by its ``varcon.run_key`` tag on every attempt; a sweep is a parent run whose
 trials are child runs (``mlflow.parentRunId``). Metric values arrive as entries ``[step, key, value,
-timestamp_ms]`` whose timestamp was fixed when the value was first recorded (``pipeline.checkpoint.RunRecord``),
+timestamp_ms]`` whose timestamp was fixed when the value was first recorded (``pipeline.record.RunRecord``),
 so sending an entry again is a no-op: MLflow's store keeps one row per (key, step, timestamp, value). A
-background ``MetricSender`` sends them without blocking its caller and retries through an outage.
+background ``pipeline.metric_forwarding.MetricSender`` sends them without blocking its caller and retries through
+an outage.
 """
 from __future__ import annotations
 
@@ -17,10 +20,7 @@ import os
 import platform
 import re
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,90 +222,11 @@ def using_tracking_uri(uri: str):
         mlflow.set_tracking_uri(before)  # None: unset again
 
 
-def _as_metrics(entries: list) -> list:
+def as_metrics(entries: list) -> list:
+    """``[step, key, value, timestamp_ms]`` entries as MLflow ``Metric`` entities."""
     from mlflow.entities import Metric
 
     return [Metric(key, float(value), int(stamp), int(step)) for step, key, value, stamp in entries]
-
-
-class MetricSender:
-    """Sends metric batches from a background thread, in order; retries with exponential backoff while the
-    store is unreachable, keeping what is unsent in memory.
-
-    ``submit`` never blocks the caller on MLflow. ``flush(timeout_s)`` waits until everything is sent or the
-    time is up, and returns what is still unsent as ``[(step, {metric: value})]``.
-    """
-
-    def __init__(self, send: Callable[[list], None], retry_base_s: float = 0.5, retry_max_s: float = 30.0,
-                 on_error: Callable[[Exception], None] | None = None) -> None:
-        self._send, self._retry_base_s, self._retry_max_s = send, retry_base_s, retry_max_s
-        self._on_error = on_error or (lambda exc: print(f"[tracking] MLflow unreachable, will retry: {exc}",
-                                                        file=sys.stderr))
-        self._unsent: deque = deque()  # mlflow Metric entities, oldest first
-        self._condition = threading.Condition()
-        self._closed = False
-        self.failures = 0
-        self.failing = False  # the last send failed (the store is down)
-        self._thread = threading.Thread(target=self._run, name="mlflow-metric-sender", daemon=True)
-        self._thread.start()
-
-    def submit(self, entries: list) -> None:
-        """Queue ``[step, key, value, timestamp_ms]`` entries."""
-        with self._condition:
-            self._unsent.extend(_as_metrics(entries))
-            self._condition.notify_all()
-
-    def _run(self) -> None:
-        delay = self._retry_base_s
-        while True:
-            with self._condition:
-                while not self._unsent and not self._closed:
-                    self._condition.wait()
-                if not self._unsent:
-                    return
-                batch = [self._unsent[i] for i in range(min(MAX_METRICS_PER_BATCH, len(self._unsent)))]
-            try:
-                self._send(batch)
-            except Exception as exc:  # an outage: keep the batch, back off, retry
-                self.failures += 1
-                self._on_error(exc)
-                with self._condition:
-                    self.failing = True
-                    self._condition.notify_all()
-                    if self._closed:
-                        return
-                    self._condition.wait(delay)
-                delay = min(self._retry_max_s, delay * 2)
-                continue
-            delay = self._retry_base_s
-            with self._condition:
-                self.failing = False
-                for _ in batch:
-                    self._unsent.popleft()
-                self._condition.notify_all()
-
-    def flush(self, timeout_s: float = 60.0, while_failing: bool = True) -> list[tuple[int, dict[str, float]]]:
-        """Wait until everything is sent, ``timeout_s`` at most; ``while_failing=False`` returns at once while
-        the store is down (the sender keeps retrying)."""
-        deadline = time.monotonic() + timeout_s
-        with self._condition:
-            while self._unsent and (while_failing or not self.failing):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._condition.wait(left)
-            unsent: dict[int, dict[str, float]] = {}
-            for metric in self._unsent:
-                unsent.setdefault(metric.step, {})[metric.key] = metric.value
-            return sorted(unsent.items())
-
-    def close(self, timeout_s: float = 60.0) -> list[tuple[int, dict[str, float]]]:
-        """Flush, then stop the thread; returns what could not be sent."""
-        unsent = self.flush(timeout_s)
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-        return unsent
 
 
 class TrackedRun:
@@ -323,9 +244,13 @@ class TrackedRun:
     def log_entries(self, entries: list) -> None:
         """Send ``[step, key, value, timestamp_ms]`` entries now, in batches; entries the run already holds are
         kept once by the store."""
-        metrics = _as_metrics(entries)
+        metrics = as_metrics(entries)
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+
+    def log_batch(self, metrics: list) -> None:
+        """Send MLflow ``Metric`` entities (``as_metrics``; at most ``MAX_METRICS_PER_BATCH``) now."""
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]

@@ -8,7 +8,7 @@ record the outcome. ``train`` reads in that order; Tune trials use the same ``st
   an MLflow run with metrics but no checkpoint at this storage path, a checkpoint whose MLflow run this store does
   not hold, a run key whose recorded trajectory differs. A resumed run records the changed operational keys in
   ``attempts/<n>.yaml``.
-- **Truth**: what the run did is in its checkpoints (``pipeline.checkpoint.RunRecord``) and Ray's result (why it
+- **Truth**: what the run did is in its checkpoints (``pipeline.record.RunRecord``) and Ray's result (why it
   stopped); nothing is read back from MLflow to decide anything.
 - **Final status**: ``finish_run`` (re-sends the final record, logs plots, checkpoints, the encoder) and
   ``end_run`` set it; for a single training ``train`` calls them, for a sweep the sweep driver does, once per
@@ -26,17 +26,18 @@ import torch
 import yaml
 
 from pipeline import checkpoint, identity, plots, provenance, storage
-from pipeline.checkpoint import RunRecord
+from pipeline.record import RunRecord
 from pipeline.cluster import init_ray, requested, training_bundles
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
-from pipeline.console import EpochPrinter
+from pipeline.console import EpochPrinter, report_queue
 from pipeline.data.manifest import manifest_path
 from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset, prepared_split
 from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
 from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
                             REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
-from pipeline.ray_train import kept_checkpoints, reports_to_driver, run_training, worker_argument
+from pipeline.ray_train import kept_checkpoints, run_training
+from pipeline.worker import worker_argument
 from pipeline.storage import Location
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
 
@@ -184,8 +185,8 @@ def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
         opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
         printer = EpochPrinter(config.optim.epochs, monitor_source(config.eval) if data.num_val else None, log)
         try:
-            with reports_to_driver(printer) as console:
-                outcome = train_opened(opened, log, [*callbacks, console])  # train under Ray
+            with report_queue(printer) as queue:
+                outcome = train_opened(opened, log, callbacks, console_queue=queue)  # train under Ray
         except BaseException as exc:
             end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
             raise
@@ -234,8 +235,9 @@ def start_run(plan: RunPlan, log=print, parent_run_id: str | None = None, tags: 
     return open_run(plan, data, log, parent_run_id, tags)
 
 
-def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = ()) -> TrainOutcome:
-    """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already)."""
+def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = (), console_queue=None) -> TrainOutcome:
+    """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already); rank 0's
+    reports go to ``console_queue`` (``pipeline.console.report_queue``) if given."""
     plan, config = opened.plan, opened.plan.config
     if opened.latest is not None and opened.latest.record.epoch >= config.optim.epochs:
         log(f"run {plan.run_key} has trained all {config.optim.epochs} epochs already: nothing to train (a "
@@ -246,7 +248,7 @@ def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = ()) -> Tr
         f"{opened.run.run_id} in {plan.tracking_uri}); effective learning rate {config.optim.lr} for a global "
         f"batch of {config.optim.global_batch_size} images on {config.ray.num_workers} workers")
     argument = worker_argument(config, opened.data, opened.run.run_id, plan.run_key, plan.identity)
-    result = run_training(config, argument, plan.run_key, str(plan.storage_path), plan.tracking_uri, callbacks)
+    result = run_training(config, argument, plan.run_key, str(plan.storage_path), callbacks, console_queue)
     return outcome_from_checkpoints(opened, diverged=result.return_value or "")
 
 

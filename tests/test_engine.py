@@ -75,10 +75,11 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(dig
 
 def test_checkpoint_round_trips_through_disk_with_weights_only(digits_files, tmp_path):
     from pipeline import checkpoint
+    from pipeline.record import RunRecord
 
     config = load_config(None, DETERMINISTIC[:1] + ["optim.epochs=1", "optim.warmup_epochs=0"])
     training = engine.build_training(config, digits_files, torch.device("cpu"))
-    record = checkpoint.RunRecord("run-abc", "key", "digest", epoch=1)
+    record = RunRecord("run-abc", "key", "digest", epoch=1)
     record.add(1, {"train_loss": 0.5})
     checkpoint.save(tmp_path, checkpoint.capture(training, 1, {"name": "abc"}), record)
     loaded = checkpoint.load(tmp_path)  # torch.load(weights_only=True) inside
@@ -169,7 +170,7 @@ def test_the_monitor_follows_validation_whatever_the_test_split_holds(digits_fil
     epoch's report) is the same, while the test metrics differ."""
     from dataclasses import replace
 
-    from pipeline.checkpoint import RunRecord
+    from pipeline.record import RunRecord
     from pipeline.data import prepare_dataset
     from pipeline.names import MONITOR, monitor_source
 

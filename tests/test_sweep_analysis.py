@@ -3,7 +3,7 @@ sweeps must be compared at their first rung, and the plots must be drawn."""
 import math
 import random
 
-from pipeline.checkpoint import RunRecord
+from pipeline.record import RunRecord
 from tune.analysis import importance, write_analysis
 from tune.spec import load_sweep
 from tune.sweep import TrialRow

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import identity
 from pipeline.config import REPO_ROOT, ConfigError, build_config, flatten, load_config
-from pipeline.checkpoint import RunRecord
+from pipeline.record import RunRecord
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, load_sweep

@@ -1,4 +1,4 @@
-"""The worker loop (``pipeline.ray_train.run_worker``) without a Ray cluster: a session that keeps reports and
+"""The worker loop (``pipeline.worker.run_worker``) without a Ray cluster: a session that keeps reports and
 checkpoints in memory, as Ray Train or Tune would."""
 import shutil
 import tempfile
@@ -10,7 +10,8 @@ from pipeline import checkpoint, faults
 from pipeline.config import load_config
 from pipeline.identity import identity_digest
 from pipeline.names import DIVERGED, EPOCH
-from pipeline.ray_train import read_record, run_worker, worker_argument
+from pipeline.record import read_record
+from pipeline.worker import run_worker, worker_argument
 
 SHORT = ["ray.num_workers=1", "optim.epochs=2", "optim.warmup_epochs=0", "eval.linear_probe_epochs=0",
          "eval.few_shot_episodes=0", "eval.knn_k=[5]"]

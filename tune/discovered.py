@@ -7,7 +7,7 @@ a ``loss.schedule`` that ``varcon train`` replays.
 """
 from __future__ import annotations
 
-from pipeline.checkpoint import RunRecord
+from pipeline.record import RunRecord
 
 Lineage = list[tuple[int, float, float]]
 

@@ -24,7 +24,8 @@ from pipeline import cluster, faults, plots, storage
 from pipeline.config import ConfigError, to_dict
 from pipeline.data.prepare import dataset_key
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
-from pipeline.ray_train import RecordForwarding, read_record
+from pipeline.metric_forwarding import RecordForwarding
+from pipeline.record import read_record
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
 from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
                                 outcome_from_checkpoints, preflight, prepare)
@@ -132,7 +133,7 @@ def _scheduler(spec: SweepSpec):
 
 class ForwardTrialRecords(Callback):
     """Population trials report their checkpoints to Tune: the driver forwards each one's record to MLflow
-    (``pipeline.ray_train.RecordForwarding``), also the checkpoint at which a trial is paused for an exploit."""
+    (``pipeline.metric_forwarding.RecordForwarding``), also the checkpoint at which a trial is paused for an exploit."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.forwarding = RecordForwarding(tracking_uri)

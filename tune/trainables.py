@@ -7,7 +7,7 @@ leave its final status to the sweep driver (``tune.sweep.summarise``), the one o
   on. A trial that trains every epoch logs its artifacts and encoder itself (trials do that side by side).
 - ``population_trial`` (pbt/pb2): one training process per trial, reporting checkpoints to Tune itself, because a
   population-based exploit must hand a checkpoint from one trial to another and V2's Train-to-Tune callback
-  forwards metrics only. It runs the same worker loop (``pipeline.ray_train.run_worker``) as a Train worker; the
+  forwards metrics only. It runs the same worker loop (``pipeline.worker.run_worker``) as a Train worker; the
   sweep driver forwards its checkpoints' records to MLflow (``tune.sweep.ForwardTrialRecords``).
 
 A trial whose loss became non-finite returns normally with ``diverged`` in its last result: Tune does not retry
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, storage
-from pipeline.checkpoint import RunRecord
+from pipeline.record import RunRecord
 from pipeline.storage import Location
 
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
-from pipeline.ray_train import monitored, run_worker, worker_argument
+from pipeline.worker import monitored, run_worker, worker_argument
 from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
 from tune.spec import SweepSpec
 
@@ -58,7 +58,7 @@ def trial_tags(spec: SweepSpec, trial_id: str) -> dict[str, str]:
 
 
 class TuneSession:
-    """``pipeline.ray_train.Session`` for a single-process Tune trial."""
+    """``pipeline.worker.Session`` for a single-process Tune trial."""
 
     def __init__(self, use_gpu: bool, records: Location) -> None:
         self.use_gpu = use_gpu

@@ -1,0 +1,166 @@
+"""One training worker's life, apart from Ray: restore, train, report every epoch, checkpoint, stop on divergence.
+
+``run_worker`` runs in every Ray Train worker (``pipeline.ray_train``) and in a single-process population trial
+(``tune.trainables``): it needs only a small ``Session`` (report, last checkpoint, rank, device, model wrapper).
+What crosses the process boundary to it is one ``WorkerArgument``. Workers do not talk to MLflow about metrics:
+rank 0 writes each checkpoint with the run's ``RunRecord`` (every metric value so far), and whoever reads the
+report stream forwards it (``pipeline.metric_forwarding``). A worker of local rank 0 may watch its node's system
+metrics (``monitored``).
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pipeline import checkpoint, engine, faults, plots, system_metrics
+from pipeline.config import ExperimentConfig, to_dict
+from pipeline.data.prepare import PreparedDataset
+from pipeline.evaluator import FinalFeatures
+from pipeline.models import unwrap
+from pipeline.names import DIVERGED, monitor_source
+from pipeline.record import RunRecord
+from pipeline.tracking import resolve_tracking_uri
+
+
+class Session(Protocol):
+    """What the training loop needs from Ray (Train or Tune)."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+    def last_checkpoint(self): ...  # a Ray ``Checkpoint`` or None
+    def rank(self) -> int: ...
+    def device(self) -> torch.device: ...
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+
+@dataclass(frozen=True)
+class WorkerArgument:
+    """Everything a worker is given (pickled to each worker process): the resolved config, the prepared data, the
+    run's MLflow run id, run key and identity, the tracking URI the driver resolved, and the faults a test
+    injects into this run (``pipeline.faults``)."""
+
+    config: ExperimentConfig
+    dataset: PreparedDataset
+    run_id: str
+    run_key: str
+    identity: str
+    tracking_uri: str
+    faults: dict = field(default_factory=dict)
+
+
+def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str, run_key: str,
+                    identity: str) -> WorkerArgument:
+    """The ``WorkerArgument`` of a run, with the faults a test injects into it."""
+    return WorkerArgument(config, data, run_id, run_key, identity,
+                          resolve_tracking_uri(config.tracking.tracking_uri), faults.for_run(run_key))
+
+
+def monitored(argument: WorkerArgument, local_rank: int, node: str | None = None):
+    """The node's system-metrics monitor around a worker's training, on the worker of local rank 0 when
+    ``tracking.system_metrics`` asks for it (``pipeline.system_metrics``); else nothing."""
+    t = argument.config.tracking
+    if local_rank != 0 or not system_metrics.enabled(t.system_metrics, argument.config.ray.use_gpu):
+        return contextlib.nullcontext()
+    return system_metrics.node_monitor(argument.run_id, argument.tracking_uri, t.system_metrics_interval_s, node)
+
+
+class EpochReporter:
+    """``engine.fit``'s end-of-epoch callback: adds the epoch to the record, reports on every rank (rank 0 with a
+    checkpoint every ``ray.checkpoint_every`` epochs and at the end, holding the plots drawn so far), then lets a
+    test's faults act. ``last`` is the latest report, repeated with the reason if the loss diverges."""
+
+    def __init__(self, argument: WorkerArgument, session: Session, record: RunRecord, monitor_key: str | None,
+                 plots_folder: Path, resumed: bool) -> None:
+        self.argument, self.session, self.record, self.monitor_key = argument, session, record, monitor_key
+        self.plots_folder, self.resumed, self.rank = plots_folder, resumed, session.rank()
+        self.last = record.report(monitor_key)
+
+    def __call__(self, epoch: int, metrics: dict, training: engine.Training) -> None:
+        config = self.argument.config
+        self.record.add(epoch, metrics)
+        self.record.epoch = epoch
+        self.last = self.record.report(self.monitor_key)
+        due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs)
+        if due and self.rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint.save(folder, checkpoint.capture(training, epoch, to_dict(config)), self.record)
+                if any(self.plots_folder.iterdir()):
+                    shutil.copytree(self.plots_folder, Path(folder) / checkpoint.PLOTS_FOLDER)
+                self.session.report(dict(self.last), folder)
+        else:
+            self.session.report(dict(self.last), None)
+        if self.rank == 0:
+            faults.after_epoch(self.argument.faults, epoch, self.resumed, unwrap(training.model))
+
+    def diverged(self, reason: str) -> None:
+        """One more report, the last one's metrics with ``diverged``: the reason (it reaches a sweep through
+        Tune's results)."""
+        self.session.report({**self.last, DIVERGED: reason}, None)
+
+
+def restored(argument: WorkerArgument, session: Session) -> tuple[dict | None, RunRecord]:
+    """The training state and record of the session's last checkpoint (``None`` and a new record without one).
+    A checkpoint of another run (a PBT/PB2 exploit) continues that run's lineage in this run's record."""
+    found = session.last_checkpoint()
+    record = RunRecord(argument.run_id, argument.run_key, argument.identity)
+    if found is None:
+        return None, record
+    with found.as_directory() as folder:
+        state, record = checkpoint.load(folder), checkpoint.load_record(folder)
+    if record.run_id != argument.run_id and record.run_key == argument.run_key:
+        raise RuntimeError(f"the checkpoint of run {record.run_key} belongs to MLflow run {record.run_id}, "
+                           f"which this tracking store does not hold: point tracking.tracking_uri at the store "
+                           f"that holds it, or start a fresh run")
+    if record.run_id != argument.run_id:  # another run's weights: a PBT/PB2 exploit
+        print(f"[pbt] continuing from run {record.run_id}'s checkpoint after epoch {record.epoch}")
+        record = record.continued_by(argument.run_id, argument.run_key, argument.identity)
+    return state, record
+
+
+def run_worker(argument: WorkerArgument, session: Session) -> str | None:
+    """One worker: restore the last checkpoint if any, train, report every epoch on every rank
+    (``EpochReporter``); the last checkpoint also holds the embedding and confusion-matrix plots. A non-finite
+    loss ends the training on every rank (all see the same global loss) with one more report carrying
+    ``diverged``; retrying from the last checkpoint would meet the same NaN. Returns that reason (rank 0's
+    return value reaches the driver as the ``Result``'s ``return_value``), else ``None``."""
+    config, data = argument.config, argument.dataset
+    torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
+    device = session.device()
+    state, record = restored(argument, session)
+    monitor_key = monitor_source(config.eval) if data.num_val else None
+    if record.epoch >= config.optim.epochs:  # restored after its last epoch (a restored sweep): report it again
+        session.report(record.report(monitor_key), None)
+        return None
+    plots_folder = Path(tempfile.mkdtemp(prefix="varcon-plots-"))
+    reporter = EpochReporter(argument, session, record, monitor_key, plots_folder, resumed=state is not None)
+
+    def on_final_features(final: FinalFeatures) -> None:
+        _draw_final_plots(final, data.num_classes, plots_folder)
+
+    try:
+        engine.fit(config, data, device, reporter, wrap_model=session.wrap_model, resume=state,
+                   on_final_features=on_final_features if session.rank() == 0 else None)
+    except engine.NonFiniteLossError as exc:
+        reporter.diverged(str(exc))
+        return str(exc)
+    finally:
+        shutil.rmtree(plots_folder, ignore_errors=True)
+    return None
+
+
+def _draw_final_plots(final: FinalFeatures, num_classes: int, folder: Path) -> None:
+    """PCA and t-SNE of the test features, and the kNN confusion matrix, as PNGs in ``folder``. Plots are a
+    by-product: a failure is reported, never raised."""
+    try:
+        features, labels = final.features.numpy(), final.labels.numpy()
+        for method in ("pca", "tsne"):
+            plots.embedding_plot(features, labels, method, folder / f"embedding_{method}.png")
+        plots.confusion_matrix_plot(labels, final.knn_predictions.numpy(), num_classes,
+                                    folder / "knn_confusion_matrix.png", f"kNN (k={final.knn_k}) confusion, test split")
+    except Exception as exc:  # noqa: BLE001
+        print(f"[plots] could not draw the final plots: {exc}")
