@@ -73,13 +73,13 @@ def _plain_main(workers: int, epochs: int, files: PreparedDataset) -> None:
 
 
 def ray_epoch_times(workers: int, epochs: int, files: PreparedDataset, home: Path) -> tuple[list[float], float]:
-    from pipeline.identity import identity_digest
     from dataclasses import replace
 
+    from pipeline.identity import identity_digest
     from pipeline.ray_train import run_training
-    from pipeline.worker import worker_argument
     from pipeline.tracking import create_run
     from pipeline.train_job import checkpoints_in
+    from pipeline.worker import worker_argument
 
     config = bench_config(workers, epochs)
     key = f"bench-{workers}-{time.time_ns()}"

@@ -33,10 +33,10 @@ def one_training(epochs: int) -> tuple[dict[str, float], float, int]:
     from mlflow.entities import Metric
 
     from pipeline import engine
-    from pipeline.record import RunRecord
     from pipeline.config import flatten, load_config
     from pipeline.data import prepare_dataset
     from pipeline.metric_forwarding import MetricSender
+    from pipeline.record import RunRecord
     from pipeline.tracking import create_run, resolve_tracking_uri
 
     torch.set_num_threads(1)

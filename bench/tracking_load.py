@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from services import PostgresServer, TrackingService  # noqa: E402 - the tests' own loopback servers
 
 
-
 def writer(url: str, index: int, epochs: int, metrics: int, start, results) -> None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient

@@ -348,11 +348,11 @@ def gpu_probe(steps: int, smoke: bool) -> None:
     import torch
 
     from pipeline import checkpoint, engine, plots
-    from pipeline.record import RunRecord
     from pipeline.config import load_config, to_dict
     from pipeline.data.augment import ColorAugment
     from pipeline.losses import build_loss
     from pipeline.models import build_model
+    from pipeline.record import RunRecord
 
     device = torch.device("cpu" if smoke else "cuda")
     figures: dict = {"device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__}

@@ -21,8 +21,8 @@ import platform
 import re
 import sys
 import time
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from pipeline.config import first_line, workdir

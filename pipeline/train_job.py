@@ -26,7 +26,6 @@ import torch
 import yaml
 
 from pipeline import checkpoint, identity, plots, provenance, storage
-from pipeline.record import RunRecord
 from pipeline.cluster import init_ray, requested, training_bundles
 from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
 from pipeline.console import EpochPrinter, report_queue
@@ -34,12 +33,22 @@ from pipeline.data.manifest import manifest_path
 from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset, prepared_split
 from pipeline.data.splits import SplitIndices
 from pipeline.models import build_model
-from pipeline.names import (ATTEMPTS_TAG, EARLY_STOPPED_TAG, ERROR_TAG, EXPLOITS_TAG, MODEL_URI_TAG,
-                            REGISTERED_TAG, RUN_FOLDER_TAG, RUN_KEY_TAG, monitor_source)
+from pipeline.names import (
+    ATTEMPTS_TAG,
+    EARLY_STOPPED_TAG,
+    ERROR_TAG,
+    EXPLOITS_TAG,
+    MODEL_URI_TAG,
+    REGISTERED_TAG,
+    RUN_FOLDER_TAG,
+    RUN_KEY_TAG,
+    monitor_source,
+)
 from pipeline.ray_train import kept_checkpoints, run_training
-from pipeline.worker import worker_argument
+from pipeline.record import RunRecord
 from pipeline.storage import Location
 from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
+from pipeline.worker import worker_argument
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import psutil
 import yaml
-
 from services import free_port
 
 WORKER_TYPE = "cpu_1"

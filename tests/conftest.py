@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 

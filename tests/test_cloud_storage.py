@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from varcon_process import succeeded, varcon
 
 from pipeline import storage
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from varcon_process import succeeded, varcon
 
 SHORT = ["optim.epochs=3", "optim.warmup_epochs=0", "eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
 

@@ -2,8 +2,16 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import (DEFAULT_CONFIG, ConfigError, build_config, flatten, from_dict, load_config, stored_config,
-                             to_dict)
+from pipeline.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    build_config,
+    flatten,
+    from_dict,
+    load_config,
+    stored_config,
+    to_dict,
+)
 
 
 def test_default_config_is_the_digits_demo():

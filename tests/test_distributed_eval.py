@@ -18,8 +18,15 @@ import torch.nn.functional as F
 from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
 from pipeline.data.prepare import dataset_splits
-from pipeline.evaluation import (Shard, fit_features_probe, fit_reference_probe, knn_neighbours, knn_vote, linear_probe,
-                                 reference_probe)
+from pipeline.evaluation import (
+    Shard,
+    fit_features_probe,
+    fit_reference_probe,
+    knn_neighbours,
+    knn_vote,
+    linear_probe,
+    reference_probe,
+)
 from pipeline.evaluator import Evaluator
 from pipeline.models import build_model
 

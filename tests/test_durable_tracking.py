@@ -2,7 +2,6 @@
 S3 bucket, and the sweep's Ray storage and outputs in another bucket. Concurrent trials log every epoch exactly once;
 then the S3 server, PostgreSQL and MLflow are restarted on the same data, and everything is still there."""
 from mlflow.tracking import MlflowClient
-
 from varcon_process import succeeded, varcon
 
 SWEEP = ["--config", "configs/tune/digits_asha.yaml", "tune.name=t-durable", "tune.searcher=random",

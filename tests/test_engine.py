@@ -170,9 +170,9 @@ def test_the_monitor_follows_validation_whatever_the_test_split_holds(digits_fil
     epoch's report) is the same, while the test metrics differ."""
     from dataclasses import replace
 
-    from pipeline.record import RunRecord
     from pipeline.data import prepare_dataset
     from pipeline.names import MONITOR, monitor_source
+    from pipeline.record import RunRecord
 
     config = load_config(None, DETERMINISTIC + ["optim.epochs=2", "eval.every_epochs=1", "eval.test_every_epochs=1"])
     other = load_config(None, ["data.dataset=synthetic", "data.num_classes=10", "data.test_samples=120"]).data

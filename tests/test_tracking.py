@@ -11,11 +11,18 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import plots
 from pipeline.config import flatten, load_config
-from pipeline.record import RunRecord
 from pipeline.metric_forwarding import MetricSender
-from pipeline.tracking import (child_runs, create_run, find_or_create_run, find_run,
-                               installed_requirements, resolve_tracking_uri, system_description,
-                               using_tracking_uri)
+from pipeline.record import RunRecord
+from pipeline.tracking import (
+    child_runs,
+    create_run,
+    find_or_create_run,
+    find_run,
+    installed_requirements,
+    resolve_tracking_uri,
+    system_description,
+    using_tracking_uri,
+)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, load_sweep
 from tune.sweep import concurrency
 
-
 SWEEPS = sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml"))
 
 

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from varcon_process import succeeded, varcon
 
 from pipeline import checkpoint, engine
 from pipeline.config import REPO_ROOT, load_config
@@ -21,7 +22,6 @@ from pipeline.names import EXPLOITS_TAG
 from pipeline.train_job import checkpoints_in
 from tune import space
 from tune.spec import load_sweep
-from varcon_process import succeeded, varcon
 
 SHORT_EVAL = ["eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
 def store(home):

@@ -21,9 +21,21 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import (REPO_ROOT, ConfigError, ExperimentConfig, build_config, build_dataclass, flatten, setting,
-                             load_config, resolve_path, set_dotted, to_dict, yaml_problem)
 from pipeline import storage
+from pipeline.config import (
+    REPO_ROOT,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    build_dataclass,
+    flatten,
+    load_config,
+    resolve_path,
+    set_dotted,
+    setting,
+    to_dict,
+    yaml_problem,
+)
 from pipeline.tracking import resolve_tracking_uri
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"

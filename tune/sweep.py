@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 import statistics
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +23,21 @@ from ray.tune import Callback
 from pipeline import cluster, faults, plots, storage
 from pipeline.config import ConfigError, to_dict
 from pipeline.data.prepare import dataset_key
-from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
 from pipeline.metric_forwarding import RecordForwarding
+from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
 from pipeline.record import read_record
 from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
-from pipeline.train_job import (Checkpointed, OpenRun, RunPlan, checkpoints_in, end_run, finish_run,
-                                outcome_from_checkpoints, preflight, prepare)
+from pipeline.train_job import (
+    Checkpointed,
+    OpenRun,
+    RunPlan,
+    checkpoints_in,
+    end_run,
+    finish_run,
+    outcome_from_checkpoints,
+    preflight,
+    prepare,
+)
 from tune import analysis, space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, SweepSpec

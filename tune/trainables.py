@@ -20,15 +20,13 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, storage
-from pipeline.record import RunRecord
-from pipeline.storage import Location
-
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
-from pipeline.worker import monitored, run_worker, worker_argument
+from pipeline.record import RunRecord
+from pipeline.storage import Location
 from pipeline.train_job import RunPlan, finish_run, start_run, train_opened
+from pipeline.worker import monitored, run_worker, worker_argument
 from tune.spec import SweepSpec
-
 
 RECORDS_FOLDER = "varcon_records"  # in the sweep's folder: per trial, the run record of every checkpoint it reported
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.config import ConfigError
 
+
 @dataclass(frozen=True)
 class SplitIndices:
     """Indices into the training split's file: ``bank`` (trained on, the kNN memory bank) and ``val``, both
