@@ -1,6 +1,6 @@
 # The two commands a newcomer needs (see README.md), plus the unit tier for the developer loop. All set up first;
 # set-up is idempotent.
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo test test-fast test-contention lint
 
 setup:
 	bash scripts/setup.sh
@@ -17,3 +17,6 @@ test: lint
 
 test-fast: lint
 	.venv/bin/python -m pytest -m "not cluster"
+
+test-contention: lint
+	bash scripts/test_under_contention.sh

@@ -95,7 +95,7 @@ def run_one(variant: str, name: str, epochs: int) -> dict:
     trial = json.loads((Path(TIMES_DIR) / f"{name}.json").read_text())
     (folder,) = [f for f in (home / ".cache" / "ray_results").iterdir() if f.name.startswith(f"{name}-")]
     record = checkpoints_in(folder)[-1].record
-    assert outcome.rows[0].status == "completed" and record.epoch == epochs, outcome.rows
+    assert outcome.rows[0].status.completed and record.epoch == epochs, outcome.rows
     return phases(record, trial["start"], trial["end"], epochs) | {"summary": ended - trial["end"],
                                                                     "sweep": ended - began}
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_prepare(config) -> int:
-    from pipeline.train_job import prepare
+    from pipeline.data.preflight import prepare
 
     files = prepare(config, repair=True)
     print(f"train: {files.train} ({files.num_train} samples)\ntest:  {files.test} ({files.num_test} samples)")

@@ -10,12 +10,12 @@ import torch
 from pipeline import checkpoint, storage
 from pipeline.config import ConfigError, first_line, stored_config
 from pipeline.data.augment import ColorAugment
+from pipeline.data.preflight import prepare
 from pipeline.data.prepare import dataset_splits
 from pipeline.engine import autocast_dtype
 from pipeline.evaluator import Evaluator
 from pipeline.models import build_model
 from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
-from pipeline.train_job import prepare
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:

@@ -65,6 +65,10 @@ class RunRecord:
         return RunRecord(run_id, run_key, identity, self.epoch, list(self.entries), self.exploits + [link],
                          self.epoch)
 
+    def trained_every_epoch(self, epochs: int) -> bool:
+        """The one test of a finished training: its record reaches the config's last epoch."""
+        return self.epoch >= epochs
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

@@ -26,12 +26,12 @@ import torch
 import yaml
 
 from pipeline import checkpoint, identity, plots, provenance, storage
-from pipeline.cluster import init_ray, requested, training_bundles
-from pipeline.config import ConfigError, ExperimentConfig, flatten, resolve_path, to_dict
+from pipeline.cluster import training_bundles
+from pipeline.config import ConfigError, ExperimentConfig, flatten, to_dict
 from pipeline.console import EpochPrinter, report_queue
 from pipeline.data.manifest import manifest_path
-from pipeline.data.prepare import PreparedDataset, dataset_key, prepare_dataset, prepared_split
-from pipeline.data.splits import SplitIndices
+from pipeline.data.preflight import prepare
+from pipeline.data.prepare import PreparedDataset, dataset_key
 from pipeline.models import build_model
 from pipeline.names import (
     ATTEMPTS_TAG,
@@ -46,8 +46,10 @@ from pipeline.names import (
 )
 from pipeline.ray_train import kept_checkpoints, run_training
 from pipeline.record import RunRecord
+from pipeline.run_status import COMPLETED, Ending, RunStatus
+from pipeline.startup import driver_started
 from pipeline.storage import Location
-from pipeline.tracking import TrackedRun, check_reachable, create_run, find_run, resolve_tracking_uri
+from pipeline.tracking import TrackedRun, create_run, find_run, resolve_tracking_uri
 from pipeline.worker import worker_argument
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
@@ -110,6 +112,11 @@ class OpenRun:
     run: TrackedRun
     latest: Checkpointed | None  # the run's latest checkpoint when it was opened
 
+    @property
+    def trained_every_epoch(self) -> bool:
+        """Its checkpoints held every epoch when it was opened: nothing is left to train."""
+        return self.latest is not None and self.latest.record.trained_every_epoch(self.plan.config.optim.epochs)
+
 
 @dataclass
 class TrainOutcome:
@@ -139,65 +146,22 @@ class TrainOutcome:
         return self.record.at(0)
 
 
-def prepare(config: ExperimentConfig, log=print, repair: bool = False, for_training: bool = False
-            ) -> PreparedDataset:
-    """The prepared dataset of ``config``; ``for_training`` also refuses batches larger than the training
-    samples, before any file is written."""
-    check = (lambda split: check_batches_fit(config, split)) if for_training else None
-    return prepare_dataset(config.data, resolve_path(config.data.cache_dir), log=log, repair=repair,
-                           check_split=check)
-
-
-def preflight(config: ExperimentConfig) -> None:
-    """What a prepared dataset's files already tell, checked before Ray starts: their integrity, the batches
-    against the training samples, and a loss against a single class. (A dataset not prepared yet is checked by
-    ``prepare`` before it writes anything.)"""
-    found = prepared_split(config.data, resolve_path(config.data.cache_dir))
-    if found is None:
-        return
-    split, names = found
-    if len(names) < 2:
-        raise ConfigError(f"{config.data.dataset} has {len(names)} class: {config.loss.name} needs at least 2 "
-                          f"(check data.root)")
-    check_batches_fit(config, split)
-
-
-def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:
-    """Refuse a training whose batches exceed its training samples (the split minus validation)."""
-    trained = len(split.bank)
-    batches = {"optim.global_batch_size": (config.optim.global_batch_size, config.optim.global_batch_size, "")}
-    if config.eval.probe in ("reference", "both"):  # its global batch: per worker x workers
-        per_worker, workers = config.eval.reference_probe_batch_per_worker, config.ray.num_workers
-        batches["eval.reference_probe_batch_per_worker"] = (
-            per_worker, per_worker * workers, f" x ray.num_workers={workers} = {per_worker * workers}")
-    for key, (value, size, product) in batches.items():
-        if size > trained:
-            raise ConfigError(f"{key}={value}{product} exceeds the {trained} training samples of "
-                              f"{config.data.dataset} (the training split minus {len(split.val)} for validation): "
-                              f"lower {key}")
-
-
 def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
           tags: dict[str, str] | None = None, callbacks: list | tuple = (), verbose: bool = False) -> TrainOutcome:
     """Train under Ray Train, or continue the run of the same identity from its last checkpoint, printing one
     line per epoch (``pipeline.console``). ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks``
     go to Ray Train's ``RunConfig``; ``verbose`` streams Ray's own output here too."""
     plan = RunPlan.of(config)  # resolve
-    check_reachable(plan.tracking_uri)
-    storage.check_writable(plan.storage_path, "ray.storage_path")
-    preflight(config)
-    init_ray(verbose, log)
     r = config.ray
     bundles = training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
-    with requested(bundles, bundles, r.resource_wait_s, r.autoscaler_config, log):
-        data = prepare(config, log, for_training=True)  # a bad dataset or split fails here, before any worker
+    with driver_started(config, bundles, bundles, log, verbose) as (data, _):
         opened = start_run(plan, log, parent_run_id, tags, {dataset_key(config.data): data})  # open the run
         printer = EpochPrinter(config.optim.epochs, monitor_source(config.eval) if data.num_val else None, log)
         try:
             with report_queue(printer) as queue:
                 outcome = train_opened(opened, log, callbacks, console_queue=queue)  # train under Ray
         except BaseException as exc:
-            end_run(opened.run, "FAILED", error=f"{type(exc).__name__}: {exc}", guard=True)
+            end_run(opened.run, RunStatus.failed(f"{type(exc).__name__}: {exc}"), guard=True)
             raise
     if outcome.diverged:  # record the outcome
         _record_divergence(opened, outcome)
@@ -211,7 +175,7 @@ def _record_divergence(opened: OpenRun, outcome: TrainOutcome) -> None:
         finish_run(opened, outcome, completed=False)
     except Exception:  # noqa: BLE001 - the store may be down: the divergence is what to report
         pass
-    end_run(opened.run, "FAILED", error=f"diverged: {outcome.diverged}", guard=True)
+    end_run(opened.run, RunStatus.failed(f"diverged: {outcome.diverged}"), guard=True)
     raise TrainingDiverged(f"training {opened.plan.run_key} stopped: {outcome.diverged} (last good checkpoint: "
                            f"{outcome.model_path or 'none'})")
 
@@ -223,7 +187,7 @@ def _finish_within_outage_wait(opened: OpenRun, outcome: TrainOutcome, log) -> N
     while True:
         try:
             finish_run(opened, outcome)
-            end_run(opened.run, "FINISHED")
+            end_run(opened.run, COMPLETED)
             return
         except Exception as exc:  # noqa: BLE001 - an outage must not lose the trained model: its path is printed
             problem = f"{type(exc).__name__}: {exc}"
@@ -248,7 +212,7 @@ def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = (), conso
     """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already); rank 0's
     reports go to ``console_queue`` (``pipeline.console.report_queue``) if given."""
     plan, config = opened.plan, opened.plan.config
-    if opened.latest is not None and opened.latest.record.epoch >= config.optim.epochs:
+    if opened.trained_every_epoch:
         log(f"run {plan.run_key} has trained all {config.optim.epochs} epochs already: nothing to train (a "
             f"finished run is not evaluated again here: `varcon eval --checkpoint {opened.latest.folder}` "
             f"evaluates it with other eval.* settings)")
@@ -338,17 +302,17 @@ def _record_attempt(run: TrackedRun, found, config: ExperimentConfig, log) -> No
             + ", ".join(f"{k}={b} (was {a})" for k, (a, b) in sorted(changed.items())))
 
 
-def end_run(run: TrackedRun, status: str, error: str = "", early_stopped: bool = False, guard: bool = False) -> None:
-    """Set a run's final status: ``FINISHED``, ``KILLED`` (``early_stopped``: a scheduler's stop) or ``FAILED``
-    with ``error``. ``guard``: a store outage is ignored (the caller has a more important error to report)."""
+def end_run(run: TrackedRun, status: RunStatus, guard: bool = False) -> None:
+    """Set a run's final status (``RunStatus``: FINISHED, KILLED tagged early-stopped, or FAILED with the error
+    as a tag). ``guard``: a store outage is ignored (the caller has a more important error to report)."""
     try:
-        if error:
-            run.set_tags({ERROR_TAG: error[:4000]})
+        if status.error:
+            run.set_tags({ERROR_TAG: status.error[:4000]})
         elif ERROR_TAG in run.tags():
             run.delete_tag(ERROR_TAG)  # an earlier attempt's error; this one ended otherwise
-        if early_stopped:
+        if status.ending is Ending.EARLY_STOPPED:
             run.set_tags({EARLY_STOPPED_TAG: "true"})
-        run.end(status)
+        run.end(status.mlflow_status)
     except Exception:  # noqa: BLE001
         if not guard:
             raise

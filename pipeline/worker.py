@@ -133,7 +133,7 @@ def run_worker(argument: WorkerArgument, session: Session) -> str | None:
     device = session.device()
     state, record = restored(argument, session)
     monitor_key = monitor_source(config.eval) if data.num_val else None
-    if record.epoch >= config.optim.epochs:  # restored after its last epoch (a restored sweep): report it again
+    if record.trained_every_epoch(config.optim.epochs):  # restored after its last epoch: report it again
         session.report(record.report(monitor_key), None)
         return None
     plots_folder = Path(tempfile.mkdtemp(prefix="varcon-plots-"))

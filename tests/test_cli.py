@@ -119,7 +119,7 @@ def test_config_prints_the_resolved_config_that_train_would_use(tmp_path, capsys
 
 
 def test_a_batch_the_prepared_data_cannot_fill_is_refused_before_ray_starts(varcon_home, capsys, monkeypatch):
-    from pipeline import train_job
+    from pipeline import startup
 
     data = ["data.dataset=synthetic", "data.train_samples=60", "data.test_samples=20"]
     assert main(["prepare", *data]) == 0
@@ -127,7 +127,7 @@ def test_a_batch_the_prepared_data_cannot_fill_is_refused_before_ray_starts(varc
     def no_ray(*_, **__):
         raise AssertionError("Ray was started before the prepared data was checked")
 
-    monkeypatch.setattr(train_job, "init_ray", no_ray)
+    monkeypatch.setattr(startup, "init_ray", no_ray)
     assert main(["train", *data, "optim.global_batch_size=64"]) == 2  # 60 minus 10 for validation (per class)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "optim.global_batch_size=64 exceeds the 50 training samples of synthetic" in line  # from the manifests

@@ -4,6 +4,7 @@ import math
 import random
 
 from pipeline.record import RunRecord
+from pipeline.run_status import COMPLETED
 from tune.analysis import importance, write_analysis
 from tune.spec import load_sweep
 from tune.sweep import TrialRow
@@ -30,7 +31,7 @@ def synthetic_trials(spec, count=40, seed=0):
         for epoch in range(1, 7):
             record.add(epoch, {"tau1": values["loss.tau1"] * (1 - epoch / 12), "eps": values["loss.eps"],
                                "val_knn_top1_k20": early if epoch == 2 else final})
-        rows.append(TrialRow(trial_id, values, 6, final, "completed", f"run{i}"))
+        rows.append(TrialRow(trial_id, values, 6, final, COMPLETED, f"run{i}"))
         records[trial_id] = record
     return rows, records
 

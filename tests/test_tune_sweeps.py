@@ -210,7 +210,7 @@ def test_the_sweep_driver_ends_a_trial_the_scheduler_stopped_as_killed(varcon_ho
                               config={"optim.lr": 0.5, "loss.tau1": 0.1, "loss.eps": 0.01}, checkpoint=None,
                               best_checkpoints=[])
     outcome = summarise(spec, [stopped], parent, {}, log=lambda *_: None)
-    assert [row.status for row in outcome.rows] == ["early-stopped"] and outcome.best is None
+    assert [str(row.status) for row in outcome.rows] == ["early-stopped"] and outcome.best is None
     run = MlflowClient(uri).get_run(trial.run_id)
     assert run.info.status == "KILLED" and run.data.tags["varcon.early_stopped"] == "true"
     assert "varcon.error" not in run.data.tags

@@ -48,7 +48,7 @@ def trial_values(spec: SweepSpec, rows: list, records: dict) -> tuple[list[tuple
                 if math.isfinite(value):
                     found.append((row.sampled, value))
         return found, f"{s.metric} at epoch {epoch} (ASHA's first rung), {len(found)} trials"
-    found = [(row.sampled, row.metric) for row in rows if row.status == "completed" and math.isfinite(row.metric)]
+    found = [(row.sampled, row.metric) for row in rows if row.status.completed and math.isfinite(row.metric)]
     return found, f"final {s.metric}, {len(found)} completed trials"
 
 
@@ -142,7 +142,7 @@ def best_schedules_plot(spec: SweepSpec, rows: list, records: dict, path: Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranked = sorted((r for r in rows if r.status == "completed" and math.isfinite(r.metric) and r.trial_id in records),
+    ranked = sorted((r for r in rows if r.status.completed and math.isfinite(r.metric) and r.trial_id in records),
                     key=lambda r: r.metric, reverse=spec.settings.mode == "max")[:best]
     if not ranked:
         return False

@@ -22,11 +22,14 @@ from ray.tune import Callback
 
 from pipeline import cluster, faults, plots, storage
 from pipeline.config import ConfigError, to_dict
+from pipeline.data.preflight import prepare
 from pipeline.data.prepare import dataset_key
 from pipeline.metric_forwarding import RecordForwarding
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
 from pipeline.record import read_record
-from pipeline.tracking import TrackedRun, check_reachable, child_runs, find_or_create_run
+from pipeline.run_status import COMPLETED, EARLY_STOPPED, Ending, RunStatus
+from pipeline.startup import driver_started
+from pipeline.tracking import TrackedRun, child_runs, find_or_create_run
 from pipeline.train_job import (
     Checkpointed,
     OpenRun,
@@ -35,8 +38,6 @@ from pipeline.train_job import (
     end_run,
     finish_run,
     outcome_from_checkpoints,
-    preflight,
-    prepare,
 )
 from tune import analysis, space
 from tune.discovered import as_piecewise, lineage_schedule
@@ -52,7 +53,7 @@ class TrialRow:
     sampled: dict  # the space's values, and the replicate (``REPLICATE``) under tune.seeds
     epochs: int
     metric: float
-    status: str  # completed | early-stopped | error: ...
+    status: RunStatus
     run_id: str = ""
     final: dict = field(default_factory=dict)  # the last report's metrics
 
@@ -197,18 +198,13 @@ def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome
     spec = spec.with_absolute_paths()
     s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri
-    check_reachable(tracking_uri)
-    storage.check_writable(storage.location(base.ray.storage_path), "ray.storage_path")
-    storage.check_writable(storage.location(s.output_dir), "tune.output_dir")
-    preflight(base)
-    cluster.init_ray(verbose, log)
     trial = trial_bundles(spec)
     maximum = cluster.cluster_maximum(base.ray.autoscaler_config)
     side_by_side = cluster.trials_that_fit(maximum, trial, s.max_concurrent_trials or space.trial_count(spec))
-    with cluster.requested(trial * side_by_side, trial, base.ray.resource_wait_s, base.ray.autoscaler_config,
-                           log) as have:
+    with driver_started(base, trial * side_by_side, trial, log, verbose, {"tune.output_dir": s.output_dir}
+                        ) as (data, have):
         max_concurrent = side_by_side if maximum is not None else concurrency(spec, have)
-        prepared = {dataset_key(base.data): prepare(base, log, for_training=True)}  # once, before trials start
+        prepared = {dataset_key(base.data): data}  # once, before trials start
         parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
                                              spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
         forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None
@@ -236,8 +232,8 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
                    if key in result.config}
         done = metrics.get(EPOCH, 0)
         diverged = metrics.get(DIVERGED, "")
-        status = (f"error: diverged: {diverged}" if diverged else f"error: {_error_line(result.error)}"
-                  if result.error else "completed" if done >= epochs else "early-stopped")
+        status = (RunStatus.failed(f"diverged: {diverged}") if diverged else RunStatus.failed(_error_line(result.error))
+                  if result.error else COMPLETED if done >= epochs else EARLY_STOPPED)
         run = runs.get(trial_id)
         rows.append(TrialRow(trial_id, sampled, done, metrics.get(s.metric, float("nan")), status,
                              run.info.run_id if run else "", dict(metrics)))
@@ -275,8 +271,7 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
             parent.set_tags({REGISTERED_TAG: registered})
         registered = registered or tags.get(REGISTERED_TAG)
         parent.set_tags({"varcon.best_run_id": best.run_id, "varcon.best_trial_id": best.trial_id})
-    counts = {status: sum(r.status.startswith(status) for r in rows)
-              for status in ("completed", "early-stopped", "error")}
+    counts = {ending.value: sum(r.status.ending is ending for r in rows) for ending in Ending}
     parent.log_metrics({f"trials_{k.replace('-', '_')}": v for k, v in counts.items()}, step=0)
     parent.end()
     return SweepOutcome(parent.run_id, rows, best, best_path, registered, compared)
@@ -300,7 +295,7 @@ def compare(rows: list[TrialRow], metrics: list[str]) -> list[Compared]:
     for configuration, members in groups.items():
         stats = {}
         for name in metrics:
-            values = [r.final[name] for r in members if r.status == "completed" and isinstance(r.final.get(name),
+            values = [r.final[name] for r in members if r.status.completed and isinstance(r.final.get(name),
                                                                                                (int, float))
                       and not math.isnan(r.final[name])]
             if values:
@@ -314,11 +309,11 @@ def best_trial(compared: list[Compared], metric: str, mode: str) -> TrialRow | N
     """The best completed trial of the configuration with the best mean ``metric`` over its replicates."""
     choose = max if mode == "max" else min
     candidates = [c for c in compared if metric in c.stats and any(
-        r.status == "completed" and r.run_id and not math.isnan(r.metric) for r in c.rows)]
+        r.status.completed and r.run_id and not math.isnan(r.metric) for r in c.rows)]
     if not candidates:
         return None
     group = choose(candidates, key=lambda c: c.stats[metric][0])
-    return choose([r for r in group.rows if r.status == "completed" and r.run_id and not math.isnan(r.metric)],
+    return choose([r for r in group.rows if r.status.completed and r.run_id and not math.isnan(r.metric)],
                   key=lambda r: r.metric)
 
 
@@ -345,7 +340,7 @@ def _write_comparison_csv(compared: list[Compared], metrics: list[str], path: Pa
                              *(v for m in metrics for v in c.stats.get(m, (float("nan"), float("nan"), 0)))])
 
 
-def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: str, prepared: dict):
+def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: RunStatus, prepared: dict):
     """End one trial's MLflow run from its checkpoints: the trial's Ray Train run folder, or for PBT/PB2 the
     checkpoints Tune kept. A completed trial gets its artifacts and encoder (if the trial could not log them
     itself) and, for PBT/PB2, the discovered schedule as a plot and a replayable YAML. Returns its final record."""
@@ -368,7 +363,7 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: s
         for record in kept_records(records_folder(spec, trial_id)):
             if record.run_id == run_id:  # sent again: the store keeps one row per (key, step, time, value)
                 opened.run.log_entries(record.own_entries())
-    completed = status == "completed"
+    completed = status.completed
     finish_run(opened, outcome, completed=completed)
     if completed and spec.population_based:
         lineage = lineage_schedule(outcome.record)
@@ -378,12 +373,7 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: s
             (Path(folder) / "discovered_schedule.yaml").write_text(
                 yaml.safe_dump({"loss": {"schedule": as_piecewise(lineage)}}, sort_keys=False))
             opened.run.log_artifacts(folder, "plots")
-    if completed:
-        end_run(opened.run, "FINISHED")
-    elif status == "early-stopped":
-        end_run(opened.run, "KILLED", early_stopped=True)
-    else:
-        end_run(opened.run, "FAILED", error=status.removeprefix("error: "))
+    end_run(opened.run, status)
     return outcome.record
 
 
@@ -416,7 +406,8 @@ def _print_table(rows: list[TrialRow], metric: str, best: TrialRow | None, log) 
     lines = [header]
     for r in sorted(rows, key=lambda r: r.trial_id):
         values = [SweepSpec.label(r.sampled.get(k)) for k in keys]
-        lines.append([r.trial_id + (" *" if r is best else ""), *values, str(r.epochs), f"{r.metric:.4f}", r.status])
+        lines.append([r.trial_id + (" *" if r is best else ""), *values, str(r.epochs), f"{r.metric:.4f}",
+                      str(r.status)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         log("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
@@ -429,4 +420,4 @@ def _write_csv(rows: list[TrialRow], path: Path) -> None:
         writer.writerow(["trial_id", *keys, "epochs", "metric", "status", "mlflow_run_id"])
         for r in rows:
             writer.writerow([r.trial_id, *(SweepSpec.label(r.sampled.get(k)) for k in keys), r.epochs, r.metric,
-                             r.status, r.run_id])
+                             str(r.status), r.run_id])

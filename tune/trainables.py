@@ -100,12 +100,12 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     config = opened.plan.config
-    if opened.latest is not None and opened.latest.record.epoch >= config.optim.epochs:
+    if opened.trained_every_epoch:
         # trained before a restored sweep's driver recorded it: Tune gets the final result again
         ray.tune.report(opened.latest.record.report(monitor_source(config.eval)))
         return
     outcome = train_opened(opened, lambda *_: None, callbacks=[TuneReportCallback()])
-    if not outcome.diverged and outcome.record.epoch >= config.optim.epochs:
+    if not outcome.diverged and outcome.record.trained_every_epoch(config.optim.epochs):
         finish_run(opened, outcome)
 
 

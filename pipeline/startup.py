@@ -1,0 +1,32 @@
+"""The driver's start-up, the same for every command that trains (``varcon train``, ``varcon tune``): each check
+fails with one line before the next uses anything, and nothing reaches the cluster before the local checks pass.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline import storage
+from pipeline.cluster import init_ray, requested
+from pipeline.config import ExperimentConfig
+from pipeline.data.preflight import preflight, prepare
+from pipeline.data.prepare import PreparedDataset
+from pipeline.tracking import check_reachable, resolve_tracking_uri
+
+
+@contextmanager
+def driver_started(config: ExperimentConfig, wanted: list[dict], smallest: list[dict], log=print,
+                   verbose: bool = False, writable: dict[str, str] | None = None
+                   ) -> Iterator[tuple[PreparedDataset, list[dict]]]:
+    """In order: the tracking store answers; ``ray.storage_path`` (and each of ``writable``, ``{key: path}``)
+    can be written; the prepared data's files pass ``preflight``; Ray is up (``cluster.init_ray``); the
+    autoscaler is asked for the ``wanted`` bundles, waiting ``ray.resource_wait_s`` for at least ``smallest``
+    (``cluster.requested``, held for the block); the dataset is prepared, its batches checked. Yields the
+    prepared dataset and the bundles the cluster has."""
+    check_reachable(resolve_tracking_uri(config.tracking.tracking_uri))
+    for key, path in {"ray.storage_path": config.ray.storage_path, **(writable or {})}.items():
+        storage.check_writable(storage.location(path), key)
+    preflight(config)
+    init_ray(verbose, log)
+    with requested(wanted, smallest, config.ray.resource_wait_s, config.ray.autoscaler_config, log) as have:
+        yield prepare(config, log, for_training=True), have  # a bad dataset or split fails here, before any worker
