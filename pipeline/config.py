@@ -46,150 +46,180 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
-    """A schema field and its one-line description, held in the field's metadata (``varcon config --keys``
-    prints them: the schema is the one place a key is described)."""
+IDENTITY_CLASSES = ("trajectory", "operational", "stored")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, identity: str = ""):  # noqa: A002
+    """A schema field, its one-line description and (a key, not a section) its identity class, held in the
+    field's metadata: ``varcon config --keys`` prints the descriptions and ``pipeline.identity`` reads the classes,
+    so the schema is the one place a key is described and classified. Keys use ``trajectory``, ``operational``
+    or ``stored`` below."""
     if not help:
         raise TypeError("every config key needs a description")
+    if identity and identity not in IDENTITY_CLASSES:
+        raise TypeError(f"identity {identity!r} is not one of {IDENTITY_CLASSES}")
+    metadata = {"help": help, "identity": identity}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def trajectory(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
+    """A key that changes what is trained: part of the run's identity (``pipeline.identity``)."""
+    return setting(default, help, factory=factory, identity="trajectory")
+
+
+def operational(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
+    """A key that never changes what is trained: where things live, how hard to retry, how much to evaluate."""
+    return setting(default, help, factory=factory, identity="operational")
+
+
+def stored(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
+    """A data key that changes the stored bytes: it enters the identity through ``stored_settings``."""
+    return setting(default, help, factory=factory, identity="stored")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = setting("digits", "digits | synthetic | cifar10 | cifar100 | imagefolder")
-    root: str = setting("", "source folder (cifar: the python-pickle layout; imagefolder: train/ and val/ inside)")
-    download: bool = setting(False, "cifar only: fetch the dataset into root (needs internet; never implicit)")
-    cache_dir: str = setting(".cache/data", "where .beton files and their manifests are written")
-    image_size: int = setting(32, "side of the trained images (and of generated sources)")
-    test_fraction: float = setting(0.25, "digits: held-out share (seeded, stratified split)")
-    val_fraction: float = setting(0.1, "validation share carved from the training split by index "
+    dataset: str = stored("digits", "digits | synthetic | cifar10 | cifar100 | imagefolder")
+    root: str = stored("", "source folder (cifar: the python-pickle layout; imagefolder: train/ and val/ inside)")
+    download: bool = operational(False, "cifar only: fetch the dataset into root (needs internet; never implicit)")
+    cache_dir: str = operational(".cache/data", "where .beton files and their manifests are written")
+    image_size: int = trajectory(32, "side of the trained images (and of generated sources)")
+    test_fraction: float = stored(0.25, "digits: held-out share (seeded, stratified split)")
+    val_fraction: float = trajectory(0.1, "validation share carved from the training split by index "
                                        "(pipeline.data.splits): what selects (monitor, best checkpoint, sweeps) reads"
                                        " it; 0 = train on all of it")
-    val_seed: int = setting(0, "draws the validation indices (per class)")
-    split_seed: int = setting(0, "digits: split seed; synthetic: generator seed")
-    num_classes: int = setting(10, "synthetic only: classes generated")
-    train_samples: int = setting(2000, "synthetic only: training images generated")
-    test_samples: int = setting(500, "synthetic only: test images generated")
-    write_mode: str = setting("raw", "FFCV image storage: raw | jpg | smart | proportion")
-    max_resolution: int = setting(0, "longest stored side; 0 = image_size")
-    jpeg_quality: int = setting(90, "JPEG quality of images stored as JPEG (write_mode jpg | smart | proportion)")
-    compress_probability: float = setting(0.5, "write_mode=proportion: share of images stored as JPEG")
-    on_bad_image: str = setting("fail", "imagefolder: fail | skip (and count) on an unreadable image")
-    verify_hash: str = setting("auto", "sha256 check of .beton files before training: auto (<= 1 GiB) | always | never")
-    writer_workers: int = setting(0, "processes writing .beton files; 0 = all cores")
-    eval_crop_ratio: float = setting(1.0, "evaluation centre crop (ImageNet: 0.875, i.e. 224 of 256)")
-    crop_scale_min: float = setting(0.2, "RandomResizedCrop scale range (min, 1.0)")
-    horizontal_flip: bool = setting(True, "random horizontal flip of each view")
-    color_jitter_strength: float = setting(0.4, "brightness/contrast/saturation magnitude, hue = strength/4; 0 "
+    val_seed: int = trajectory(0, "draws the validation indices (per class)")
+    split_seed: int = stored(0, "digits: split seed; synthetic: generator seed")
+    num_classes: int = stored(10, "synthetic only: classes generated")
+    train_samples: int = stored(2000, "synthetic only: training images generated")
+    test_samples: int = stored(500, "synthetic only: test images generated")
+    write_mode: str = stored("raw", "FFCV image storage: raw | jpg | smart | proportion")
+    max_resolution: int = stored(0, "longest stored side; 0 = image_size")
+    jpeg_quality: int = stored(90, "JPEG quality of images stored as JPEG (write_mode jpg | smart | proportion)")
+    compress_probability: float = stored(0.5, "write_mode=proportion: share of images stored as JPEG")
+    on_bad_image: str = stored("fail", "imagefolder: fail | skip (and count) on an unreadable image")
+    verify_hash: str = operational("auto", "sha256 check of .beton files before training: auto (<= 1 GiB) | always | "
+                                           "never")
+    writer_workers: int = operational(0, "processes writing .beton files; 0 = all cores")
+    eval_crop_ratio: float = operational(1.0, "evaluation centre crop (ImageNet: 0.875, i.e. 224 of 256)")
+    crop_scale_min: float = trajectory(0.2, "RandomResizedCrop scale range (min, 1.0)")
+    horizontal_flip: bool = trajectory(True, "random horizontal flip of each view")
+    color_jitter_strength: float = trajectory(0.4, "brightness/contrast/saturation magnitude, hue = strength/4; 0 "
                                                 "disables")
-    color_jitter_prob: float = setting(0.8, "probability of colour jitter per view")
-    grayscale_prob: float = setting(0.2, "probability of converting a view to grayscale")
-    loader: str = setting("ffcv", "ffcv | torchvision (reads the source directly; the fallback without FFCV)")
-    loader_threads: int = setting(1, "per training worker: FFCV pipeline threads, or torchvision DataLoader processes")
-    ffcv_views: str = setting("decode_once", "decode_once (one decode, seeded crops, bilinear) | two_pipelines "
+    color_jitter_prob: float = trajectory(0.8, "probability of colour jitter per view")
+    grayscale_prob: float = trajectory(0.2, "probability of converting a view to grayscale")
+    loader: str = trajectory("ffcv", "ffcv | torchvision (reads the source directly; the fallback without FFCV)")
+    loader_threads: int = operational(1, "per training worker: FFCV pipeline threads, or torchvision DataLoader "
+                                         "processes")
+    ffcv_views: str = trajectory("decode_once", "decode_once (one decode, seeded crops, bilinear) | two_pipelines "
                                              "(FFCV's own: two decodes, unseeded crops, area resize)")
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = setting("small_cnn", "small_cnn | resnet18 | resnet50 | ...")
-    cifar_stem: bool = setting(True, "3x3 stride-1 first conv and no max-pool (ResNets only)")
-    width: int = setting(64, "channels of small_cnn's first block")
-    head_hidden_dim: int = setting(512, "hidden width of the projection head")
-    head_batchnorm: bool = setting(True, "ours: BatchNorm after the head's first layer; the references: "
+    encoder: str = trajectory("small_cnn", "small_cnn | resnet18 | resnet50 | ...")
+    cifar_stem: bool = trajectory(True, "3x3 stride-1 first conv and no max-pool (ResNets only)")
+    width: int = trajectory(64, "channels of small_cnn's first block")
+    head_hidden_dim: int = trajectory(512, "hidden width of the projection head")
+    head_batchnorm: bool = trajectory(True, "ours: BatchNorm after the head's first layer; the references: "
                                          "Linear-ReLU-Linear")
-    embedding_dim: int = setting(128, "output dimension of the projection head (the contrastive embedding)")
-    compile: bool = setting(False, "torch.compile the model")
+    embedding_dim: int = trajectory(128, "output dimension of the projection head (the contrastive embedding)")
+    compile: bool = operational(False, "torch.compile the model")
 
 
 @dataclass
 class ScheduleConfig:
     """How VarCon's tau1 and eps change over training (see ``pipeline.schedules``)."""
 
-    kind: str = setting("constant", "constant | linear | cosine | step | piecewise")
-    tau1_end: float | None = setting(None, "linear/cosine/step: the last epoch's tau1 (default: loss.tau1)")
-    eps_end: float | None = setting(None, "linear/cosine/step: the last epoch's eps (default: loss.eps)")
-    steps: int = setting(4, "step: equal phases, each at one value")
-    epochs: list[int] = setting(factory=list, help="piecewise: the epoch at which each value starts (first: 1)")
-    tau1_values: list[float] = setting(factory=list, help="piecewise: tau1 from each of those epochs on")
-    eps_values: list[float] = setting(factory=list, help="piecewise: eps from each of those epochs on")
+    kind: str = trajectory("constant", "constant | linear | cosine | step | piecewise")
+    tau1_end: float | None = trajectory(None, "linear/cosine/step: the last epoch's tau1 (default: loss.tau1)")
+    eps_end: float | None = trajectory(None, "linear/cosine/step: the last epoch's eps (default: loss.eps)")
+    steps: int = trajectory(4, "step: equal phases, each at one value")
+    epochs: list[int] = trajectory(factory=list, help="piecewise: the epoch at which each value starts (first: 1)")
+    tau1_values: list[float] = trajectory(factory=list, help="piecewise: tau1 from each of those epochs on")
+    eps_values: list[float] = trajectory(factory=list, help="piecewise: eps from each of those epochs on")
 
 
 @dataclass
 class LossConfig:
-    name: str = setting("varcon", "varcon | supcon | cross_entropy")
-    tau1: float = setting(0.1, "the first epoch's tau1 (all epochs' under the constant schedule)")
-    eps: float = setting(0.02, "the first epoch's dispersion range eps (0 <= eps < tau1): tau2 lies in [tau1 - eps, "
+    name: str = trajectory("varcon", "varcon | supcon | cross_entropy")
+    tau1: float = trajectory(0.1, "the first epoch's tau1 (all epochs' under the constant schedule)")
+    eps: float = trajectory(0.02, "the first epoch's dispersion range eps (0 <= eps < tau1): tau2 lies in [tau1 - eps, "
                                "tau1 + eps]")
     schedule: ScheduleConfig = setting(factory=ScheduleConfig, help="temperature schedule of tau1 and eps")
-    detach_target: bool = setting(False, "VarCon: stop the gradient through the confidence-adaptive target")
-    supcon_temperature: float = setting(0.1, "SupCon: temperature")
-    supcon_base_temperature: float = setting(0.07, "SupCon: base temperature (the loss is scaled by temperature / "
+    detach_target: bool = trajectory(False, "VarCon: stop the gradient through the confidence-adaptive target")
+    supcon_temperature: float = trajectory(0.1, "SupCon: temperature")
+    supcon_base_temperature: float = trajectory(0.07, "SupCon: base temperature (the loss is scaled by temperature / "
                                                    "base_temperature)")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = setting(10, "training epochs")
-    global_batch_size: int = setting(256, "images per step summed over all workers (each image gives two views)")
-    lr: float = setting(0.5, "learning rate for the global batch, used as is (never rescaled)")
-    momentum: float = setting(0.9, "SGD (or LARS) momentum")
-    weight_decay: float = setting(1e-4, "weight decay (weights only unless decay_norm_and_bias)")
-    warmup_epochs: int = setting(1, "epochs of linear learning-rate warm-up before the cosine schedule")
-    warmup_start_lr: float = setting(0.0, "absolute lr of the first warm-up step, then linear to the schedule's value"
+    epochs: int = trajectory(10, "training epochs")
+    global_batch_size: int = trajectory(256, "images per step summed over all workers (each image gives two views)")
+    lr: float = trajectory(0.5, "learning rate for the global batch, used as is (never rescaled)")
+    momentum: float = trajectory(0.9, "SGD (or LARS) momentum")
+    weight_decay: float = trajectory(1e-4, "weight decay (weights only unless decay_norm_and_bias)")
+    warmup_epochs: int = trajectory(1, "epochs of linear learning-rate warm-up before the cosine schedule")
+    warmup_start_lr: float = trajectory(0.0, "absolute lr of the first warm-up step, then linear to the schedule's "
+                                             "value"
                                           " at the end of warm-up (the references); 0 = ours: lr * (step + 1) / "
                                           "warm-up steps")
-    min_lr_ratio: float = setting(0.0, "cosine floor as a share of lr (the references: 1e-3)")
-    cosine_per: str = setting("step", "step (ours) | epoch (the references step the cosine once per epoch)")
-    decay_norm_and_bias: bool = setting(False, "also decay biases and norm weights (the references decay every "
+    min_lr_ratio: float = trajectory(0.0, "cosine floor as a share of lr (the references: 1e-3)")
+    cosine_per: str = trajectory("step", "step (ours) | epoch (the references step the cosine once per epoch)")
+    decay_norm_and_bias: bool = trajectory(False, "also decay biases and norm weights (the references decay every "
                                                "parameter)")
-    optimizer: str = setting("sgd", "sgd | lars (timm's LARS, for very large batches)")
-    precision: str = setting("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
+    optimizer: str = trajectory("sgd", "sgd | lars (timm's LARS, for very large batches)")
+    precision: str = trajectory("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
 
 
 @dataclass
 class EvalConfig:
-    knn_k: list[int] = setting(factory=lambda: [20, 200], help="k of the weighted kNN classifiers (one metric per k)")
-    knn_temperature: float = setting(0.1, "temperature of the weighted kNN vote")
-    every_epochs: int = setting(1, "validation kNN monitor frequency (needs data.val_fraction > 0)")
-    at_epochs: list[int] = setting(factory=list, help="the monitor's epochs instead of every_epochs (sweeps: the "
+    knn_k: list[int] = operational(factory=lambda: [20, 200], help="k of the weighted kNN classifiers (one metric per "
+                                                                   "k)")
+    knn_temperature: float = operational(0.1, "temperature of the weighted kNN vote")
+    every_epochs: int = operational(1, "validation kNN monitor frequency (needs data.val_fraction > 0)")
+    at_epochs: list[int] = operational(factory=list, help="the monitor's epochs instead of every_epochs (sweeps: the "
                                                       "scheduler's rungs); the last epoch is always evaluated")
-    initial_fraction: float = setting(1.0, "epoch-0 monitor on this seeded share of bank and validation; 0 = none")
-    test_every_epochs: int = setting(0, "a test kNN curve every n epochs (never selects); 0 = the test split at the "
+    initial_fraction: float = operational(1.0, "epoch-0 monitor on this seeded share of bank and validation; 0 = none")
+    test_every_epochs: int = operational(0, "a test kNN curve every n epochs (never selects); 0 = the test split at "
+                                            "the "
                                         "end only")
-    probe: str = setting("features", "final linear probe: features (standardised frozen features) | reference (frozen"
+    probe: str = operational("features", "final linear probe: features (standardised frozen features) | reference "
+                                         "(frozen"
                                      " encoder, training crops, the papers' SGD schedule) | both")
-    linear_probe_epochs: int = setting(100, "the features probe's epochs; 0 skips it")
-    reference_probe_epochs: int = setting(100, "the reference probe: epochs (lr x0.2 at 60%, 75%, 90% of them)")
-    reference_probe_batch_per_worker: int = setting(128, "the reference probe's images per worker per step; the "
+    linear_probe_epochs: int = operational(100, "the features probe's epochs; 0 skips it")
+    reference_probe_epochs: int = operational(100, "the reference probe: epochs (lr x0.2 at 60%, 75%, 90% of them)")
+    reference_probe_batch_per_worker: int = operational(128, "the reference probe's images per worker per step; the "
                                                          "global batch is this x ray.num_workers (the reference: 128 "
                                                          "x 8 GPUs = 1,024), logged as refprobe_global_batch")
-    reference_probe_lr: float = setting(5.0, "the reference probe's lr at reference_probe_lr_batch images per step "
+    reference_probe_lr: float = operational(5.0, "the reference probe's lr at reference_probe_lr_batch images per step "
                                              "(the reference: 5.0 at 1,024); the run uses it x global batch / "
                                              "reference_probe_lr_batch, logged as refprobe_lr")
-    reference_probe_lr_batch: int = setting(1024, "the global batch that reference_probe_lr is given for")
-    few_shot_episodes: int = setting(200, "final 5-way 1-/5-shot nearest-class-mean episodes; 0 skips them")
+    reference_probe_lr_batch: int = operational(1024, "the global batch that reference_probe_lr is given for")
+    few_shot_episodes: int = operational(200, "final 5-way 1-/5-shot nearest-class-mean episodes; 0 skips them")
 
 
 @dataclass
 class RayConfig:
-    num_workers: int = setting(2, "Ray Train workers (DDP processes, one GPU each with use_gpu)")
-    use_gpu: bool = setting(False, "train on GPUs (one per worker)")
-    cpus_per_worker: float = setting(1.0, "CPUs each worker reserves (also its torch threads)")
-    storage_path: str = setting(".cache/ray_results", "Ray Train run storage (checkpoints); shared on a cluster")
-    run_name: str = setting("", "the run key by hand; default <name>-<digest of the trajectory settings> "
+    num_workers: int = trajectory(2, "Ray Train workers (DDP processes, one GPU each with use_gpu)")
+    use_gpu: bool = trajectory(False, "train on GPUs (one per worker)")
+    cpus_per_worker: float = operational(1.0, "CPUs each worker reserves (also its torch threads)")
+    storage_path: str = operational(".cache/ray_results", "Ray Train run storage (checkpoints); shared on a cluster")
+    run_name: str = operational("", "the run key by hand; default <name>-<digest of the trajectory settings> "
                                 "(pipeline.identity)")
-    max_failures: int = setting(2, "worker-group restarts from the last checkpoint before the run fails")
-    checkpoint_every: int = setting(1, "epochs between checkpoints (the last epoch is always checkpointed)")
-    checkpoint_upload: str = setting("sync", "sync | async: Ray uploads the checkpoint in the background while "
+    max_failures: int = operational(2, "worker-group restarts from the last checkpoint before the run fails")
+    checkpoint_every: int = operational(1, "epochs between checkpoints (the last epoch is always checkpointed)")
+    checkpoint_upload: str = operational("sync", "sync | async: Ray uploads the checkpoint in the background while "
                                              "training goes on (Ray Train's CheckpointUploadMode.ASYNC; worth it for "
                                              "bucket storage)")
-    placement_strategy: str = setting("PACK", "PACK | SPREAD | STRICT_SPREAD (one worker per node)")
-    resource_wait_s: float = setting(600.0, "on a running cluster: how long to wait for the autoscaler to add the "
+    placement_strategy: str = operational("PACK", "PACK | SPREAD | STRICT_SPREAD (one worker per node)")
+    resource_wait_s: float = operational(600.0, "on a running cluster: how long to wait for the autoscaler to add the "
                                             "CPUs/GPUs a run needs before failing (a local instance fails at once)")
-    autoscaler_config: str = setting("~/ray_bootstrap_config.yaml", "the cluster's autoscaler config (where `ray up` "
+    autoscaler_config: str = operational("~/ray_bootstrap_config.yaml", "the cluster's autoscaler config (where `ray "
+                                                                        "up` "
                                                                     "puts it on the head): what exceeds its node "
                                                                     "types x max_workers is refused at once; absent: "
                                                                     "not checked")
@@ -197,22 +227,23 @@ class RayConfig:
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = setting("", "default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/.cache/mlflow/mlflow.db")
-    experiment: str = setting("varcon", "MLflow experiment name")
-    log_checkpoints: bool = setting(True, "log the final and best full checkpoints (state.pt) as run artifacts")
-    registered_model_name: str = setting("", "register the final encoder in the Model Registry under this name")
-    system_metrics: str = setting("auto", "always | never | auto (GPU training only): CPU/memory/GPU utilisation "
+    tracking_uri: str = operational("", "default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/.cache/mlflow/mlflow.db")
+    experiment: str = operational("varcon", "MLflow experiment name")
+    log_checkpoints: bool = operational(True, "log the final and best full checkpoints (state.pt) as run artifacts")
+    registered_model_name: str = operational("", "register the final encoder in the Model Registry under this name")
+    system_metrics: str = operational("auto", "always | never | auto (GPU training only): CPU/memory/GPU utilisation "
                                           "of every node in the run's System metrics tab (MLflow's monitor)")
-    system_metrics_interval_s: float = setting(10.0, "seconds between system-metric samples")
-    outage_wait_s: float = setting(120.0, "at the end of a run, keep trying an unreachable store this long; then what"
+    system_metrics_interval_s: float = operational(10.0, "seconds between system-metric samples")
+    outage_wait_s: float = operational(120.0, "at the end of a run, keep trying an unreachable store this long; then "
+                                              "what"
                                           " it did not take stays in the final checkpoint and the same command sends "
                                           "it later")
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = setting("digits-varcon", "run name: the Ray Train run key's prefix and the MLflow run name")
-    seed: int = setting(0, "seed of the model, loader and augmentation RNGs")
+    name: str = trajectory("digits-varcon", "run name: the Ray Train run key's prefix and the MLflow run name")
+    seed: int = trajectory(0, "seed of the model, loader and augmentation RNGs")
     data: DataConfig = setting(factory=DataConfig, help="data section")
     model: ModelConfig = setting(factory=ModelConfig, help="model section")
     loss: LossConfig = setting(factory=LossConfig, help="loss section")

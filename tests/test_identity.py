@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from pipeline import identity
-from pipeline.config import ExperimentConfig, flatten, load_config
+from pipeline.config import IDENTITY_CLASSES, ExperimentConfig, flatten, load_config, setting
 
 
 def schema_keys(cls=ExperimentConfig, prefix=""):
@@ -18,12 +18,24 @@ def schema_keys(cls=ExperimentConfig, prefix=""):
             yield f"{prefix}{f.name}"
 
 
-def test_every_config_key_is_classified_exactly_once():
+def test_every_config_key_declares_one_identity_class_in_the_schema():
     keys = set(schema_keys())
     assert keys == set(flatten(load_config()))
+    assert set(identity.CLASSES) == keys
+    unclassified = {key for key, kind in identity.CLASSES.items() if kind not in IDENTITY_CLASSES}
+    assert not unclassified, unclassified
     groups = (identity.TRAJECTORY, identity.OPERATIONAL, identity.STORED_DATA_KEYS)
-    assert set().union(*groups) == keys
-    assert sum(len(g) for g in groups) == len(keys), "a key is in two groups"
+    assert set().union(*groups) == keys and sum(len(g) for g in groups) == len(keys)
+
+
+def test_a_key_without_an_identity_class_is_refused():
+    @dataclasses.dataclass
+    class Undecided:
+        knob: int = setting(1, "a new key nobody classified")
+
+    assert identity.identity_classes(Undecided) == {"knob": ""}
+    with pytest.raises(TypeError, match="is not one of"):
+        setting(1, "a key", identity="sometimes")
 
 
 @pytest.mark.parametrize("change", ["ray.max_failures=5", "ray.resource_wait_s=1", "tracking.outage_wait_s=3",
