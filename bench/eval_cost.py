@@ -306,7 +306,7 @@ def measure(device_name: str, smoke: bool, out: Path) -> None:
 
     import torch
 
-    from pipeline import evaluation
+    from pipeline import evaluation, probes
     from pipeline.config import load_config
     from pipeline.data.augment import ColorAugment
     from pipeline.engine import autocast_dtype
@@ -345,7 +345,7 @@ def measure(device_name: str, smoke: bool, out: Path) -> None:
             two_view = [(v, v, y, i) for v, y, i in batches(steps, batch)]
 
             def probe(data=two_view, graph=graph, epochs=1) -> None:
-                evaluation.reference_probe(encoder.features, data, preprocess, device, amp, held, CLASSES,
+                probes.reference_probe(encoder.features, data, preprocess, device, amp, held, CLASSES,
                                            epochs=epochs, lr=5.0, cuda_graph=graph)
 
             # 3 epochs - 1 epoch: steps without the set-up (the layer, the graph's capture, the final read)
@@ -353,7 +353,7 @@ def measure(device_name: str, smoke: bool, out: Path) -> None:
             result["reference_probe_ms_per_step"].setdefault(mode, {})[str(batch)] = 1e3 * per_step
             result["reference_probe_syncs_per_call"].setdefault(mode, {})[str(batch)] = _syncs(device, probe)
     check = [(v, v, y, i) for v, y, i in batches(6, 8)]  # the graphed forward trains the eager forward's layer
-    layers = [evaluation.fit_reference_probe(encoder.features, check, preprocess, device, amp, FEATURE_DIM, CLASSES,
+    layers = [probes.fit_reference_probe(encoder.features, check, preprocess, device, amp, FEATURE_DIM, CLASSES,
                                              epochs=2, lr=5.0, cuda_graph=graph) for graph in (False, True)]
     result["cuda_graph_vs_eager_max_abs_weight_diff"] = (layers[0].weight - layers[1].weight).abs().max().item()
     rows = 4096 if smoke else IMAGENET_TRAIN - round(0.01 * IMAGENET_TRAIN)
@@ -362,7 +362,7 @@ def measure(device_name: str, smoke: bool, out: Path) -> None:
     train = evaluation.Shard.whole(feats, labels)
 
     def fit(epochs: int):  # 1 and 3 epochs: the difference is 2 epochs of steps without the set-up
-        return _timed(device, lambda: evaluation.fit_features_probe(train, CLASSES, epochs=epochs, batch_size=256))
+        return _timed(device, lambda: probes.fit_features_probe(train, CLASSES, epochs=epochs, batch_size=256))
 
     after = 1e3 * (fit(3) - fit(1)) / (2 * math.ceil(rows / 256))
     steps = 20 if smoke else 3000
@@ -370,7 +370,7 @@ def measure(device_name: str, smoke: bool, out: Path) -> None:
     result["features_probe_ms_per_step"] = {"before": 1e3 * seconds / steps, "after": after}
     result["features_probe_syncs"] = {
         "before_per_step": _syncs(device, lambda: _old_features_probe_steps(feats, labels, 100, 8)) / 100,
-        "after_per_call": _syncs(device, lambda: evaluation.fit_features_probe(train, CLASSES, epochs=1))}
+        "after_per_call": _syncs(device, lambda: probes.fit_features_probe(train, CLASSES, epochs=1))}
     result["features_probe_note"] = ("after: fit_features_probe on the 1.27 M x 2048 bank at batch 256, per step "
                                      "(3 epochs - 1 epoch); before: the old loop at 8 per step with its host "
                                      "sync, no network")

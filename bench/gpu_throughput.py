@@ -20,7 +20,7 @@ under the config's precision (bf16 autocast on GPU), channels-last. Per case:
 - colour augmentation ms per view: normalisation alone, the masked version this replaced, the eager and the
   compiled one (``bench/augment.py``; the smoke leaves out the compiled one, which ``tests/test_augment.py`` covers).
 - feature extraction images/s (``evaluation.extract_features``, eval batch 512) and the reference probe's step at
-  its per-GPU batch (``evaluation.reference_probe``: frozen forward + linear step), with their host syncs.
+  its per-GPU batch (``probes.reference_probe``: frozen forward + linear step), with their host syncs.
 Writes ``gpu_throughput.json`` and ``gpu_throughput.md`` under ``--out`` (default ``$OUT`` or the working folder).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from bench import augment as augment_bench
-from pipeline import checkpoint, engine, evaluation
+from pipeline import checkpoint, engine, evaluation, probes
 from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
 from pipeline.losses import build_loss
@@ -196,7 +196,7 @@ def feature_extraction(parts: Parts, size: int, classes: int, batches: int, batc
 
 
 def reference_probe_step(parts: Parts, size: int, classes: int, steps: int) -> dict:
-    """ms per step and images/s of ``evaluation.reference_probe`` (one epoch of ``steps`` steps at the config's
+    """ms per step and images/s of ``probes.reference_probe`` (one epoch of ``steps`` steps at the config's
     per-GPU probe batch; the epoch's evaluation is on 64 samples), and its host syncs per step."""
     e, device, encoder = parts.config.eval, parts.device, unwrap(parts.model)
     batch = e.reference_probe_batch_per_worker
@@ -207,7 +207,7 @@ def reference_probe_step(parts: Parts, size: int, classes: int, steps: int) -> d
     encoder.eval()
 
     def probe(batches) -> None:
-        evaluation.reference_probe(encoder.features, batches, parts.preprocess, device, parts.amp, held, classes,
+        probes.reference_probe(encoder.features, batches, parts.preprocess, device, parts.amp, held, classes,
                                    epochs=1, lr=e.reference_probe_lr)
 
     probe(data[:2])

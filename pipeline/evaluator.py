@@ -19,19 +19,9 @@ from pipeline import distributed
 from pipeline.data.loaders import eval_loaders, train_loader
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.splits import SplitIndices
-from pipeline.evaluation import (
-    Shard,
-    accuracy,
-    dispersion,
-    extract_features,
-    few_shot_ncm,
-    knn_neighbours,
-    knn_vote,
-    linear_probe,
-    reference_probe,
-    reference_probe_lr,
-)
+from pipeline.evaluation import Shard, accuracy, dispersion, extract_features, few_shot_ncm, knn_neighbours, knn_vote
 from pipeline.models import unwrap
+from pipeline.probes import linear_probe, reference_probe, reference_probe_lr
 
 
 @contextmanager

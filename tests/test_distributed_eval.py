@@ -18,17 +18,10 @@ import torch.nn.functional as F
 from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
 from pipeline.data.prepare import dataset_splits
-from pipeline.evaluation import (
-    Shard,
-    fit_features_probe,
-    fit_reference_probe,
-    knn_neighbours,
-    knn_vote,
-    linear_probe,
-    reference_probe,
-)
+from pipeline.evaluation import Shard, knn_neighbours, knn_vote
 from pipeline.evaluator import Evaluator
 from pipeline.models import build_model
+from pipeline.probes import fit_features_probe, fit_reference_probe, linear_probe, reference_probe
 
 WORLD = 2
 PROBE_TOLERANCE = 0.03  # top-1 of the features probe through the evaluator (the same layer, to float rounding)

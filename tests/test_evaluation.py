@@ -5,18 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation import (
-    Shard,
-    _probe_layer,
-    dispersion,
-    few_shot_ncm,
-    fit_features_probe,
-    knn_neighbours,
-    knn_predict,
-    linear_probe,
-    reference_probe,
-    reference_probe_lr,
-)
+from pipeline.evaluation import Shard, dispersion, few_shot_ncm, knn_neighbours, knn_predict
+from pipeline.probes import _probe_layer, fit_features_probe, linear_probe, reference_probe, reference_probe_lr
 
 
 def clustered(n_per_class=30, classes=6, dim=16, noise=0.2, seed=0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from pipeline import engine, evaluation
+from pipeline import engine, evaluation, probes
 from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
 from pipeline.data.transfer import to_device
@@ -119,7 +119,7 @@ def test_feature_extraction_and_the_reference_probe_make_no_blocking_copy(small)
         shard = evaluation.extract_features(model.features, Recorded([(v, y, i) for v, _, y, i in batches], copies),
                                             24, preprocess, CPU)
         copies.recording = False
-        evaluation.reference_probe(model.features, Recorded(batches, copies), preprocess, CPU, None, {"val": shard},
+        probes.reference_probe(model.features, Recorded(batches, copies), preprocess, CPU, None, {"val": shard},
                                    10, epochs=2, lr=0.1)
         copies.recording = False
     assert not copies.found, f"blocking host-to-device copies in an evaluation loop: {copies.found}"
@@ -131,6 +131,6 @@ def test_the_features_probe_makes_no_blocking_copy():
     copies = BlockingCopies()
     with copies:
         copies.recording = True
-        evaluation.linear_probe(shard, {"val": shard}, 4, epochs=2, batch_size=16)
+        probes.linear_probe(shard, {"val": shard}, 4, epochs=2, batch_size=16)
         copies.recording = False
     assert not copies.found, f"blocking host-to-device copies in the features probe: {copies.found}"

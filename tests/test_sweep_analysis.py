@@ -6,8 +6,8 @@ import random
 from pipeline.record import RunRecord
 from pipeline.run_status import COMPLETED
 from tune.analysis import importance, write_analysis
+from tune.results import TrialRow
 from tune.spec import load_sweep
-from tune.sweep import TrialRow
 
 
 def synthetic_trials(spec, count=40, seed=0):

@@ -9,10 +9,8 @@ scheduler, diverged, errored), writes a table of trials, ``<output_dir>/<name>/b
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
-import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,35 +39,21 @@ from pipeline.train_job import (
 )
 from tune import analysis, space
 from tune.discovered import as_piecewise, lineage_schedule
+from tune.results import (
+    Compared,
+    TrialRow,
+    best_trial,
+    compare,
+    comparison_metrics,
+    comparison_table,
+    print_trial_table,
+    write_comparison_csv,
+    write_trials_csv,
+)
 from tune.spec import REPLICATE, SweepSpec
 from tune.trainables import kept_records, population_trial, records_folder, train_trial
 
 DRIVER_MEMORY = 512 * 1024**2  # bytes a trial's Ray Train driver process reserves when it takes no CPU
-
-
-@dataclass
-class TrialRow:
-    trial_id: str
-    sampled: dict  # the space's values, and the replicate (``REPLICATE``) under tune.seeds
-    epochs: int
-    metric: float
-    status: RunStatus
-    run_id: str = ""
-    final: dict = field(default_factory=dict)  # the last report's metrics
-
-    @property
-    def configuration(self) -> str:
-        """The sampled values without the replicate: what the replicates of one configuration share."""
-        return ", ".join(f"{k}={SweepSpec.label(v)}" for k, v in sorted(self.sampled.items()) if k != REPLICATE)
-
-
-@dataclass
-class Compared:
-    """The replicates of one configuration: per metric (mean, sd, n) over those that completed."""
-
-    configuration: str
-    rows: list[TrialRow]
-    stats: dict[str, tuple[float, float, int]]
 
 
 @dataclass
@@ -241,17 +225,17 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
             records[trial_id] = _finish_trial(spec, result, trial_id, run.info.run_id, status, prepared)
     compared = compare(rows, comparison_metrics(spec))
     best = best_trial(compared, s.metric, s.mode)
-    _print_table(rows, s.metric, best, log)
+    print_trial_table(rows, s.metric, best, log)
     out = storage.location(s.output_dir) / s.name
     best_path, registered = None, None
     with tempfile.TemporaryDirectory(prefix="varcon-sweep-") as staged:
         staged = Path(staged)
-        _write_csv(rows, staged / "trials.csv")
+        write_trials_csv(rows, staged / "trials.csv")
         if s.seeds > 1 or s.searcher == "grid":
             table = comparison_table(compared, comparison_metrics(spec))
             log("\n" + table)
             (staged / "comparison.txt").write_text(table + "\n")
-            _write_comparison_csv(compared, comparison_metrics(spec), staged / "comparison.csv")
+            write_comparison_csv(compared, comparison_metrics(spec), staged / "comparison.csv")
         if best is not None:
             (staged / "best_config.yaml").write_text(
                 yaml.safe_dump(best_config(spec, best, records[best.trial_id]), sort_keys=False))
@@ -275,69 +259,6 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
     parent.log_metrics({f"trials_{k.replace('-', '_')}": v for k, v in counts.items()}, step=0)
     parent.end()
     return SweepOutcome(parent.run_id, rows, best, best_path, registered, compared)
-
-
-def comparison_metrics(spec: SweepSpec) -> list[str]:
-    """What the comparison reports per configuration: the selection metric, then the final validation and test
-    kNN top-1 and the probes' test top-1."""
-    k = spec.base.eval.knn_k[0]
-    return [spec.settings.metric, f"val_knn_top1_k{k}", f"test_knn_top1_k{k}", "test_probe_top1",
-            "test_refprobe_top1"]
-
-
-def compare(rows: list[TrialRow], metrics: list[str]) -> list[Compared]:
-    """Rows grouped by configuration (replicates together, first appearance order), each metric's mean, sample
-    sd (nan for one value) and count over the completed replicates that report it."""
-    groups: dict[str, list[TrialRow]] = {}
-    for row in rows:
-        groups.setdefault(row.configuration, []).append(row)
-    found = []
-    for configuration, members in groups.items():
-        stats = {}
-        for name in metrics:
-            values = [r.final[name] for r in members if r.status.completed and isinstance(r.final.get(name),
-                                                                                               (int, float))
-                      and not math.isnan(r.final[name])]
-            if values:
-                sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-                stats[name] = (statistics.fmean(values), sd, len(values))
-        found.append(Compared(configuration, members, stats))
-    return found
-
-
-def best_trial(compared: list[Compared], metric: str, mode: str) -> TrialRow | None:
-    """The best completed trial of the configuration with the best mean ``metric`` over its replicates."""
-    choose = max if mode == "max" else min
-    candidates = [c for c in compared if metric in c.stats and any(
-        r.status.completed and r.run_id and not math.isnan(r.metric) for r in c.rows)]
-    if not candidates:
-        return None
-    group = choose(candidates, key=lambda c: c.stats[metric][0])
-    return choose([r for r in group.rows if r.status.completed and r.run_id and not math.isnan(r.metric)],
-                  key=lambda r: r.metric)
-
-
-def comparison_table(compared: list[Compared], metrics: list[str]) -> str:
-    """One line per configuration: ``mean +- sd (n)`` of each metric that any configuration reports."""
-    shown = [m for m in metrics if any(m in c.stats for c in compared)]
-    lines = [["configuration", "replicates", *shown]]
-    for c in compared:
-        cells = []
-        for name in shown:
-            mean, sd, n = c.stats.get(name, (float("nan"), float("nan"), 0))
-            cells.append(f"{mean:.4f} +- {sd:.4f} ({n})" if n else "-")
-        lines.append([c.configuration, str(len(c.rows)), *cells])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def _write_comparison_csv(compared: list[Compared], metrics: list[str], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["configuration", "replicates", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd", "n"))])
-        for c in compared:
-            writer.writerow([c.configuration, len(c.rows),
-                             *(v for m in metrics for v in c.stats.get(m, (float("nan"), float("nan"), 0)))])
 
 
 def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: RunStatus, prepared: dict):
@@ -398,26 +319,3 @@ def best_config(spec: SweepSpec, best: TrialRow, record) -> dict:
         config["loss"]["schedule"] = {**config["loss"]["schedule"], **schedule}
         config["loss"]["tau1"], config["loss"]["eps"] = schedule["tau1_values"][0], schedule["eps_values"][0]
     return config
-
-
-def _print_table(rows: list[TrialRow], metric: str, best: TrialRow | None, log) -> None:
-    keys = sorted({k for r in rows for k in r.sampled})
-    header = ["trial", *("replicate" if k == REPLICATE else k for k in keys), "epochs", metric, "status"]
-    lines = [header]
-    for r in sorted(rows, key=lambda r: r.trial_id):
-        values = [SweepSpec.label(r.sampled.get(k)) for k in keys]
-        lines.append([r.trial_id + (" *" if r is best else ""), *values, str(r.epochs), f"{r.metric:.4f}",
-                      str(r.status)])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        log("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
-
-
-def _write_csv(rows: list[TrialRow], path: Path) -> None:
-    keys = sorted({k for r in rows for k in r.sampled})
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["trial_id", *keys, "epochs", "metric", "status", "mlflow_run_id"])
-        for r in rows:
-            writer.writerow([r.trial_id, *(SweepSpec.label(r.sampled.get(k)) for k in keys), r.epochs, r.metric,
-                             str(r.status), r.run_id])
