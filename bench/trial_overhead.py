@@ -213,6 +213,7 @@ GPU_FIGURES = {
                                "(staged copy, colour augmentation, bf16 ResNet-50, VarCon, SGD) at batch 1024"),
     "img_s_256": Figure(5544, f"{H200} and 4 more fresh processes: the same step at 256 images per GPU (1,024 / 4 "
                               f"GPUs, what each GPU of a trial runs): 5210, 5457, 5544, 6114, 7012 img/s, median"),
+    "torch_import_s": Figure(3.3, f"{H200}: a fresh process's `import torch`"),
     "imports_s": Figure(7.9, f"{H200}: a fresh process's `import torch` 3.3 s + `import pipeline.engine` 4.6 s "
                              f"(the first process on the machine: 10.4 s)"),
     "cuda_init_s": Figure(0.17, f"{H200}: the first CUDA tensor in a fresh process"),
@@ -251,14 +252,17 @@ TRAIN, VAL, TEST, BATCH, GPUS, EPOCHS, RUNGS = 45_000, 5_000, 10_000, 1024, 4, 1
 STATE_MIB = 213.7
 
 
-def trial_seconds(stop_epoch: int, img_s: float, compile_s: float, checkpoint_every: int) -> dict:
+def trial_seconds(stop_epoch: int, img_s: float, compile_s: float, checkpoint_every: int,
+                  light_controller: bool = False) -> dict:
     """One CIFAR-100 ASHA trial that trains ``stop_epoch`` epochs (a rung: stopped there; ``EPOCHS``: completed)."""
     g, a = {k: v.value for k, v in GPU_FIGURES.items()}, {k: v.value for k, v in ASSUMPTIONS.items()}
     steps = (TRAIN // GPUS) // (BATCH // GPUS)  # drop_last per rank
     training = stop_epoch * steps * BATCH / (GPUS * img_s)
     process = a["actor_start_s"] + g["imports_s"]
     startup = (process + a["mlflow_open_s"]  # the Tune trial's process, then its MLflow run
-               + process  # Ray Train's controller (it imports pipeline.ray_train for the callbacks)
+               # Ray Train's controller: before, it imported pipeline.ray_train (torch and the engine) for the
+               # callbacks; after, pipeline.ray_callbacks (neither), and torch only for Ray's own TorchConfig
+               + (a["actor_start_s"] + g["torch_import_s"] if light_controller else process)
                + process + g["cuda_init_s"] + a["nccl_init_s"]  # the 4 workers, side by side
                + g["model_build_s"] + a["setup_s"] + compile_s + g["first_step_s"])
     monitor_pass = (TRAIN + VAL) / GPUS / g["eval_img_s"] + g["knn_s"]
@@ -302,7 +306,7 @@ def cluster_trial(compile_s: dict[str, float] | None = None) -> None:
         for stop in share:
             cells = []
             for variant, every in (("before", 1), ("after", 10)):
-                parts = trial_seconds(stop, img_s, compile_s[variant], every)
+                parts = trial_seconds(stop, img_s, compile_s[variant], every, light_controller=variant == "after")
                 other = sum(v for k, v in parts.items() if k != "training")
                 totals[variant][0] += share[stop] * other
                 totals[variant][1] += share[stop] * parts["training"]
@@ -314,7 +318,7 @@ def cluster_trial(compile_s: dict[str, float] | None = None) -> None:
         print(f"  {'whole sweep':>13}: before {totals['before'][0] / totals['before'][1]:.2f}, after "
               f"{totals['after'][0] / totals['after'][1]:.2f} (24 trials: {share[10]:.0f} stopped at 10, "
               f"{share[30]:.1f} at 30, {share[90]:.1f} at 90, {share[EPOCHS]:.1f} completed)")
-        fixed = trial_seconds(10, img_s, compile_s["after"], 10)
+        fixed = trial_seconds(10, img_s, compile_s["after"], 10, light_controller=True)
         per_epoch = fixed["training"] / 10
         needed = (fixed["startup"] + fixed["initial"] + fixed["final"]) / 0.1
         print(f"  10% needs a trial's fixed {needed / 10:.0f} s (start-up, epoch 0, stop) over >= {needed:.0f} s of "
