@@ -1,21 +1,17 @@
 """Shared fixtures: one Ray instance per test session, isolated working directories, the prepared digits data,
 MLflow servers on loopback, injected faults.
 
-Tests that use the Ray cluster or a tracking server are marked ``cluster`` here; ``make test-fast`` runs the
-others (``-m "not cluster"``).
+Tests that start Ray or a server are marked ``cluster`` where they are written (checked at collection);
+``make test-fast`` runs the others (``-m "not cluster"``). The servers themselves are in ``services.py``.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import tempfile
-import time
-import urllib.request
 
 import pytest
+from services import MlflowServer, PostgresServer, RaySession, S3Server, TrackingService
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -27,9 +23,14 @@ CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained", "s3", "tracking_s
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.cluster)
+    """Every test that starts Ray or a server carries the ``cluster`` mark itself (a module's ``pytestmark`` or the
+    test's decorator); one that uses such a fixture without it stops the collection, so the mark cannot be
+    forgotten and is never guessed."""
+    unmarked = [item.nodeid for item in items if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("cluster") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that use the Ray cluster or a server need @pytest.mark.cluster: "
+                                + ", ".join(unmarked))
 
 
 @pytest.fixture
@@ -64,64 +65,12 @@ def digits_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one Ray instance of the test session, shared by every test that needs one: a 2-node cluster on
-    this machine (a head and a worker node, 1 CPU each), so multi-node placement is real.
-    """
-    import ray
-    from ray.cluster_utils import Cluster
-
-    with socket.socket() as sock:  # not Ray's default port, which a test's own local Ray instance may take
-        sock.bind(("127.0.0.1", 0))
-        dashboard_port = sock.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                            "dashboard_port": dashboard_port})
-    cluster.add_node(num_cpus=1)
-    # MLflow's HTTP client retries a refused connection for minutes by default; the product's own sender
-    # retries on top of it, so tests of a server outage let Ray workers fail each call at once
-    ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"env_vars": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "VARCON_FAULTS_FILE": FAULTS_FILE}})
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
-class MlflowServer:
-    """``varcon ui``'s command (``pipeline.tracking.ui_command``) serving ``store`` on a free loopback port, in
-    its own process group (``process.pid``), so that it can be killed whole, also from another process."""
-
-    def __init__(self, store: str) -> None:
-        from pipeline.tracking import ui_command
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.command = ui_command(store, self.port)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> MlflowServer:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True,
-                                        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 120
-        while True:  # the server takes a few seconds to start: poll its health endpoint
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"`{' '.join(self.command)}` did not start") from None
-                time.sleep(0.25)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:  # killed already (an outage test)
-                pass
-            self.process.wait(timeout=30)
-            self.process = None
+    """The one Ray instance of the test session, shared by every test that needs one (``services.RaySession``).
+    MLflow's HTTP client retries a refused connection for minutes by default; the product's own sender retries on
+    top of it, so tests of a server outage let Ray workers fail each call at once."""
+    session = RaySession({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "VARCON_FAULTS_FILE": FAULTS_FILE}).start()
+    yield session.cluster
+    session.stop()
 
 
 @pytest.fixture
@@ -141,8 +90,6 @@ def mlflow_server():
 @pytest.fixture(scope="session")
 def s3():
     """The session's S3-compatible server (``tests.services.S3Server``)."""
-    from services import S3Server
-
     server = S3Server().start()
     yield server
     server.stop()
@@ -152,8 +99,6 @@ def s3():
 def tracking_service(s3):
     """``mlflow server`` on a throw-away PostgreSQL with its artifacts in the S3 server's ``varcon-mlflow``
     bucket: the durable tracking service of ``cluster.yaml``, on loopback. Yields (service, database)."""
-    from services import PostgresServer, TrackingService
-
     database = PostgresServer().start()
     bucket = s3.create_bucket("varcon-mlflow")
     service = TrackingService(database.create_database("mlflow"), f"s3://{bucket}/artifacts", s3).start()

@@ -1,7 +1,9 @@
-"""Real servers on loopback for the tests of cluster storage and durable tracking, each started and stopped by
-the tests: an S3-compatible server (moto's server mode), a throw-away PostgreSQL cluster (the Debian package's
-binaries; ``initdb`` refuses root, so as the ``postgres`` user via ``runuser``), and ``mlflow server`` on
-PostgreSQL with its artifacts in the S3 server, proxied (clients need no bucket credentials).
+"""Every real server the tests use, started and stopped here on loopback, with one free-port helper (``free_port``):
+the session's 2-node Ray cluster (``RaySession``), an autoscaling Ray head on Ray's fake multi-node provider
+(``AutoscalingHead``), ``varcon ui``'s MLflow server (``MlflowServer``), an S3-compatible server (moto's server
+mode), a throw-away PostgreSQL cluster (the Debian package's binaries; ``initdb`` refuses root, so as the
+``postgres`` user via ``runuser``), and ``mlflow server`` on PostgreSQL with its artifacts in the S3 server,
+proxied (clients need no bucket credentials); and gloo process groups for the DDP tests (``spawn_ranks``).
 
 moto keeps its objects in memory. A bucket outlives any server that fronts it, so ``S3Server.restart`` keeps the
 bucket's objects across the restart (it copies every object out before stopping and back in after starting):
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,13 +22,33 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on now (the one way the tests pick a port)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def spawn_ranks(target, *args, world: int = 2) -> dict:
+    """``target(rank, port, *args, results)`` in ``world`` new processes (``torch.multiprocessing.spawn``), which
+    join one gloo group on a free loopback port (``join_group``); returns what they put in ``results``."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(target, args=(free_port(), *args, results), nprocs=world, join=True)
+    return dict(results)
+
+
+def join_group(rank: int, port: int, world: int = 2) -> None:
+    """In a process of ``spawn_ranks``: join its gloo group as ``rank``."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def wait_until(ready, what: str, process: subprocess.Popen | None = None, timeout_s: float = 120) -> None:
@@ -37,14 +60,156 @@ def wait_until(ready, what: str, process: subprocess.Popen | None = None, timeou
 
 
 def stop_group(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-    if process is None or process.poll() is not None:
+    """Stop ``process`` and what it started (its process group; a server started with ``start_new_session``)."""
+    if process is None:
         return
-    os.killpg(process.pid, sig)
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:  # the whole group is gone already (an outage test killed it)
+        pass
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+
+class RaySession:
+    """The one Ray instance of a test session: a 2-node cluster on this machine (a head and a worker node, 1 CPU
+    each, Ray's ``cluster_utils.Cluster``), so multi-node placement is real; this process is connected to it.
+    Ray workers get ``env_vars``."""
+
+    def __init__(self, env_vars: dict[str, str]) -> None:
+        self.env_vars, self.cluster = env_vars, None
+
+    def start(self) -> RaySession:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        # a dashboard port of its own: not Ray's default, which a test's own local Ray instance may take
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                                     "dashboard_port": free_port()})
+        self.cluster.add_node(num_cpus=1)
+        ray.init(address=self.cluster.address, log_to_driver=False, runtime_env={"env_vars": self.env_vars})
+        return self
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+class AutoscalingHead:
+    """A Ray head on its own port with Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``: the autoscaler
+    starts and stops real raylets here): the head offers no CPU, one worker type of 1 CPU, at most 2 such nodes,
+    none at the start. Ray's ``AutoscalingCluster`` helper reads an example config the wheel does not ship and
+    runs ``ray stop --force``, which would kill every Ray process of the test session; ``stop`` kills only this
+    cluster's own processes. ``env``: what a client of it needs (token authentication, as ``ray start`` sets up
+    the head, with this cluster's own token: a fresh machine has no ``~/.ray/auth_token``)."""
+
+    WORKER_TYPE = "cpu_1"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.config_file = Path(tempfile.mkdtemp(prefix="varcon-as-")) / "autoscaler.yaml"
+
+    def cluster_config(self) -> dict:
+        """The autoscaler's cluster config (the layout of Ray's ``fake_multi_node`` example)."""
+        return {
+            "cluster_name": "varcon-autoscaling-test",
+            "max_workers": 2,
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 0.1,  # 6 s: nodes nobody asks for go soon after the work ends
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": self.address},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                self.WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        }
+
+    def start(self) -> AutoscalingHead:
+        import yaml
+
+        self.config_file.write_text(yaml.safe_dump(self.cluster_config()))
+        ray = str(Path(sys.executable).parent / "ray")
+        subprocess.run([ray, "start", "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
+                        "--node-ip-address=127.0.0.1", f"--autoscaling-config={self.config_file}",
+                        "--disable-usage-stats"], check=True, capture_output=True,
+                       env={**self.env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"})
+        return self
+
+    def own_processes(self) -> list:
+        """The processes of this cluster: those that name the head's GCS port on their command line (the head's
+        and every node's raylet and servers), and their descendants (the agents and workers they started)."""
+        import psutil
+
+        port, found = self.port, {}
+        for process in psutil.process_iter(["cmdline"]):
+            line = " ".join(process.info["cmdline"] or [])
+            if "ray" in line and (f":{port}" in line or f"_port={port}" in line or f"--port={port}" in line):
+                if process.pid != os.getpid():
+                    found[process.pid] = process
+                    try:
+                        found.update((child.pid, child) for child in process.children(recursive=True))
+                    except psutil.NoSuchProcess:
+                        pass
+        return list(found.values())
+
+    def stop(self) -> None:
+        import psutil
+
+        processes = self.own_processes()
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=30)
+
+
+def _healthy(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    return ready
+
+
+class MlflowServer:
+    """``varcon ui``'s command (``pipeline.tracking.ui_command``) serving ``store`` on a free loopback port, in
+    its own process group (``process.pid``), so that it can be killed whole, also from another process."""
+
+    def __init__(self, store: str) -> None:
+        from pipeline.tracking import ui_command
+
+        self.port = free_port()
+        self.command = ui_command(store, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True,
+                                        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        wait_until(_healthy(self.url), f"`{' '.join(self.command)}`", self.process)
+        return self
+
+    def stop(self) -> None:
+        stop_group(self.process, signal.SIGKILL)
+        self.process = None
 
 
 class S3Server:
@@ -181,14 +346,7 @@ class TrackingService:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
 
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        wait_until(ready, f"`{' '.join(self.command)}` (log: {self.log})", self.process)
+        wait_until(_healthy(self.url), f"`{' '.join(self.command)}` (log: {self.log})", self.process)
         return self
 
     def stop(self) -> None:

@@ -4,11 +4,11 @@ The README's "Bad input" list is this table (plus test_cli.py's data cases and t
 test_tune_spec.py).
 """
 import os
-import socket
 
 import numpy as np
 import pytest
 from PIL import Image
+from services import free_port
 
 from pipeline.cli import main
 
@@ -26,12 +26,6 @@ def imagefolder(root, bad_image=False, empty=False, lonely=False):
     if bad_image:
         (root / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
     return root
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def corrupt_beton(home):
@@ -105,10 +99,10 @@ CASES = {
         ["train", "eval.probe=both", "eval.reference_probe_batch_per_worker=2048"],
         "eval.reference_probe_batch_per_worker=2048 x ray.num_workers=2 = 4096 exceeds the 1207 training samples"),
     "monitor epoch beyond training": (["train", "eval.at_epochs=[3, 16]"], "eval.at_epochs=[3, 16] must list epochs"),
-    "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"],
+    "unreachable tracking server": (lambda home: ["train", f"tracking.tracking_uri=http://127.0.0.1:{free_port()}"],
                                     "does not answer"),
     "unreachable tracking database": (
-        lambda home: ["train", f"tracking.tracking_uri=postgresql://varcon:secret@127.0.0.1:{closed_port()}/mlflow"],
+        lambda home: ["train", f"tracking.tracking_uri=postgresql://varcon:secret@127.0.0.1:{free_port()}/mlflow"],
         "the tracking database postgresql://***@127.0.0.1:"),
     "tracking URI no MLflow store uses": (["train", "tracking.tracking_uri=ftp://host/mlflow"],
                                           "has scheme ftp://, which no MLflow store uses"),
@@ -152,6 +146,7 @@ def files_under(folder):
     return {os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names}
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, varcon_home, ray_session, capsys):
     args, fragment = CASES[case]

@@ -2,6 +2,7 @@
 import re
 
 import pytest
+from services import free_port
 
 from pipeline.cli import main
 
@@ -56,11 +57,8 @@ def test_prepare_repairs_what_train_refused(varcon_home, capsys):
 
 
 def test_unreachable_tracking_server_fails_fast_before_any_work(varcon_home, capsys, monkeypatch):
-    import socket
 
-    with socket.socket() as sock:  # a loopback port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     assert main(["train"]) == 2
     err = capsys.readouterr().err

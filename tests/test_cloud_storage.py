@@ -17,6 +17,7 @@ def steps(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.cluster
 def test_a_two_worker_training_in_a_bucket_survives_a_failure_and_eval_reads_it_back(
         varcon_home, s3, inject_faults, monkeypatch, capsys):
     bucket = s3.create_bucket("varcon-train-runs")
@@ -62,6 +63,7 @@ def test_a_two_worker_training_in_a_bucket_survives_a_failure_and_eval_reads_it_
     assert float(metrics["test_knn_top1_k20"]) == pytest.approx(run.data.metrics["test_knn_top1_k20"], abs=0.01)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("uri, fragment", [
     ("s3://varcon-no-such-bucket/runs", "bucket varcon-no-such-bucket does not exist"),
     ("nosuchscheme://bucket/runs", "cannot be opened"),
@@ -76,6 +78,7 @@ def test_storage_that_cannot_be_used_is_refused_before_ray_starts(varcon_home, s
     assert not (varcon_home / ".cache").exists()  # nothing prepared, no store created
 
 
+@pytest.mark.cluster
 def test_an_unreachable_storage_service_names_the_fix(s3, monkeypatch):
     bucket = s3.create_bucket("varcon-locked")
     for name, value in s3.env.items():

@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from services import join_group, spawn_ranks
 
 from pipeline.config import DataConfig, load_config
 from pipeline.data import DataError, dataset_folder, prepare_dataset, verify_beton
@@ -289,8 +289,7 @@ def test_evaluation_batches_can_be_kept_across_a_whole_pass(digits_files, loader
 
 
 def _shard_rank(rank, port, path, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group(rank, port, 2)
     try:
         loader = TwoViewLoader(path, 16, 32, 0.5, False, distributed=True, seed=3)
         results[rank] = [torch.cat([b[3] for b in loader]).tolist() for _ in range(2)]  # two epochs
@@ -301,11 +300,7 @@ def _shard_rank(rank, port, path, results):
 def test_two_ranks_read_disjoint_shards_covering_the_data(tmp_path):
     config = data_config(dataset="synthetic", train_samples=128, test_samples=8)
     files = prepare_dataset(config, tmp_path, log=lambda *_: None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_shard_rank, args=(port, files.train, results), nprocs=2, join=True)
+    results = spawn_ranks(_shard_rank, files.train, world=2)
     for epoch in range(2):
         rank0, rank1 = results[0][epoch], results[1][epoch]
         assert len(rank0) == len(rank1) == 64 and not set(rank0) & set(rank1)

@@ -4,14 +4,12 @@ Two DDP ranks, each holding half of a global batch, gather embeddings and labels
 back-propagate ``world_size * loss``: the parameter gradients must equal those of one process computing the
 same loss over the concatenated batch.
 """
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from services import join_group, spawn_ranks
 
 from pipeline import distributed
 from pipeline.losses import SupConLoss, VarConLoss
@@ -44,8 +42,7 @@ def single_process_gradient(loss_name: str) -> torch.Tensor:
 
 
 def _rank_main(rank: int, port: int, loss_name: str, scale_loss: bool, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         x, labels = global_batch()
         local = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
@@ -63,11 +60,7 @@ def _rank_main(rank: int, port: int, loss_name: str, scale_loss: bool, results) 
 
 
 def ddp_gradients(loss_name: str, scale_loss: bool) -> list[torch.Tensor]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(port, loss_name, scale_loss, results), nprocs=WORLD, join=True)
+    results = spawn_ranks(_rank_main, loss_name, scale_loss, world=WORLD)
     return [results[r] for r in range(WORLD)]
 
 
@@ -96,8 +89,7 @@ def _global_batch_rank(rank: int, port: int, files, results) -> None:
     from pipeline import engine
     from pipeline.config import load_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         config = load_config(None, ["optim.global_batch_size=128", "ray.num_workers=2"])
         training = engine.build_training(config, files, torch.device("cpu"))
@@ -111,11 +103,7 @@ def _global_batch_rank(rank: int, port: int, files, results) -> None:
 
 
 def test_two_workers_split_the_global_batch(digits_files):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_global_batch_rank, args=(port, digits_files, results), nprocs=WORLD, join=True)
+    results = spawn_ranks(_global_batch_rank, digits_files, world=WORLD)
     for rank in range(WORLD):
         local_batch, steps, _ = results[rank]
         assert local_batch * WORLD == 128  # the global batch stays what the config says
@@ -125,8 +113,7 @@ def test_two_workers_split_the_global_batch(digits_files):
 
 
 def _buffers_rank(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(
@@ -142,11 +129,7 @@ def _buffers_rank(rank: int, port: int, results) -> None:
 def test_after_a_ddp_step_ranks_hold_their_own_batchnorm_statistics_until_rank_0_s_are_broadcast():
     """DDP broadcasts rank 0's buffers at the start of a training forward; the forward then updates each rank's
     running statistics with its own batch. Evaluation and the checkpoint must see one encoder: rank 0's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_buffers_rank, args=(port, results), nprocs=WORLD, join=True)
+    results = spawn_ranks(_buffers_rank, world=WORLD)
     (trained0, synced0), (trained1, synced1) = results[0], results[1]
     assert not torch.equal(trained0[0], trained1[0])  # running_mean: each rank's own batch
     for rank0, synced_0, synced_1 in zip(trained0, synced0, synced1):

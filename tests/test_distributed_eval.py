@@ -5,15 +5,13 @@ the single-process layer on every rank (to float rounding; through the whole eva
 ``PROBE_TOLERANCE``); the reference probe of 2 ranks x b images per step is that of one process with 2b; no rank
 holds more than its shard of what it extracts.
 """
-import os
-import socket
 from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from services import join_group, spawn_ranks
 
 from pipeline.config import load_config
 from pipeline.data.augment import ColorAugment
@@ -27,20 +25,6 @@ WORLD = 2
 PROBE_TOLERANCE = 0.03  # top-1 of the features probe through the evaluator (the same layer, to float rounding)
 EVAL_OVERRIDES = ["ray.num_workers=2", "eval.linear_probe_epochs=30", "eval.few_shot_episodes=20", "eval.probe=both",
                   "eval.reference_probe_epochs=1", "eval.reference_probe_batch_per_worker=64"]
-
-
-def spawn(target, *args) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(target, args=(port, *args, results), nprocs=WORLD, join=True)
-    return dict(results)
-
-
-def join(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
 
 def features(n: int, seed: int, tied: bool):
@@ -61,7 +45,7 @@ def shard_of(feats, labels, rank: int) -> Shard:
 
 
 def _knn_rank(rank, port, tied, results):
-    join(rank, port)
+    join_group(rank, port, WORLD)
     try:
         bank_feats, bank_labels = features(101, 0, tied)  # odd sizes: the shards differ by one
         query_feats, query_labels = features(37, 1, tied)
@@ -79,7 +63,7 @@ def test_sharded_knn_equals_one_process_on_the_same_features():
         sims, labels = knn_neighbours(Shard.whole(query_feats, query_labels), Shard.whole(bank_feats, bank_labels),
                                       k=9, chunk_size=5)
         predicted = knn_vote(sims, labels, 0.1, 5)
-        for index, rank_sims, rank_labels, rank_predicted in spawn(_knn_rank, tied).values():
+        for index, rank_sims, rank_labels, rank_predicted in spawn_ranks(_knn_rank, tied, world=WORLD).values():
             assert torch.equal(rank_labels, labels[index]), f"tied={tied}"  # the same neighbours, in order
             torch.testing.assert_close(rank_sims, sims[index], rtol=0, atol=1e-6)
             assert torch.equal(rank_predicted, predicted[index])
@@ -97,7 +81,7 @@ def evaluate(files, rank_world: int):
 
 
 def _evaluator_rank(rank, port, files, results):
-    join(rank, port)
+    join_group(rank, port, WORLD)
     try:
         results[rank] = evaluate(files, WORLD)
     finally:
@@ -108,7 +92,7 @@ def test_two_ranks_evaluate_like_one_process(digits_files):
     single, single_final, _ = evaluate(digits_files, 1)
     split = dataset_splits(load_config().data, digits_files)
     sizes = {"bank": len(split.bank), "val": len(split.val), "test": digits_files.num_test}
-    ranks = spawn(_evaluator_rank, digits_files)
+    ranks = spawn_ranks(_evaluator_rank, digits_files, world=WORLD)
     for rank, (metrics, final, held) in ranks.items():
         # each rank held its own shard only: ceil or floor of a half of each split
         assert held == {name: len(range(rank, n, WORLD)) for name, n in sizes.items()}
@@ -187,7 +171,7 @@ def both_probes(train: Shard, held: Shard, batches: list) -> dict:
 
 
 def _probes_rank(rank, port, results):
-    join(rank, port)
+    join_group(rank, port, WORLD)
     try:
         feats, labels = probe_data()
         results[rank] = both_probes(shard_of(feats, labels, rank), shard_of(*features(37, 1, tied=False), rank),
@@ -202,7 +186,7 @@ def probes():
     feats, labels = probe_data()
     single = both_probes(whole(feats, labels), whole(*features(37, 1, tied=False)),
                          reference_batches(feats, labels, WORLD * REFERENCE_B))
-    return single, spawn(_probes_rank)
+    return single, spawn_ranks(_probes_rank, world=WORLD)
 
 
 def test_the_sharded_features_probe_trains_the_single_process_layer(probes):

@@ -1,6 +1,7 @@
 """The tracking service of ``cluster.yaml`` on loopback: ``mlflow server`` on PostgreSQL with its artifacts in an
 S3 bucket, and the sweep's Ray storage and outputs in another bucket. Concurrent trials log every epoch exactly once;
 then the S3 server, PostgreSQL and MLflow are restarted on the same data, and everything is still there."""
+import pytest
 from mlflow.tracking import MlflowClient
 from varcon_process import succeeded, varcon
 
@@ -25,6 +26,7 @@ def snapshot(client: MlflowClient) -> dict:
     return {"runs": runs, "versions": versions}
 
 
+@pytest.mark.cluster
 def test_a_sweep_on_postgresql_and_s3_logs_each_epoch_once_and_survives_restarting_all_three(
         varcon_home, s3, tracking_service):
     service, database = tracking_service

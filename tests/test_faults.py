@@ -34,6 +34,7 @@ def local_store(home):
     return MlflowClient(f"sqlite:///{home / '.cache' / 'mlflow' / 'mlflow.db'}")
 
 
+@pytest.mark.cluster
 def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(varcon_home, ray_session):
     before = {w.actor_id for w in train_workers()}
     config = load_config(None, [*SHORT, "ray.max_failures=1", "name=worker-death"])
@@ -48,6 +49,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(varcon_home,
     assert steps(client, run, "val_knn_top1_k20") == [0, 1, 2, 3]
 
 
+@pytest.mark.cluster
 def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(varcon_home, ray_session, capsys,
                                                                             inject_faults):
     inject_faults(nan_after_epoch=1)
@@ -64,6 +66,7 @@ def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(varc
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.cluster
 def test_divergence_while_the_tracking_server_is_down_still_stops_with_the_reason(
         varcon_home, ray_session, mlflow_server, monkeypatch, inject_faults):
     """The reason travels back through Ray's result, not through the store (the CLI turns it into exit 1, see
@@ -77,6 +80,7 @@ def test_divergence_while_the_tracking_server_is_down_still_stops_with_the_reaso
         train(config, callbacks=[KillAfterEpochs({1: KillProcessGroup(server.process.pid)})])
 
 
+@pytest.mark.cluster
 def test_server_killed_then_worker_killed_then_server_back_logs_every_step_exactly_once(
         varcon_home, ray_session, mlflow_server, monkeypatch, capsys):
     """The tracking server dies after epoch 1 and a worker after epoch 2 (the group restarts from epoch 2's

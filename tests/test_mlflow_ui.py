@@ -57,6 +57,7 @@ def visible_text(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
+@pytest.mark.cluster
 def test_ui_lists_the_experiment_and_its_runs(mlflow_ui):
     base, parent = mlflow_ui
     experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
@@ -78,6 +79,7 @@ def screenshot(url: str, name: str) -> None:
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20000
 
 
+@pytest.mark.cluster
 def test_the_system_metrics_tab_and_the_sweeps_analysis_are_in_the_ui(mlflow_ui):
     base, parent = mlflow_ui
     client = parent.client

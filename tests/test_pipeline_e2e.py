@@ -51,6 +51,7 @@ def the_run(home):
     return client, run
 
 
+@pytest.mark.cluster
 def test_the_two_workers_ran_on_different_nodes_and_made_progress(trained):
     home, _, workers = trained
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
@@ -61,6 +62,7 @@ def test_the_two_workers_ran_on_different_nodes_and_made_progress(trained):
     assert len(losses) == 2 and losses[1] < losses[0], "training across nodes makes progress"
 
 
+@pytest.mark.cluster
 def test_train_command_records_a_complete_mlflow_run(trained):
     home, summary, _ = trained
     assert "val_knn_top1_k20: " in summary and "test_knn_top1_k20: " in summary
@@ -125,6 +127,7 @@ def test_bad_override_exits_2_before_any_work(varcon_home, capsys):
     assert not (varcon_home / ".cache").exists()
 
 
+@pytest.mark.cluster
 def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home, ray_session, inject_faults):
     args = ["train", "optim.epochs=3", "optim.warmup_epochs=0", "ray.max_failures=0", "name=resume",
             "eval.linear_probe_epochs=5", "eval.few_shot_episodes=10"]
@@ -144,6 +147,7 @@ def test_rerunning_after_a_failure_resumes_into_the_same_mlflow_run(varcon_home,
     assert attempt["changed"] == {"ray.max_failures": {"recorded": "0", "now": "5"}}
 
 
+@pytest.mark.cluster
 def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monkeypatch, capsys):
     home, _, _ = trained
     monkeypatch.setenv("VARCON_HOME", str(home))
@@ -171,6 +175,7 @@ def test_eval_command_reproduces_the_final_metrics_of_a_checkpoint(trained, monk
         assert float(registered[key]) == pytest.approx(float(printed[key]), abs=1e-6), key
 
 
+@pytest.mark.cluster
 def test_operational_changes_continue_the_finished_run_without_training_again(trained, monkeypatch, capsys):
     """Another max_failures, resource wait, outage wait, loader thread count or evaluation setting is the same run:
     nothing is trained, the store keeps one run, and the attempt records what changed."""
@@ -190,6 +195,7 @@ def test_operational_changes_continue_the_finished_run_without_training_again(tr
     (version,) = client.search_model_versions("name='e2e-encoder'")  # no second model version
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("change, fragment", [
     ("ray.storage_path=elsewhere", "no checkpoint of it is in"),
     ("tracking.tracking_uri=sqlite:///{home}/other.db", "which the store sqlite:///"),

@@ -1,14 +1,12 @@
 """The recipe translation of pipeline.recipes, proven with 2 gloo processes: the reference convention (its
 gather keeps each rank's own gradient slice, DDP averages, the reference's lr and weight decay) and this
 pipeline's (the world-size factor, translated values, ``engine.build_optimizer``) take the same SGD steps."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from services import join_group, spawn_ranks
 
 from pipeline import distributed
 from pipeline.config import REPO_ROOT, ConfigError, OptimConfig, load_config
@@ -53,8 +51,7 @@ def train(model, optimizer, rank: int, loss_factor: int) -> list[torch.Tensor]:
 
 
 def _rank_main(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port, WORLD)
     try:
         for momentum in (0.0, 0.9):
             for decay_all in (False, True):
@@ -76,11 +73,7 @@ def _rank_main(rank: int, port: int, results) -> None:
 
 
 def test_translated_values_take_the_reference_steps():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(port, results), nprocs=WORLD, join=True)
+    results = spawn_ranks(_rank_main, world=WORLD)
     assert len(results) == 4
     for (momentum, decay_all), runs in results.items():
         initial = list(make_model().parameters())
