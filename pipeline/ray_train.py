@@ -119,7 +119,9 @@ def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: st
     from pipeline.ray_callbacks import RecordForwarder, ReportSender
 
     r = config.ray
-    own = [RecordForwarder(argument.tracking_uri)] + ([ReportSender(console_queue)] if console_queue else [])
+    own = [RecordForwarder(argument.tracking_uri)]
+    if console_queue is not None:  # a Ray queue is falsy while empty (its __len__)
+        own.append(ReportSender(console_queue))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=argument,
