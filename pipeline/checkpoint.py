@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.models import unwrap
 from pipeline.record import FORMAT_VERSION, RECORD_FILE, RunRecord, load_record
+
+if TYPE_CHECKING:
+    from pipeline.engine import Training
 
 __all__ = ["FORMAT_VERSION", "PLOTS_FOLDER", "RECORD_FILE", "STATE_FILE", "RunRecord", "capture", "load",
            "load_record", "restore", "save"]
@@ -42,7 +46,7 @@ def _set_numpy_rng_state(state: dict) -> None:
                          state["has_gauss"], state["cached"]))
 
 
-def capture(training, epoch: int, config: dict) -> dict:
+def capture(training: Training, epoch: int, config: dict) -> dict:
     """The state after ``epoch`` completed epochs of ``training`` (an ``engine.Training``) with ``config``
     (the resolved config as a dict)."""
     return {
@@ -63,7 +67,7 @@ def capture(training, epoch: int, config: dict) -> dict:
     }
 
 
-def restore(training, state: dict) -> int:
+def restore(training: Training, state: dict) -> int:
     """Load ``state`` into ``training``; returns the number of completed epochs."""
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}: "

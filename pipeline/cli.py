@@ -7,7 +7,7 @@ import shlex
 import sys
 import traceback
 
-from pipeline.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
+from pipeline.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, ExperimentConfig, load_config
 from pipeline.data.sources import DataError
 from pipeline.tracking import TrackingError
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_prepare(config) -> int:
+def _cmd_prepare(config: ExperimentConfig) -> int:
     from pipeline.data.preflight import prepare
 
     files = prepare(config, repair=True)
@@ -64,7 +64,7 @@ def _cmd_prepare(config) -> int:
     return 0
 
 
-def _cmd_train(config, verbose: bool = False) -> int:
+def _cmd_train(config: ExperimentConfig, verbose: bool = False) -> int:
     from pipeline.names import monitor_source
     from pipeline.tracking import ui_command
     from pipeline.train_job import train
@@ -97,7 +97,7 @@ def _cmd_train(config, verbose: bool = False) -> int:
     return 0
 
 
-def _cmd_tune(args) -> int:
+def _cmd_tune(args: argparse.Namespace) -> int:
     from tune.spec import load_sweep
     from tune.sweep import run_sweep
 
@@ -119,7 +119,7 @@ def _cmd_tune(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
+def _cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.eval_job import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.overrides)
@@ -128,7 +128,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_config(args) -> int:
+def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     from pipeline.config import describe_keys, to_dict
@@ -169,7 +169,7 @@ def _is_sweep_file(path: str | None) -> bool:
     return isinstance(raw, dict) and "experiment" in raw and "space" in raw
 
 
-def _cmd_ui(config) -> int:
+def _cmd_ui(config: ExperimentConfig) -> int:
     from pipeline.tracking import resolve_tracking_uri, ui_command
 
     command = ui_command(resolve_tracking_uri(config.tracking.tracking_uri))

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ _started_locally = False  # init_ray started a private instance (no autoscaler c
 SHOWN = ("CPU", "GPU")
 
 
-def init_ray(verbose: bool = False, log=print) -> None:
+def init_ray(verbose: bool = False, log: Callable[[str], None] = print) -> None:
     """Connect to the cluster in ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start a local instance
     (Ray's own rule: a cluster started on this machine by ``ray start`` is joined; ``RAY_ADDRESS=local`` always
     starts a new private one). Ray's worker and controller output stays in its log folder on this node (named
@@ -132,7 +133,8 @@ def cluster_maximum(autoscaler_config: str) -> ClusterMaximum | None:
 
 
 @contextmanager
-def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_config: str, log=print):
+def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_config: str,
+              log: Callable[[str], None] = print) -> Iterator[dict[str, float]]:
     """Ask the autoscaler for ``bundles`` while the block runs and wait until ``first`` (the part that must fit
     before work starts, e.g. one trial of a sweep) fits; yields the cluster's resources then. Refuses at once
     what exceeds the cluster's maximum (or, on a local instance, its resources); a ``ConfigError`` after

@@ -16,6 +16,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 IDENTITY_CLASSES = ("trajectory", "operational", "stored")
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, identity: str = ""):  # noqa: A002
+# The field specifiers below return ``Any``, as ``dataclasses.field`` does for a type checker: the ``Field`` they
+# make stands for a value of the field's declared type (``dataset: str = stored(...)``).
+def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
+            factory: Callable[[], Any] | None = None, identity: str = "") -> Any:
     """A schema field, its one-line description and (a key, not a section) its identity class, held in the
     field's metadata: ``varcon config --keys`` prints the descriptions and ``pipeline.identity`` reads the classes,
     so the schema is the one place a key is described and classified. Keys use ``trajectory``, ``operational``
@@ -67,17 +71,20 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory=None,
     return field(default=default, metadata=metadata)
 
 
-def trajectory(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
+def trajectory(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
+               factory: Callable[[], Any] | None = None) -> Any:
     """A key that changes what is trained: part of the run's identity (``pipeline.identity``)."""
     return setting(default, help, factory=factory, identity="trajectory")
 
 
-def operational(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
+def operational(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
+                factory: Callable[[], Any] | None = None) -> Any:
     """A key that never changes what is trained: where things live, how hard to retry, how much to evaluate."""
     return setting(default, help, factory=factory, identity="operational")
 
 
-def stored(default: Any = dataclasses.MISSING, help: str = "", *, factory=None):  # noqa: A002
+def stored(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
+           factory: Callable[[], Any] | None = None) -> Any:
     """A data key that changes the stored bytes: it enters the identity through ``stored_settings``."""
     return setting(default, help, factory=factory, identity="stored")
 

@@ -41,7 +41,7 @@ class EpochPrinter:
     """Prints each reported epoch once, in order, with an ETA from the wall time of the epochs seen so far. An
     epoch reported again (a worker-group restart replays the epochs after the last checkpoint) is marked so."""
 
-    def __init__(self, total: int, monitor_key: str | None, log=print) -> None:
+    def __init__(self, total: int, monitor_key: str | None, log: Callable[[str], None] = print) -> None:
         self.total, self.monitor_key, self.log = total, monitor_key, log
         self._printed: set[int] = set()
         self._first: tuple[int, float] | None = None  # (epoch, time) of the first trained epoch seen

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,12 +25,15 @@ from pipeline.losses import build_loss
 from pipeline.models import build_model
 from pipeline.schedules import temperatures_at
 
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig, OptimConfig
+
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """SGD with momentum, or timm's LARS. Biases and norm weights (1-d parameters) get no weight decay (and no
     LARS adaptation) unless ``optim.decay_norm_and_bias``, as the reference recipes do."""
     decay = [p for p in model.parameters() if p.ndim > 1 or optim.decay_norm_and_bias]
@@ -50,7 +54,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, steps_per_epoch: int = 1,
-                  warmup_start_lr: float = 0.0, min_lr_ratio: float = 0.0, cosine_per: str = "step"):
+                  warmup_start_lr: float = 0.0, min_lr_ratio: float = 0.0, cosine_per: str = "step"
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate at step s (0-based) as a factor of the base lr, a per-step ``LambdaLR``.
 
     Cosine with floor m = ``min_lr_ratio``: ``m + (1 - m) * 0.5 * (1 + cos(pi * t))``, where t is the progress
@@ -85,8 +90,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, loss_fn: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
-                    amp_dtype: torch.dtype | None = None, epoch: int = 1) -> dict[str, float]:
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    device: torch.device, amp_dtype: torch.dtype | None = None, epoch: int = 1) -> dict[str, float]:
     """One pass over ``batches`` of ``(view1, view2, labels, index)``; returns epoch means of the loss and its
     stats.
 
@@ -140,7 +145,7 @@ class Training:
     amp_dtype: torch.dtype | None
 
 
-def build_training(config, files: PreparedDataset, device: torch.device,
+def build_training(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
                    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
                    split: SplitIndices | None = None) -> Training:
     """Data, model, loss, optimiser and schedule for this worker; the global batch is split evenly and drawn
@@ -170,7 +175,7 @@ def build_training(config, files: PreparedDataset, device: torch.device,
                     autocast_dtype(config.optim.precision, device))
 
 
-def set_temperatures(loss_fn: nn.Module, config, epoch: int) -> dict[str, float]:
+def set_temperatures(loss_fn: nn.Module, config: ExperimentConfig, epoch: int) -> dict[str, float]:
     """Apply the temperature schedule's ``tau1`` and ``eps`` for ``epoch`` to a VarCon loss; returns them as
     metrics (none for other losses)."""
     if config.loss.name != "varcon":
@@ -180,7 +185,8 @@ def set_temperatures(loss_fn: nn.Module, config, epoch: int) -> dict[str, float]
     return {"tau1": temperatures.tau1, "eps": temperatures.eps}
 
 
-def fit(config, files: PreparedDataset, device: torch.device, on_epoch_end: Callable[[int, dict, Training], None],
+def fit(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
+        on_epoch_end: Callable[[int, dict, Training], None],
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None,
         on_final_features: Callable[[FinalFeatures], None] | None = None) -> Training:
     """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from pipeline.models import build_model
 from pipeline.tracking import registered_checkpoint, resolve_tracking_uri
 
 
-def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log=print) -> dict[str, float]:
+def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable[[str], None] = print
+                        ) -> dict[str, float]:
     """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file; local, shared,
     a bucket URI, or a registered model ``models:/NAME/VERSION``, whose run's final checkpoint is used) with the
     config stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or
@@ -38,7 +40,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
 
 
 @contextmanager
-def _checkpoint_folder(path: str, overrides):
+def _checkpoint_folder(path: str, overrides: list[str] | tuple[str, ...]) -> Iterator[Path]:
     """A local folder holding the checkpoint's state.pt."""
     if path.startswith("models:/"):
         with tempfile.TemporaryDirectory(prefix="varcon-model-") as folder:
@@ -54,7 +56,7 @@ def _checkpoint_folder(path: str, overrides):
         yield folder
 
 
-def _tracking_uri(overrides) -> str:
+def _tracking_uri(overrides: list[str] | tuple[str, ...]) -> str:
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("tracking.tracking_uri=")]
     return resolve_tracking_uri(given[-1] if given else "")
 

@@ -133,7 +133,7 @@ def _best_k(sims: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, k: in
 
 
 @torch.no_grad()
-def knn_neighbours(queries: Shard, bank: Shard, k: int, chunk_size: int = 1024):
+def knn_neighbours(queries: Shard, bank: Shard, k: int, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query of this rank's shard, its k most cosine-similar samples of the whole bank, ordered by
     (similarity desc, global index asc): similarities and labels ``[n_q, k]`` (k capped at the bank's size).
 

@@ -8,8 +8,10 @@ probes' training set), ``val`` (what selects: the monitor, hence the best checkp
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +25,12 @@ from pipeline.evaluation import Shard, accuracy, dispersion, extract_features, f
 from pipeline.models import unwrap
 from pipeline.probes import linear_probe, reference_probe, reference_probe_lr
 
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
+
 
 @contextmanager
-def frozen(model: nn.Module):
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """The plain encoder in eval mode (BatchNorm on its running statistics) for the block, then as it was. Every
     rank first takes rank 0's buffers (``distributed.broadcast_buffers``): the ranks evaluate one encoder, the one
     rank 0 checkpoints, so ``varcon eval`` of that checkpoint reproduces the run's figures."""
@@ -54,8 +59,8 @@ class Evaluator:
     """Evaluation of the encoder's features for one training, sharded over the ranks (every rank calls every
     method). ``initial`` before training, ``during`` after each epoch but the last, ``final`` after it."""
 
-    def __init__(self, config, files: PreparedDataset, split: SplitIndices, amp_dtype: torch.dtype | None = None,
-                 batch_size: int = 512) -> None:
+    def __init__(self, config: ExperimentConfig, files: PreparedDataset, split: SplitIndices,
+                 amp_dtype: torch.dtype | None = None, batch_size: int = 512) -> None:
         self.config, self.files, self.split, self.amp_dtype = config, files, split, amp_dtype
         self.eval_config, self.num_classes, self.seed = config.eval, files.num_classes, config.seed
         self.has_validation = len(split.val) > 0

@@ -19,6 +19,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from ray.tune.experiment import Trial
 
 FILE_VARIABLE = "VARCON_FAULTS_FILE"
 
@@ -46,7 +51,7 @@ def for_run(run_key: str) -> dict:
         return faults if askers.index(run_key) + 1 in faults["runs"] else {}
 
 
-def after_epoch(faults: dict, epoch: int, resumed: bool, model) -> None:
+def after_epoch(faults: dict, epoch: int, resumed: bool, model: torch.nn.Module) -> None:
     """Rank 0's hook after epoch ``epoch`` was reported (``model``: the plain module)."""
     import torch
 
@@ -71,7 +76,7 @@ def sweep_callbacks() -> list:
         def __init__(self) -> None:
             self.completed = 0
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
             self.completed += 1
             current = _path()
             limit = json.loads(current.read_text() or "{}").get("exit_sweep_after_trials") \

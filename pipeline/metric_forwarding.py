@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from pipeline.record import read_record
+from pipeline.record import StoredCheckpoint, read_record
 from pipeline.tracking import MAX_METRICS_PER_BATCH, TrackedRun, as_metrics
 
 
@@ -110,7 +110,7 @@ class RecordForwarding:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["tracking_uri"])
 
-    def forward(self, found) -> None:
+    def forward(self, found: StoredCheckpoint) -> None:
         record = read_record(found)
         if record.run_id not in self._senders:
             run = TrackedRun(self.tracking_uri, record.run_id)

@@ -1,10 +1,15 @@
 """Encoders by name, the projection head, and the two trainable wrappers (contrastive, classifier)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
 
 
 def small_cnn(width: int) -> tuple[nn.Module, int]:
@@ -89,7 +94,7 @@ class ClassifierModel(nn.Module):
         return self.classifier(self.encoder(x))
 
 
-def build_model(config, num_classes: int) -> nn.Module:
+def build_model(config: ExperimentConfig, num_classes: int) -> nn.Module:
     """The trainable model for an ``ExperimentConfig``."""
     encoder, feature_dim = build_encoder(config.model.encoder, config.model.cifar_stem, config.model.width)
     if config.loss.name == "cross_entropy":

@@ -1,4 +1,10 @@
 """Names shared across layers: MLflow tags, report keys and the monitor. One place, so that a rename is one edit."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import EvalConfig
 
 # MLflow tags
 RUN_KEY_TAG = "varcon.run_key"  # the run's identity (``pipeline.identity.run_key``): found again on every attempt
@@ -20,6 +26,6 @@ MONITOR = "monitor_top1"  # the latest validation kNN top-1 (first eval.knn_k): 
 DIVERGED = "diverged"  # the reason, in the last report of a training whose loss became non-finite
 
 
-def monitor_source(eval_config) -> str:
+def monitor_source(eval_config: EvalConfig) -> str:
     """The metric ``MONITOR`` follows: validation kNN top-1 with the first ``eval.knn_k`` (never a test metric)."""
     return f"val_knn_top1_k{eval_config.knn_k[0]}"

@@ -5,12 +5,16 @@ Matplotlib's non-interactive Agg backend only; no Ray, no MLflow. Histories are 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 History = dict[str, list[tuple[int, float]]]
 
@@ -34,7 +38,8 @@ def embed_2d(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
 
 
-def embedding_plot(features, labels, method: str, path: str | Path, max_points: int = 2000, seed: int = 0) -> Path:
+def embedding_plot(features: np.ndarray, labels: np.ndarray, method: str, path: str | Path, max_points: int = 2000,
+                   seed: int = 0) -> Path:
     """Scatter of the 2-D ``method`` (pca | tsne) embedding of ``features`` ``[N, F]``, coloured by class."""
     features, labels = _subsample(np.asarray(features, np.float32), np.asarray(labels), max_points, seed)
     points = embed_2d(features, method, seed)
@@ -48,7 +53,8 @@ def embedding_plot(features, labels, method: str, path: str | Path, max_points: 
     return _save(fig, path)
 
 
-def confusion_matrix_plot(labels, predictions, num_classes: int, path: str | Path, title: str) -> Path:
+def confusion_matrix_plot(labels: np.ndarray, predictions: np.ndarray, num_classes: int, path: str | Path,
+                          title: str) -> Path:
     """Row-normalised confusion matrix (true class per row) of ``predictions`` against ``labels``."""
     from sklearn.metrics import confusion_matrix
 
@@ -105,7 +111,7 @@ def temperature_plot(history: History, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -76,7 +76,7 @@ def _whole_split(train: Shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     world, largest = distributed.world_size(), max(distributed.all_sizes(len(train.index), device))
     dim = _feature_dim(train)
 
-    def gathered(local: torch.Tensor, pad_value) -> torch.Tensor:
+    def gathered(local: torch.Tensor, pad_value: float) -> torch.Tensor:
         padded = local.new_full((largest, *local.shape[1:]), pad_value)
         padded[:len(local)] = local
         out = local.new_empty((world * largest, *local.shape[1:]))

@@ -6,9 +6,16 @@ metric forwarding, not torch or the engine, so the controller starts without the
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ray.train import UserCallback
 
 from pipeline.metric_forwarding import RecordForwarding
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.context import TrainRunContext  # the type Ray's UserCallback declares
+    from ray.util.queue import Queue
 
 
 class RecordForwarder(UserCallback):
@@ -17,7 +24,8 @@ class RecordForwarder(UserCallback):
     def __init__(self, tracking_uri: str) -> None:
         self.forwarding = RecordForwarding(tracking_uri)
 
-    def after_report(self, run_context, metrics, checkpoint=None) -> None:
+    def after_report(self, run_context: TrainRunContext, metrics: list[dict[str, Any]],
+                     checkpoint: Checkpoint | None = None) -> None:
         if checkpoint is not None:
             self.forwarding.forward(checkpoint)
 
@@ -26,10 +34,11 @@ class ReportSender(UserCallback):
     """Puts rank 0's report on ``queue`` (a ``ray.util.queue.Queue``): the report stream reaches the controller
     only, the console runs on the driver."""
 
-    def __init__(self, queue) -> None:
+    def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
-    def after_report(self, run_context, metrics, checkpoint=None) -> None:
+    def after_report(self, run_context: TrainRunContext, metrics: list[dict[str, Any]],
+                     checkpoint: Checkpoint | None = None) -> None:
         if metrics:
             try:
                 self.queue.put_nowait(dict(metrics[0]))

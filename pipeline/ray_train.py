@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,10 @@ from pipeline.config import ExperimentConfig
 from pipeline.names import MONITOR
 from pipeline.storage import Location
 from pipeline.worker import WorkerArgument, monitored, run_worker
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint, CheckpointConfig, Result
+    from ray.util.queue import Queue
 
 
 class RayTrainSession:
@@ -47,7 +52,7 @@ class RayTrainSession:
             found = ray.train.Checkpoint.from_directory(staged)  # Ray deletes it once uploaded
         ray.train.report(metrics, checkpoint=found, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
-    def last_checkpoint(self):
+    def last_checkpoint(self) -> Checkpoint | None:
         import ray.train
 
         return ray.train.get_checkpoint()
@@ -107,7 +112,7 @@ def train_loop_per_worker(argument: WorkerArgument) -> str | None:
 
 
 def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: str, storage_path: str,
-                 callbacks: list | tuple = (), console_queue=None):
+                 callbacks: list | tuple = (), console_queue: Queue | None = None) -> Result:
     """Fit under Ray Train; returns Ray's ``Result`` (``.return_value``: why the loss diverged, else ``None``;
     ``.checkpoint``: the last one). Running again with the same ``run_key`` and storage path continues from the
     last checkpoint. The controller forwards metrics to MLflow (``RecordForwarder``) and, given a
@@ -135,7 +140,7 @@ def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: st
     return trainer.fit()
 
 
-def _checkpoint_config(has_validation: bool):
+def _checkpoint_config(has_validation: bool) -> CheckpointConfig:
     """Keep the best two checkpoints by the validation monitor (and Ray always keeps the latest); without a
     validation split nothing selects: the latest two."""
     from ray.train import CheckpointConfig

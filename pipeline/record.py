@@ -6,8 +6,14 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.names import EPOCH, MONITOR
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from pyarrow.fs import FileSystem
 
 RECORD_FILE = "record.json"
 FORMAT_VERSION = 2
@@ -85,7 +91,18 @@ def load_record(folder: str | Path) -> RunRecord:
     return RunRecord.from_json((Path(folder) / RECORD_FILE).read_text())
 
 
-def read_record(found) -> RunRecord:
+class StoredCheckpoint(Protocol):
+    """A Ray (Train or Tune) ``Checkpoint`` as this package uses it, for the annotations of the modules that must
+    not import Ray: the folder's filesystem and path in it, and ``as_directory`` (a local folder for a block)."""
+
+    @property
+    def filesystem(self) -> FileSystem: ...
+    @property
+    def path(self) -> str: ...
+    def as_directory(self) -> AbstractContextManager[str]: ...
+
+
+def read_record(found: StoredCheckpoint) -> RunRecord:
     """The ``RunRecord`` of a Ray (Train or Tune) ``Checkpoint`` (anything with ``filesystem`` and ``path``),
     read through its own filesystem (local, shared or a bucket) without fetching the weights."""
     with found.filesystem.open_input_stream(f"{found.path}/{RECORD_FILE}") as stream:

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import LossConfig
 
 KINDS = ("constant", "linear", "cosine", "step", "piecewise")
 
@@ -38,7 +42,7 @@ def _interpolate(kind: str, start: float, end: float, epoch: int, epochs: int, s
     return start
 
 
-def temperatures_at(loss_config, epoch: int, epochs: int) -> Temperatures:
+def temperatures_at(loss_config: LossConfig, epoch: int, epochs: int) -> Temperatures:
     """``tau1`` and ``eps`` for ``epoch`` (1-based) of ``epochs`` under ``loss_config.schedule``."""
     s = loss_config.schedule
     if s.kind == "piecewise":
@@ -50,7 +54,7 @@ def temperatures_at(loss_config, epoch: int, epochs: int) -> Temperatures:
                         _interpolate(s.kind, loss_config.eps, eps_end, epoch, epochs, s.steps))
 
 
-def schedule_problem(loss_config, epochs: int) -> str | None:
+def schedule_problem(loss_config: LossConfig, epochs: int) -> str | None:
     """Why ``loss_config.schedule`` cannot run for ``epochs`` epochs (a message naming the fix), or ``None``."""
     s = loss_config.schedule
     if s.kind not in KINDS:

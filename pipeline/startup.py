@@ -3,7 +3,7 @@ fails with one line before the next uses anything, and nothing reaches the clust
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pipeline import storage
@@ -15,8 +15,8 @@ from pipeline.tracking import check_reachable, resolve_tracking_uri
 
 
 @contextmanager
-def driver_started(config: ExperimentConfig, wanted: list[dict], smallest: list[dict], log=print,
-                   verbose: bool = False, writable: dict[str, str] | None = None
+def driver_started(config: ExperimentConfig, wanted: list[dict], smallest: list[dict],
+                   log: Callable[[str], None] = print, verbose: bool = False, writable: dict[str, str] | None = None
                    ) -> Iterator[tuple[PreparedDataset, list[dict]]]:
     """In order: the tracking store answers; ``ray.storage_path`` (and each of ``writable``, ``{key: path}``)
     can be written; the prepared data's files pass ``preflight``; Ray is up (``cluster.init_ray``); the

@@ -15,14 +15,19 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, first_line, resolve_path
+
+if TYPE_CHECKING:
+    from _csv import Writer
 
 
 def is_uri(text: str) -> bool:
@@ -110,7 +115,7 @@ class Location:
         self.filesystem.delete_file(self.path)
 
     @contextmanager
-    def as_local_folder(self):
+    def as_local_folder(self) -> Iterator[Path]:
         """This folder on the local disk: itself when local, else a temporary copy of it."""
         if self.is_local:
             yield Path(self.path)
@@ -171,7 +176,7 @@ def check_writable(place: Location, key: str) -> None:
                           f"bucket and its endpoint exist") from None
 
 
-def csv_text(write_rows) -> str:
+def csv_text(write_rows: Callable[[Writer], object]) -> str:
     """The text of a CSV that ``write_rows(writer)`` writes (for files written through a ``Location``)."""
     import csv
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 
@@ -19,7 +20,7 @@ def enabled(setting: str, use_gpu: bool) -> bool:
 
 
 @contextmanager
-def node_monitor(run_id: str, tracking_uri: str, interval_s: float, node: str | None = None):
+def node_monitor(run_id: str, tracking_uri: str, interval_s: float, node: str | None = None) -> Iterator[None]:
     """Sample this node every ``interval_s`` seconds into ``run_id`` while the block runs. A monitor that
     cannot start is reported, never raised: training does not depend on it."""
     monitor = None

@@ -21,12 +21,20 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from pipeline.config import first_line, workdir
 from pipeline.names import MODEL_URI_TAG, PARENT_TAG, RUN_KEY_TAG
+
+if TYPE_CHECKING:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+_T = TypeVar("_T")  # what a guarded call returns
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
@@ -115,7 +123,7 @@ def ui_command(tracking_uri: str, port: int = 5000) -> list[str]:
     return command
 
 
-def _client(tracking_uri: str):
+def _client(tracking_uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     if tracking_uri.startswith("sqlite:///"):
@@ -123,7 +131,7 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _experiment_id(client, name: str, tracking_uri: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -144,7 +152,7 @@ class FoundRun:
     metric_keys: list[str]
 
 
-def _guarded(tracking_uri: str, call):
+def _guarded(tracking_uri: str, call: Callable[[], _T]) -> _T:
     try:
         return call()
     except Exception as exc:  # MLflow raises several types for an unusable store
@@ -208,7 +216,7 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, display
 
 
 @contextlib.contextmanager
-def using_tracking_uri(uri: str):
+def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent API (``log_model``, ``register_model``) reads a process-wide tracking URI, which
     ``mlflow.set_tracking_uri`` also exports as ``$MLFLOW_TRACKING_URI`` to child processes: set it for the
     call only, so that no later run in this process (a sweep driver, a test session) is sent to this store."""
@@ -289,7 +297,7 @@ class TrackedRun:
         self.client.set_terminated(self.run_id, status=status)
 
     # -- models ----------------------------------------------------------------------------------------------
-    def log_pytorch_model(self, model, name: str, example_input) -> str:
+    def log_pytorch_model(self, model: torch.nn.Module, name: str, example_input: torch.Tensor) -> str:
         """Log ``model`` (an ``nn.Module`` on CPU) as an MLflow PyTorch model with a signature inferred from
         ``example_input`` ``[N, 3, H, W]``; returns its model URI (also kept in the ``varcon.model_uri`` tag)."""
         import mlflow

@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -49,8 +51,11 @@ from pipeline.record import RunRecord
 from pipeline.run_status import COMPLETED, Ending, RunStatus
 from pipeline.startup import driver_started
 from pipeline.storage import Location
-from pipeline.tracking import TrackedRun, create_run, find_run, resolve_tracking_uri
+from pipeline.tracking import FoundRun, TrackedRun, create_run, find_run, resolve_tracking_uri
 from pipeline.worker import worker_argument
+
+if TYPE_CHECKING:
+    from ray.util.queue import Queue
 
 ENCODER_MODEL = "encoder"  # name of the final encoder's MLflow PyTorch model
 
@@ -146,7 +151,7 @@ class TrainOutcome:
         return self.record.at(0)
 
 
-def train(config: ExperimentConfig, log=print, parent_run_id: str | None = None,
+def train(config: ExperimentConfig, log: Callable[[str], None] = print, parent_run_id: str | None = None,
           tags: dict[str, str] | None = None, callbacks: list | tuple = (), verbose: bool = False) -> TrainOutcome:
     """Train under Ray Train, or continue the run of the same identity from its last checkpoint, printing one
     line per epoch (``pipeline.console``). ``parent_run_id`` nests the MLflow run under a sweep; ``callbacks``
@@ -180,7 +185,7 @@ def _record_divergence(opened: OpenRun, outcome: TrainOutcome) -> None:
                            f"{outcome.model_path or 'none'})")
 
 
-def _finish_within_outage_wait(opened: OpenRun, outcome: TrainOutcome, log) -> None:
+def _finish_within_outage_wait(opened: OpenRun, outcome: TrainOutcome, log: Callable[[str], None]) -> None:
     """``finish_run`` and FINISHED, retried for ``tracking.outage_wait_s`` while the store is down; then
     ``outcome.tracking_problem`` says where the model is (the final checkpoint keeps what was not sent)."""
     deadline = time.monotonic() + opened.plan.config.tracking.outage_wait_s
@@ -201,14 +206,15 @@ def _finish_within_outage_wait(opened: OpenRun, outcome: TrainOutcome, log) -> N
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-def start_run(plan: RunPlan, log=print, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-              prepared: dict[str, PreparedDataset] | None = None) -> OpenRun:
+def start_run(plan: RunPlan, log: Callable[[str], None] = print, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None, prepared: dict[str, PreparedDataset] | None = None) -> OpenRun:
     """Prepare the data (or take it from ``prepared``, keyed by ``dataset_key``) and open the MLflow run."""
     data = (prepared or {}).get(dataset_key(plan.config.data)) or prepare(plan.config, log)
     return open_run(plan, data, log, parent_run_id, tags)
 
 
-def train_opened(opened: OpenRun, log=print, callbacks: list | tuple = (), console_queue=None) -> TrainOutcome:
+def train_opened(opened: OpenRun, log: Callable[[str], None] = print, callbacks: list | tuple = (),
+                 console_queue: Queue | None = None) -> TrainOutcome:
     """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already); rank 0's
     reports go to ``console_queue`` (``pipeline.console.report_queue``) if given."""
     plan, config = opened.plan, opened.plan.config
@@ -239,8 +245,8 @@ def outcome_from_checkpoints(opened: OpenRun, diverged: str = "",
     return TrainOutcome(opened.run.run_id, opened.plan.tracking_uri, final.record, final, best, diverged)
 
 
-def open_run(plan: RunPlan, data: PreparedDataset, log=print, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None) -> OpenRun:
+def open_run(plan: RunPlan, data: PreparedDataset, log: Callable[[str], None] = print,
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> OpenRun:
     """The run's MLflow run, found again by its run key or created with the resolved config (params and
     ``config.yaml``), the dataset manifests and the environment; refuses what would log a step twice."""
     config = plan.config
@@ -272,7 +278,8 @@ def open_run(plan: RunPlan, data: PreparedDataset, log=print, parent_run_id: str
     return OpenRun(plan, data, run, latest)
 
 
-def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tags: dict[str, str] | None):
+def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tags: dict[str, str] | None
+            ) -> TrackedRun:
     config = plan.config
     code = provenance.code_version()
     all_tags = {**code.tags(), "varcon.loss": config.loss.name, "varcon.dataset": config.data.dataset,
@@ -289,7 +296,8 @@ def _create(plan: RunPlan, data: PreparedDataset, parent_run_id: str | None, tag
     return run
 
 
-def _record_attempt(run: TrackedRun, found, config: ExperimentConfig, log) -> None:
+def _record_attempt(run: TrackedRun, found: FoundRun, config: ExperimentConfig, log: Callable[[str], None]
+                    ) -> None:
     """A resumed run's new attempt: ``attempts/<n>.yaml`` holds the keys whose values differ from the run's
     (write-once) params, and the resolved config; ``varcon.attempts`` counts them."""
     attempt = int(found.tags.get(ATTEMPTS_TAG, "1")) + 1

@@ -24,7 +24,7 @@ from pipeline.data.prepare import PreparedDataset
 from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
 from pipeline.names import DIVERGED, monitor_source
-from pipeline.record import RunRecord
+from pipeline.record import RunRecord, StoredCheckpoint
 from pipeline.tracking import resolve_tracking_uri
 
 
@@ -32,7 +32,7 @@ class Session(Protocol):
     """What the training loop needs from Ray (Train or Tune)."""
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
-    def last_checkpoint(self): ...  # a Ray ``Checkpoint`` or None
+    def last_checkpoint(self) -> StoredCheckpoint | None: ...  # a Ray ``Checkpoint`` or None
     def rank(self) -> int: ...
     def device(self) -> torch.device: ...
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -60,7 +60,8 @@ def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str
                           resolve_tracking_uri(config.tracking.tracking_uri), faults.for_run(run_key))
 
 
-def monitored(argument: WorkerArgument, local_rank: int, node: str | None = None):
+def monitored(argument: WorkerArgument, local_rank: int, node: str | None = None
+              ) -> contextlib.AbstractContextManager[None]:
     """The node's system-metrics monitor around a worker's training, on the worker of local rank 0 when
     ``tracking.system_metrics`` asks for it (``pipeline.system_metrics``); else nothing."""
     t = argument.config.tracking

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -172,7 +173,7 @@ def _plan(u: torch.Tensor, low: torch.Tensor, high: torch.Tensor, orders: torch.
     return ratio, keep, used & (step == CONTRAST), factors[:, HUE], applied, u[:, 6] < probs[1]
 
 
-def _jitter(x: torch.Tensor, plan) -> torch.Tensor:
+def _jitter(x: torch.Tensor, plan: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The eager path: 6 blend slots and the hue slot on ``x`` ``[n, 3, H, W]`` in [0, 1], then grayscale."""
     ratio, keep, contrast, shift, hue_on, gray_on = plan
     shape = (-1, 1, 1, 1)
@@ -187,7 +188,8 @@ def _jitter(x: torch.Tensor, plan) -> torch.Tensor:
     return torch.where(gray_on.view(shape), grayscale(x), x)
 
 
-def _jitter_planes(planes: list, plan, contrast_mean: torch.Tensor | None = None):
+def _jitter_planes(planes: list[torch.Tensor], plan: tuple[torch.Tensor, ...],
+                   contrast_mean: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
     """The chain on channel planes ``[n, H, W]`` (one elementwise expression per pixel for Inductor).
     ``contrast_mean`` None (pass 1): returns each image's gray just before its contrast slot ``[n, H, W]``;
     else ``[n, 1, 1]`` (pass 2): returns the 3 jittered planes (grayscale not applied)."""
@@ -228,7 +230,7 @@ def _augment_planes(images: torch.Tensor, seeded: torch.Tensor, counters: torch.
 
 
 @functools.cache
-def compiled_augment():
+def compiled_augment() -> Callable[..., torch.Tensor]:
     """``_augment_planes`` under ``torch.compile(fullgraph=True, dynamic=False)``. Static shapes: a training run
     calls it with one or two (full batch, last batch; per memory format), each compiled once, and static sizes give
     the simplest kernels (fixed reduction length and split, no size arguments); a dynamic batch would save only that
@@ -250,8 +252,8 @@ class ColorAugment(nn.Module):
     warning, if compilation fails), "on" compiles on any device (errors raise), "off" is always eager.
     """
 
-    def __init__(self, mean, std, strength: float = 0.0, jitter_prob: float = 0.0, grayscale_prob: float = 0.0,
-                 seed: int = 0, compile: str = "auto"):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], strength: float = 0.0, jitter_prob: float = 0.0,
+                 grayscale_prob: float = 0.0, seed: int = 0, compile: str = "auto") -> None:
         super().__init__()
         if compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be 'auto', 'on' or 'off', not {compile!r}")

@@ -23,28 +23,29 @@ FLIP_DRAW = 10 * DRAWS_PER_ATTEMPT + 1
 
 
 @nb.njit(cache=True, inline="always")
-def _mix(x):
+def _mix(x: np.uint64) -> np.uint64:
     x = (x ^ (x >> np.uint64(30))) * MIX1
     x = (x ^ (x >> np.uint64(27))) * MIX2
     return x ^ (x >> np.uint64(31))
 
 
 @nb.njit(cache=True)
-def sample_key(seed, epoch, index, view):
+def sample_key(seed: int, epoch: int, index: int, view: int) -> np.uint64:
     """The uint64 key of one sample's view in one epoch."""
     key = _mix(_mix(_mix(np.uint64(seed)) + np.uint64(epoch)) + np.uint64(view))
     return _mix(np.uint64(index) * GOLDEN + key)
 
 
 @nb.njit(cache=True)
-def uniform(key, draw):
+def uniform(key: np.uint64, draw: int) -> float:
     """The ``draw``-th uniform in [0, 1) of ``key`` (53 bits)."""
     bits = _mix(key + np.uint64(draw + 1) * GOLDEN) >> np.uint64(11)
     return bits * (1.0 / 9007199254740992.0)
 
 
 @nb.njit(cache=True)
-def crop_box(seed, epoch, index, view, height, width, scale_min, scale_max, ratio_min, ratio_max):
+def crop_box(seed: int, epoch: int, index: int, view: int, height: int, width: int, scale_min: float,
+             scale_max: float, ratio_min: float, ratio_max: float) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of torchvision's ``RandomResizedCrop.get_params``, drawn for one sample's view."""
     key = sample_key(seed, epoch, index, view)
     area = height * width
@@ -72,13 +73,13 @@ def crop_box(seed, epoch, index, view, height, width, scale_min, scale_max, rati
 
 
 @nb.njit(cache=True)
-def flips(seed, epoch, index, view):
+def flips(seed: int, epoch: int, index: int, view: int) -> bool:
     """Whether the view is mirrored (probability 1/2)."""
     return uniform(sample_key(seed, epoch, index, view), FLIP_DRAW) < 0.5
 
 
 @nb.njit(cache=True, fastmath=True)
-def _coefficients(in_size, out_size):
+def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per output position: the first input position, the number of taps and ``[out, taps]`` normalised
     triangle weights (support 1, widened by the shrink factor: antialias)."""
     scale = in_size / out_size
@@ -104,7 +105,7 @@ def _coefficients(in_size, out_size):
 
 
 @nb.njit(cache=True, fastmath=True)
-def resize_crop(image, top, left, h, w, flip, out):
+def resize_crop(image: np.ndarray, top: int, left: int, h: int, w: int, flip: bool, out: np.ndarray) -> None:
     """Render ``image[top:top+h, left:left+w]`` (uint8 ``[H, W, 3]``) into ``out`` (uint8 ``[S, T, 3]``),
     mirrored when ``flip``: horizontal pass into float32 rows, then vertical, rounded and clamped."""
     out_h, out_w = out.shape[0], out.shape[1]

@@ -18,15 +18,20 @@ import os
 import threading
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pipeline.data.ffcv_two_view import two_view_decoder
 from pipeline.data.manifest import verify_beton
+
+if TYPE_CHECKING:  # for the annotations only: FFCV is imported lazily
+    from ffcv.pipeline.compiler import Compiler
+    from numba.core.typing.templates import Signature
 
 COMPILE_CACHE_ENV = "VARCON_COMPILE_CACHE"  # a folder for numba's cache, or "off"
 _reuse_lock = threading.RLock()
@@ -79,7 +84,7 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _compile(cls, code, signature=None):
+def _compile(cls: type[Compiler], code: Callable[..., Any], signature: Signature | None = None) -> Callable[..., Any]:
     """FFCV's ``Compiler.compile`` (the same numba options), through the process's reuse table."""
     if not cls.is_enabled:
         return code
@@ -102,7 +107,7 @@ def _compile(cls, code, signature=None):
         return compiled
 
 
-def _reuse_key(code, signature, parallel: bool):
+def _reuse_key(code: Callable[..., Any], signature: Signature | None, parallel: bool) -> tuple | None:
     """What makes two compiles of ``code`` the same function: its bytecode and globals, the values numba freezes
     into it (closure cells and defaults: scalars, tuples of them, compiled functions by what they compile) and the
     options; ``None`` (compiled anew, as FFCV does) for a function without a closure, which may be a helper that
@@ -115,7 +120,7 @@ def _reuse_key(code, signature, parallel: bool):
     return None if frozen is None else (frozen, str(signature), parallel)
 
 
-def _frozen_key(function, depth: int = 0):
+def _frozen_key(function: types.FunctionType, depth: int = 0) -> tuple | None:
     """``function``'s code, globals and frozen values as a hashable key; ``None`` if a value cannot be keyed."""
     values = []
     for value in [cell.cell_contents for cell in function.__closure__ or ()] + list(function.__defaults__ or ()):
@@ -150,7 +155,7 @@ def _cpu_kind() -> str:
 
 
 @contextmanager
-def _numba_cache_dir(folder: Path | None):
+def _numba_cache_dir(folder: Path | None) -> Iterator[None]:
     """numba's cache folder for the dispatchers created in the block (numba reads it when a dispatcher is made)."""
     from numba.core import config
 
@@ -192,7 +197,8 @@ class TwoViewLoader:
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, threads: int = 1, indices=None, decode_once: bool = True) -> None:
+                 distributed: bool, seed: int, threads: int = 1, indices: np.ndarray | None = None,
+                 decode_once: bool = True) -> None:
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToTensor
@@ -246,7 +252,7 @@ class EvalLoader:
     """
 
     def __init__(self, path: str, batch_size: int, image_size: int, crop_ratio: float = 1.0,
-                 threads: int = 1, indices=None, distributed: bool = False) -> None:
+                 threads: int = 1, indices: np.ndarray | None = None, distributed: bool = False) -> None:
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor, ToTorchImage

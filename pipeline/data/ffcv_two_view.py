@@ -9,7 +9,9 @@ sets before each pass (compiled code cannot take it as an argument: FFCV fixes t
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numba as nb
 import numpy as np
@@ -18,23 +20,33 @@ from numba.extending import intrinsic
 
 from pipeline.data import crops
 
+if TYPE_CHECKING:  # FFCV, numba's internals and llvmlite for the annotations only: FFCV is imported lazily
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+    from llvmlite import ir
+    from numba.core.base import BaseContext
+    from numba.core.typing.context import BaseContext as TypingContext
+    from numba.core.typing.templates import Signature
+
 
 @intrinsic
-def _address_as_pointer(typingctx, address):
+def _address_as_pointer(typingctx: TypingContext, address: types.Integer) -> tuple[Signature, Callable[..., ir.Value]]:
     """An int64 address as a ``void*`` (to view memory that Python owns from compiled code)."""
-    def codegen(context, builder, signature, args):
+    def codegen(context: BaseContext, builder: ir.IRBuilder, signature: Signature,
+                args: Sequence[ir.Value]) -> ir.Value:
         return builder.inttoptr(args[0], cgutils.voidptr_t)
     return types.voidptr(types.int64), codegen
 
 
 @nb.njit(cache=True)
-def read_cell(address):
+def read_cell(address: int) -> int:
     """The int64 at ``address`` (a live one-element array's data)."""
     return nb.carray(_address_as_pointer(address), 1, np.int64)[0]
 
 
 def two_view_decoder(output_size: int, scale: tuple[float, float], ratio: tuple[float, float], flip: bool,
-                     seed: int, epoch_cell: np.ndarray):
+                     seed: int, epoch_cell: np.ndarray) -> Operation:
     """The operation (its class is built on first use: FFCV imports lazily)."""
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.libffcv import imdecode
@@ -43,7 +55,8 @@ def two_view_decoder(output_size: int, scale: tuple[float, float], ratio: tuple[
     from ffcv.pipeline.operation import Operation
 
     class TwoViewCropDecoder(Operation):
-        def declare_state_and_memory(self, previous_state):
+        def declare_state_and_memory(self, previous_state: State
+                                     ) -> tuple[State, tuple[AllocationQuery, AllocationQuery]]:
             self.max_height = np.uint64(self.metadata["height"].max())
             self.max_width = np.uint64(self.metadata["width"].max())
             shape = (2, output_size, output_size, 3)
@@ -51,7 +64,7 @@ def two_view_decoder(output_size: int, scale: tuple[float, float], ratio: tuple[
                     (AllocationQuery(shape, np.dtype("<u1")),
                      AllocationQuery((self.max_height * self.max_width * np.uint64(3),), np.dtype("<u1"))))
 
-        def generate_code(self):
+        def generate_code(self) -> Callable[..., np.ndarray]:
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
@@ -62,7 +75,8 @@ def two_view_decoder(output_size: int, scale: tuple[float, float], ratio: tuple[
             ratio_min, ratio_max = float(ratio[0]), float(ratio[1])
             the_seed, mirror = np.int64(seed), bool(flip)
 
-            def decode(batch_indices, my_storage, metadata, storage_state):
+            def decode(batch_indices: np.ndarray, my_storage: tuple[np.ndarray, np.ndarray], metadata: np.ndarray,
+                       storage_state: tuple[np.ndarray, ...]) -> np.ndarray:
                 destination, temp_storage = my_storage
                 epoch = read_cell(address)
                 for dst_ix in my_range(len(batch_indices)):

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from pipeline.data import manifest as manifests
-from pipeline.data.sources import channel_stats
+from pipeline.data.sources import ImageFiles, LabelledImages, channel_stats
 
 
-def write_beton(split, path: Path, settings: dict, fingerprint: str, workers: int) -> dict:
+def write_beton(split: LabelledImages | ImageFiles, path: Path, settings: dict, fingerprint: str,
+                workers: int) -> dict:
     """Write ``split`` to ``path`` (temporary file, then rename) and its manifest; return the manifest."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter

@@ -1,6 +1,8 @@
 """Loader factory: the FFCV loaders (default) or their torchvision twins (``data.loader=torchvision``)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from pipeline.data.ffcv_loader import EvalLoader, TwoViewLoader
@@ -9,8 +11,12 @@ from pipeline.data.sources import load_source
 from pipeline.data.splits import SplitIndices
 from pipeline.data.torchvision_loader import TorchvisionEvalLoader, TorchvisionTwoViewLoader
 
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
 
-def train_loader(config, files: PreparedDataset, batch_size: int, distributed: bool, split: SplitIndices):
+
+def train_loader(config: ExperimentConfig, files: PreparedDataset, batch_size: int, distributed: bool,
+                 split: SplitIndices) -> TwoViewLoader | TorchvisionTwoViewLoader:
     """Two-view training batches of ``batch_size`` images for this worker, from the training split's ``bank``
     indices (the validation samples are never trained on)."""
     d = config.data
@@ -21,8 +27,8 @@ def train_loader(config, files: PreparedDataset, batch_size: int, distributed: b
     return TorchvisionTwoViewLoader(load_source(d, log=lambda *_: None)["train"], workers=d.loader_threads, **args)
 
 
-def eval_loaders(config, files: PreparedDataset, batch_size: int, distributed: bool,
-                 indices: dict[str, np.ndarray | None]) -> dict:
+def eval_loaders(config: ExperimentConfig, files: PreparedDataset, batch_size: int, distributed: bool,
+                 indices: dict[str, np.ndarray | None]) -> dict[str, EvalLoader | TorchvisionEvalLoader]:
     """``{name: loader}`` of single centre views for each ``name`` in ``indices``: ``bank`` and ``val`` read the
     training file at their indices, ``test`` the test file (``None``: every sample); each sample once, in order,
     sharded over the ranks under ``distributed``."""

@@ -2,13 +2,15 @@
 files already tell before Ray starts (``preflight``)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeline.config import ConfigError, ExperimentConfig, resolve_path
 from pipeline.data.prepare import PreparedDataset, prepare_dataset, prepared_split
 from pipeline.data.splits import SplitIndices
 
 
-def prepare(config: ExperimentConfig, log=print, repair: bool = False, for_training: bool = False
-            ) -> PreparedDataset:
+def prepare(config: ExperimentConfig, log: Callable[[str], None] = print, repair: bool = False,
+            for_training: bool = False) -> PreparedDataset:
     """The prepared dataset of ``config``; ``for_training`` also refuses batches larger than the training
     samples, before any file is written."""
     check = (lambda split: check_batches_fit(config, split)) if for_training else None

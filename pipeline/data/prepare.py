@@ -16,11 +16,15 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.data import manifest as manifests
 from pipeline.data.ffcv_writer import write_beton
 from pipeline.data.sources import DataError, channel_stats, load_source, source_fingerprint
 from pipeline.data.splits import SplitIndices, beton_labels, split_indices, write_validation_manifest
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 SPLITS = ("train", "test")
 
@@ -50,12 +54,12 @@ class PreparedDataset:
         return cls(**{**raw, "channel_mean": tuple(raw["channel_mean"]), "channel_std": tuple(raw["channel_std"])})
 
 
-def max_resolution(d) -> int:
+def max_resolution(d: DataConfig) -> int:
     """Longest stored side: ``data.max_resolution``, else the training size."""
     return d.max_resolution or d.image_size
 
 
-def stored_settings(d) -> dict:
+def stored_settings(d: DataConfig) -> dict:
     """The settings of a ``DataConfig`` that change the stored bytes, and only those: the training crop size
     counts only through ``max_resolution`` (and for generated sources, whose images it sizes); JPEG settings
     only where JPEG is written."""
@@ -75,18 +79,18 @@ def stored_settings(d) -> dict:
     return settings
 
 
-def dataset_key(d) -> str:
+def dataset_key(d: DataConfig) -> str:
     """``<dataset>-<digest of stored_settings>``: the cache folder's name, and what a sweep's driver and its
     trials compare to share one preparation."""
     digest = hashlib.sha256(json.dumps(stored_settings(d), sort_keys=True).encode()).hexdigest()[:10]
     return f"{d.dataset}-{digest}" if d.loader == "ffcv" else f"{d.dataset}-{digest}-source"
 
 
-def dataset_folder(d, cache_root: str | Path) -> Path:
+def dataset_folder(d: DataConfig, cache_root: str | Path) -> Path:
     return Path(cache_root) / dataset_key(d)
 
 
-def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False,
+def prepare_dataset(d: DataConfig, cache_root: str | Path, log: Callable[[str], None] = print, repair: bool = False,
                     check_split: Callable[[SplitIndices], None] | None = None) -> PreparedDataset:
     """The prepared dataset of ``DataConfig`` ``d``. FFCV: write the splits unless files written with the same
     settings from the same source are there, then verify both against their manifests; a file that fails is
@@ -129,7 +133,7 @@ def prepare_dataset(d, cache_root: str | Path, log=print, repair: bool = False,
                            len(val.val), val.digest())
 
 
-def prepared_split(d, cache_root: str | Path) -> tuple[SplitIndices, list[str]] | None:
+def prepared_split(d: DataConfig, cache_root: str | Path) -> tuple[SplitIndices, list[str]] | None:
     """The split and class names of an FFCV dataset already prepared with the current settings, read from its
     manifest and labels only (nothing written, no source decoded), after the file's integrity check
     (``DataError``); None when it is not prepared yet."""
@@ -144,7 +148,7 @@ def prepared_split(d, cache_root: str | Path) -> tuple[SplitIndices, list[str]] 
     return split_indices(d, beton_labels(str(train)), names), names
 
 
-def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
+def dataset_splits(d: DataConfig, files: PreparedDataset) -> SplitIndices:
     """The bank and validation indices of ``files`` (prepared from ``DataConfig`` ``d``), as ``prepare_dataset``
     chose them; what a worker calls."""
     if files.train:
@@ -158,8 +162,8 @@ def dataset_splits(d, files: PreparedDataset) -> SplitIndices:
     return split
 
 
-def _write_splits(d, paths: dict[str, Path], settings: dict, fingerprint: str, log, only_if_stale: bool,
-                  check_split: Callable[[SplitIndices], None]) -> None:
+def _write_splits(d: DataConfig, paths: dict[str, Path], settings: dict, fingerprint: str, log: Callable[[str], None],
+                  only_if_stale: bool, check_split: Callable[[SplitIndices], None]) -> None:
     """Read the source, then write every split under the folder's lock (another process may have written them
     meanwhile: with ``only_if_stale`` they are then left as they are)."""
     from filelock import FileLock

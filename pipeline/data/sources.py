@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -68,7 +73,7 @@ class ImageFiles:
         return np.concatenate([_read_rgb(self.paths[i]).reshape(-1, 3) for i in picks])
 
 
-def channel_stats(split) -> tuple[list[float], list[float]]:
+def channel_stats(split: LabelledImages | ImageFiles) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] of a split (over an evenly spaced sample of its images)."""
     pixels = split.sample_for_stats().reshape(-1, 3).astype(np.float64) / 255.0
     return pixels.mean(0).round(6).tolist(), pixels.std(0).round(6).tolist()
@@ -192,7 +197,8 @@ def cifar(root: str, num_classes: int, download: bool) -> dict[str, LabelledImag
     return splits
 
 
-def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[str] | None, log) -> ImageFiles:
+def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[str] | None,
+                        log: Callable[[str], None]) -> ImageFiles:
     """List ``split_dir/<class>/<image>``; check every image decodes (skip and count, or fail)."""
     from PIL import Image
 
@@ -233,7 +239,7 @@ def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[st
     return ImageFiles(paths, np.asarray(labels, np.int64), list(names), str(split_dir), skipped)
 
 
-def image_folder(root: str, on_bad_image: str, log=print) -> dict[str, ImageFiles]:
+def image_folder(root: str, on_bad_image: str, log: Callable[[str], None] = print) -> dict[str, ImageFiles]:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet layout); classes are the train folders."""
     base = Path(root).expanduser()
     if not root or not base.is_dir():
@@ -243,7 +249,7 @@ def image_folder(root: str, on_bad_image: str, log=print) -> dict[str, ImageFile
     return {"train": train, "test": test}
 
 
-def source_fingerprint(data_config) -> str:
+def source_fingerprint(data_config: DataConfig) -> str:
     """A cheap digest of the files a source reads (path, size, mtime), so a changed source is rewritten.
     Generated sources (digits, synthetic) are fully described by their settings and return "".
     """
@@ -257,7 +263,8 @@ def source_fingerprint(data_config) -> str:
     return digest.hexdigest()
 
 
-def load_source(data_config, log=print) -> dict[str, LabelledImages | ImageFiles]:
+def load_source(data_config: DataConfig, log: Callable[[str], None] = print
+                ) -> dict[str, LabelledImages | ImageFiles]:
     """The ``train`` and ``test`` splits of the dataset a ``DataConfig`` names."""
     d = data_config
     if d.dataset == "digits":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, DataConfig
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,13 @@ def beton_labels(path: str) -> np.ndarray:
     return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
 
 
-def split_indices(data_config, train_labels: np.ndarray, class_names: list[str] | None = None) -> SplitIndices:
+def split_indices(data_config: DataConfig, train_labels: np.ndarray, class_names: list[str] | None = None
+                  ) -> SplitIndices:
     return validation_split(train_labels, data_config.val_fraction, data_config.val_seed, class_names)
 
 
-def write_validation_manifest(folder: Path, data_config, split: SplitIndices, labels: np.ndarray) -> Path:
+def write_validation_manifest(folder: Path, data_config: DataConfig, split: SplitIndices, labels: np.ndarray
+                              ) -> Path:
     """``<folder>/validation-<fraction>-<seed>.json``: the fraction, seed, sizes, per-class counts and the
     digest of the validation indices (written atomically; the same choice writes the same bytes)."""
     d = data_config

@@ -6,26 +6,31 @@ augmentation are unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torchvision.transforms import v2
 
+if TYPE_CHECKING:
+    from pipeline.data.sources import ImageFiles, LabelledImages
+
 
 class _Views(Dataset):
     """Item i -> ``(view_1, ..., view_n, label, index)``: ``n`` draws of ``transform`` on the decoded uint8 image
     of sample ``index = indices[i]`` of ``split`` (default: every sample)."""
 
-    def __init__(self, split, transform, views: int, indices=None) -> None:
+    def __init__(self, split: LabelledImages | ImageFiles, transform: Callable[[torch.Tensor], torch.Tensor],
+                 views: int, indices: np.ndarray | None = None) -> None:
         self.split, self.transform, self.views = split, transform, views
         self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item: int):
+    def __getitem__(self, item: int) -> tuple[torch.Tensor | int, ...]:
         index = int(self.indices[item])
         image, label, _ = self.split[index]
         image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # [3, H, W] uint8
@@ -37,14 +42,15 @@ class _SeededTwoViews(Dataset):
     (``pipeline.data.crops``: crops and flips drawn from (seed, epoch, index, view), the same resize) of sample
     ``index = indices[i]`` decoded once."""
 
-    def __init__(self, split, image_size: int, crop_scale_min: float, flip: bool, seed: int, indices=None) -> None:
+    def __init__(self, split: LabelledImages | ImageFiles, image_size: int, crop_scale_min: float, flip: bool,
+                 seed: int, indices: np.ndarray | None = None) -> None:
         self.split, self.size, self.scale_min, self.flip, self.seed = split, image_size, crop_scale_min, flip, seed
         self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item_and_epoch):
+    def __getitem__(self, item_and_epoch: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         from pipeline.data import crops
 
         item, epoch = item_and_epoch
@@ -64,10 +70,10 @@ class _SeededTwoViews(Dataset):
 class _WithEpoch(Sampler):
     """``base``'s items paired with the epoch the loader sets (the sampler runs in the main process)."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base: Sampler[int]) -> None:
         self.base, self.epoch = base, 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((i, self.epoch) for i in self.base)
 
     def __len__(self) -> int:
@@ -79,8 +85,9 @@ class TorchvisionTwoViewLoader:
     resize), decoding in ``workers`` processes; ``DistributedSampler`` shards under DDP.
     """
 
-    def __init__(self, split, batch_size: int, image_size: int, crop_scale_min: float, flip: bool,
-                 distributed: bool, seed: int, workers: int = 1, indices=None) -> None:
+    def __init__(self, split: LabelledImages | ImageFiles, batch_size: int, image_size: int, crop_scale_min: float,
+                 flip: bool, distributed: bool, seed: int, workers: int = 1, indices: np.ndarray | None = None
+                 ) -> None:
         dataset = _SeededTwoViews(split, image_size, crop_scale_min, flip, seed, indices)
         if distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
@@ -117,8 +124,8 @@ class TorchvisionEvalLoader:
     """Iterates ``(images, labels, index)`` over ``indices`` in order like ``EvalLoader`` (centre crop of
     ``crop_ratio`` of the shorter side, resized; under ``distributed`` the same sharding and padding)."""
 
-    def __init__(self, split, batch_size: int, image_size: int, crop_ratio: float = 1.0, workers: int = 1,
-                 indices=None, distributed: bool = False):
+    def __init__(self, split: LabelledImages | ImageFiles, batch_size: int, image_size: int, crop_ratio: float = 1.0,
+                 workers: int = 1, indices: np.ndarray | None = None, distributed: bool = False) -> None:
         transform = v2.Compose([v2.Resize(round(image_size / crop_ratio), antialias=True), v2.CenterCrop(image_size)])
         dataset = _Views(split, transform, views=1, indices=indices)
         self.num_samples = len(dataset)
