@@ -98,13 +98,14 @@ def _cmd_train(config: ExperimentConfig, verbose: bool = False) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.run_status import Ending
     from tune.spec import load_sweep
     from tune.sweep import run_sweep
 
     spec = load_sweep(args.config, args.overrides)
     outcome = run_sweep(spec, verbose=args.verbose)
     print(f"\nMLflow parent run: {outcome.parent_run_id} (one child run per trial)")
-    errored = [row for row in outcome.rows if row.status.startswith("error")]
+    errored = [row for row in outcome.rows if row.status.ending is Ending.FAILED]
     if errored:
         print(f"{len(errored)} of {len(outcome.rows)} trials ended with an error (status column above; the "
               f"MLflow run's varcon.error tag has the full message)")
