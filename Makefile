@@ -2,6 +2,11 @@
 # set-up is idempotent.
 .PHONY: setup demo test test-fast test-contention lint
 
+# The unit tier runs on pytest-xdist workers, one per core up to 4 (each holds torch and its own fork server); the
+# cluster tier shares one Ray cluster per session, so it runs in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+UNIT_TIER = .venv/bin/python -m pytest -m "not cluster" -n $(TEST_WORKERS) --dist worksteal
+
 setup:
 	bash scripts/setup.sh
 
@@ -13,10 +18,11 @@ lint: setup
 
 test: lint
 	bash scripts/check_job_submit.sh
-	.venv/bin/python -m pytest
+	$(UNIT_TIER)
+	.venv/bin/python -m pytest -m cluster
 
 test-fast: lint
-	.venv/bin/python -m pytest -m "not cluster"
+	$(UNIT_TIER)
 
 test-contention: lint
 	bash scripts/test_under_contention.sh

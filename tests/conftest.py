@@ -16,6 +16,10 @@ from services import MlflowServer, PostgresServer, RaySession, S3Server, Trackin
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test-fast: the cores shared between pytest-xdist's workers, not
+    # each worker's torch (and the ranks and subprocesses it starts) spreading threads over all of them
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # where tests write the faults they inject (pipeline.faults); every Ray process of the session gets the variable
 FAULTS_FILE = os.path.join(tempfile.mkdtemp(prefix="varcon-faults-"), "faults.json")
 os.environ["VARCON_FAULTS_FILE"] = FAULTS_FILE

@@ -33,14 +33,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The rank processes fork from the standard library's fork server, which imported these once (at the first
+# ``spawn_ranks``): a rank then starts in a fraction of a second instead of importing torch and the pipeline anew.
+# Forked from that server, ranks see the environment of the moment it started, not a test's later changes.
+RANK_PRELOAD = ["torch", "torch.distributed", "pipeline.engine", "pipeline.evaluation"]
+
+
+def process_context():
+    """The multiprocessing context of every test that needs processes of its own: the fork server's."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts (the first process)
+    return multiprocessing.get_context("forkserver")
+
+
 def spawn_ranks(target, *args, world: int = 2) -> dict:
-    """``target(rank, port, *args, results)`` in ``world`` new processes (``torch.multiprocessing.spawn``), which
-    join one gloo group on a free loopback port (``join_group``); returns what they put in ``results``."""
+    """``target(rank, port, *args, results)`` in ``world`` new processes (``torch.multiprocessing.start_processes``
+    from the fork server), which join one gloo group on a free loopback port (``join_group``); returns what they
+    put in ``results``."""
     import torch.multiprocessing as mp
 
-    results = mp.Manager().dict()
-    mp.spawn(target, args=(free_port(), *args, results), nprocs=world, join=True)
-    return dict(results)
+    with process_context().Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(target, args=(free_port(), *args, results), nprocs=world, join=True,
+                           start_method=process_context().get_start_method())
+        return dict(results)
 
 
 def join_group(rank: int, port: int, world: int = 2) -> None:

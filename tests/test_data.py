@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
-from services import join_group, spawn_ranks
+from services import join_group, process_context, spawn_ranks
 
 from pipeline.config import DataConfig, load_config
 from pipeline.data import DataError, dataset_folder, prepare_dataset, verify_beton
@@ -353,7 +352,7 @@ def test_concurrent_writers_of_one_folder_write_it_once(tmp_path):
     the files current and only verifies them."""
     from filelock import FileLock
 
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     queue = ctx.Queue()
     processes = [ctx.Process(target=_prepare_in_process, args=(tmp_path, queue)) for _ in range(2)]
     folder = dataset_folder(data_config(dataset="synthetic", train_samples=400, test_samples=100), tmp_path)
