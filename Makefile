@@ -2,8 +2,9 @@
 # set-up is idempotent.
 .PHONY: setup demo test test-fast test-contention lint
 
-# The unit tier runs on pytest-xdist workers, one per core up to 4 (each holds torch and its own fork server); the
-# cluster tier shares one Ray cluster per session, so it runs in one process.
+# The unit tier runs on pytest-xdist workers, one per core up to 4 (each holds torch and its own fork server;
+# TEST_WORKERS=0 runs it in one process); the cluster tier shares one Ray cluster per session, so it runs in one
+# process.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 UNIT_TIER = .venv/bin/python -m pytest -m "not cluster" -n $(TEST_WORKERS) --dist worksteal
 
@@ -18,8 +19,9 @@ lint: setup
 
 test: lint
 	bash scripts/check_job_submit.sh
-	$(UNIT_TIER)
-	.venv/bin/python -m pytest -m cluster
+	$(UNIT_TIER); unit=$$?; \
+	.venv/bin/python -m pytest -m cluster; cluster=$$?; \
+	exit $$(( unit || cluster ))  # both tiers run whatever the first gave
 
 test-fast: lint
 	$(UNIT_TIER)

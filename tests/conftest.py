@@ -19,7 +19,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test-fast: the cores shared between pytest-xdist's workers, not
     # each worker's torch (and the ranks and subprocesses it starts) spreading threads over all of them
     os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # where tests write the faults they inject (pipeline.faults); every Ray process of the session gets the variable
 FAULTS_FILE = os.path.join(tempfile.mkdtemp(prefix="varcon-faults-"), "faults.json")
 os.environ["VARCON_FAULTS_FILE"] = FAULTS_FILE

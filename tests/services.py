@@ -48,24 +48,24 @@ def process_context():
 
 
 def spawn_ranks(target, *args, world: int = 2) -> dict:
-    """``target(rank, port, *args, results)`` in ``world`` new processes (``torch.multiprocessing.start_processes``
-    from the fork server), which join one gloo group on a free loopback port (``join_group``); returns what they
-    put in ``results``."""
+    """``target(rank, rendezvous, *args, results)`` in ``world`` new processes
+    (``torch.multiprocessing.start_processes`` from the fork server), which join one gloo group through the
+    rendezvous file (``join_group``; a file, not a port, so that no other process can take it meanwhile); returns
+    what they put in ``results``."""
     import torch.multiprocessing as mp
 
-    with process_context().Manager() as manager:
+    with tempfile.TemporaryDirectory(prefix="varcon-ranks-") as folder, process_context().Manager() as manager:
         results = manager.dict()
-        mp.start_processes(target, args=(free_port(), *args, results), nprocs=world, join=True,
-                           start_method=process_context().get_start_method())
+        mp.start_processes(target, args=(os.path.join(folder, "rendezvous"), *args, results), nprocs=world,
+                           join=True, start_method=process_context().get_start_method())
         return dict(results)
 
 
-def join_group(rank: int, port: int, world: int = 2) -> None:
-    """In a process of ``spawn_ranks``: join its gloo group as ``rank``."""
+def join_group(rank: int, rendezvous: str, world: int = 2) -> None:
+    """In a process of ``spawn_ranks``: join its gloo group as ``rank`` (torch's file store at ``rendezvous``)."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 def wait_until(ready, what: str, process: subprocess.Popen | None = None, timeout_s: float = 120) -> None:

@@ -287,8 +287,8 @@ def test_evaluation_batches_can_be_kept_across_a_whole_pass(digits_files, loader
     np.testing.assert_array_equal(labels.numpy(), split.labels[chosen])
 
 
-def _shard_rank(rank, port, path, results):
-    join_group(rank, port, 2)
+def _shard_rank(rank, rendezvous, path, results):
+    join_group(rank, rendezvous, 2)
     try:
         loader = TwoViewLoader(path, 16, 32, 0.5, False, distributed=True, seed=3)
         results[rank] = [torch.cat([b[3] for b in loader]).tolist() for _ in range(2)]  # two epochs

@@ -41,8 +41,8 @@ def single_process_gradient(loss_name: str) -> torch.Tensor:
     return model.weight.grad
 
 
-def _rank_main(rank: int, port: int, loss_name: str, scale_loss: bool, results) -> None:
-    join_group(rank, port, WORLD)
+def _rank_main(rank: int, rendezvous: str, loss_name: str, scale_loss: bool, results) -> None:
+    join_group(rank, rendezvous, WORLD)
     try:
         x, labels = global_batch()
         local = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
@@ -85,11 +85,11 @@ def test_single_process_helpers_are_identities():
     assert distributed.loss_scale_for_global_batch() == 1
 
 
-def _global_batch_rank(rank: int, port: int, files, results) -> None:
+def _global_batch_rank(rank: int, rendezvous: str, files, results) -> None:
     from pipeline import engine
     from pipeline.config import load_config
 
-    join_group(rank, port, WORLD)
+    join_group(rank, rendezvous, WORLD)
     try:
         config = load_config(None, ["optim.global_batch_size=128", "ray.num_workers=2"])
         training = engine.build_training(config, files, torch.device("cpu"))
@@ -112,8 +112,8 @@ def test_two_workers_split_the_global_batch(digits_files):
     assert not torch.equal(results[0][2], results[1][2])
 
 
-def _buffers_rank(rank: int, port: int, results) -> None:
-    join_group(rank, port, WORLD)
+def _buffers_rank(rank: int, rendezvous: str, results) -> None:
+    join_group(rank, rendezvous, WORLD)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(

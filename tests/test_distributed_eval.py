@@ -44,8 +44,8 @@ def shard_of(feats, labels, rank: int) -> Shard:
     return Shard(feats[index], torch.ones(len(index)), labels[index], index, len(labels))
 
 
-def _knn_rank(rank, port, tied, results):
-    join_group(rank, port, WORLD)
+def _knn_rank(rank, rendezvous, tied, results):
+    join_group(rank, rendezvous, WORLD)
     try:
         bank_feats, bank_labels = features(101, 0, tied)  # odd sizes: the shards differ by one
         query_feats, query_labels = features(37, 1, tied)
@@ -80,8 +80,8 @@ def evaluate(files, rank_world: int):
     return metrics, final, {name: len(shard.index) for name, shard in shards.items()}
 
 
-def _evaluator_rank(rank, port, files, results):
-    join_group(rank, port, WORLD)
+def _evaluator_rank(rank, rendezvous, files, results):
+    join_group(rank, rendezvous, WORLD)
     try:
         results[rank] = evaluate(files, WORLD)
     finally:
@@ -170,8 +170,8 @@ def both_probes(train: Shard, held: Shard, batches: list) -> dict:
                                                  lr=0.3, seed=5)}
 
 
-def _probes_rank(rank, port, results):
-    join_group(rank, port, WORLD)
+def _probes_rank(rank, rendezvous, results):
+    join_group(rank, rendezvous, WORLD)
     try:
         feats, labels = probe_data()
         results[rank] = both_probes(shard_of(feats, labels, rank), shard_of(*features(37, 1, tied=False), rank),

@@ -50,8 +50,8 @@ def train(model, optimizer, rank: int, loss_factor: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _rank_main(rank: int, port: int, results) -> None:
-    join_group(rank, port, WORLD)
+def _rank_main(rank: int, rendezvous: str, results) -> None:
+    join_group(rank, rendezvous, WORLD)
     try:
         for momentum in (0.0, 0.9):
             for decay_all in (False, True):
