@@ -298,8 +298,10 @@ class TrackedRun:
 
     # -- models ----------------------------------------------------------------------------------------------
     def log_pytorch_model(self, model: torch.nn.Module, name: str, example_input: torch.Tensor) -> str:
-        """Log ``model`` (an ``nn.Module`` on CPU) as an MLflow PyTorch model with a signature inferred from
-        ``example_input`` ``[N, 3, H, W]``; returns its model URI (also kept in the ``varcon.model_uri`` tag)."""
+        """Log ``model`` (an ``nn.Module`` on CPU, in eval mode) as an MLflow PyTorch model in the ``pt2`` format
+        (``torch.export``: a graph and its weights, no pickle, so loading it runs no code of the file), exported
+        with ``example_input`` ``[N, 3, H, W]`` (N > 1: the batch stays dynamic) and the signature inferred from
+        it; returns its model URI (also kept in the ``varcon.model_uri`` tag)."""
         import mlflow
         import mlflow.pytorch
         import torch
@@ -313,7 +315,8 @@ class TrackedRun:
                         f"torchvision=={torchvision.__version__.split('+')[0]}"]
         with using_tracking_uri(self.tracking_uri):
             info = mlflow.pytorch.log_model(model, name=name, run_id=self.run_id, signature=signature,
-                                            pip_requirements=requirements, serialization_format="pickle")
+                                            input_example=example_input.numpy(), pip_requirements=requirements,
+                                            serialization_format="pt2")
         self.set_tags({MODEL_URI_TAG: info.model_uri})
         return info.model_uri
 

@@ -2,6 +2,7 @@
 import json
 import os
 import threading
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -91,11 +92,19 @@ def test_sender_hands_back_what_a_dead_store_never_took():
     assert sender.close(timeout_s=0.2) == [(1, {"a": 1.0}), (2, {"a": 2.0, "b": 0.5})]
 
 
-def test_logged_encoder_loads_back_and_registers(store):
+def test_logged_encoder_loads_back_and_registers(store, tmp_path):
+    """The encoder is logged as an exported graph (MLflow's pt2, no pickle to run at load) that reproduces its
+    features at another batch size than the one it was exported with."""
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+
     run = create_run(store, "varcon", "model-run", "model-run", {})
-    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    example = torch.randn(2, 3, 8, 8)
+    encoder = build_model(load_config(None, []), 10).encoder.eval()
+    example = torch.zeros(2, 3, 32, 32)
     model_uri = run.log_pytorch_model(encoder, "encoder", example)
+    with using_tracking_uri(store):
+        logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path)))
+    assert sorted(path.name for path in (logged / "data").iterdir()) == ["model.pt2"]
     assert run.register_model("digits-encoder") == 1
     assert run.register_model("digits-encoder") == 2
     # MLflow's fluent API reads a process-wide URI (and exports it): logging leaves this process's as it was
@@ -103,7 +112,9 @@ def test_logged_encoder_loads_back_and_registers(store):
     with using_tracking_uri(store):
         loaded = mlflow.pytorch.load_model(model_uri)
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    torch.testing.assert_close(loaded(example), encoder(example))
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), encoder(images))
     versions = MlflowClient(store).search_model_versions("name='digits-encoder'")
     assert {v.run_id for v in versions} == {run.run_id}
 
