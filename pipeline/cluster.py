@@ -26,6 +26,7 @@ from pipeline.config import ConfigError
 
 _started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
 SHOWN = ("CPU", "GPU")
+PROGRESS_EVERY_S = 60.0  # a line while the autoscaler works (cold GPU nodes take minutes: ray.resource_wait_s)
 
 
 def init_ray(verbose: bool = False, log: Callable[[str], None] = print) -> None:
@@ -159,16 +160,36 @@ def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_
     try:
         log(f"asked the autoscaler for {len(bundles)} bundles ({_describe(_totals(bundles))}); waiting up to "
             f"{wait_s:g} s (ray.resource_wait_s)")
-        deadline = time.monotonic() + wait_s
+        asked, before = time.monotonic(), have
+        deadline, next_line = asked + wait_s, asked + PROGRESS_EVERY_S
         while not fits(have := ray.cluster_resources(), first):
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise ConfigError(_shortfall(first, have, f"the autoscaler did not add the nodes within {wait_s:g} s "
                                                           f"(ray.resource_wait_s): see `ray status` and the "
                                                           f"autoscaler's log (monitor.log)"))
-            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+            if now >= next_line:
+                log(waiting_line(first, before, have, now - asked, wait_s))
+                next_line += PROGRESS_EVERY_S
+            time.sleep(min(5.0, max(0.1, deadline - now)))
+        log(f"the cluster holds the run after {(time.monotonic() - asked) / 60:.1f} min: {_describe(_shown(have, first))}")
         yield have
     finally:
         request_resources(bundles=[])  # withdraw: each call replaces the cluster-wide request
+
+
+def _shown(resources: dict, bundles: list[dict]) -> dict[str, float]:
+    """``resources`` restricted to CPU, GPU and what ``bundles`` ask for (not memory, node:<ip>, ...)."""
+    return {k: resources.get(k, 0.0) for k in dict.fromkeys([*SHOWN, *_totals(bundles)])}
+
+
+def waiting_line(first: list[dict], before: dict, have: dict, waited_s: float, wait_s: float) -> str:
+    """The line printed every ``PROGRESS_EVERY_S`` while the autoscaler adds nodes: what the run needs, what the
+    cluster has and has gained since the request, and the minutes waited of ``ray.resource_wait_s``."""
+    added = {k: have.get(k, 0.0) - before.get(k, 0.0) for k in _shown(have, first)}
+    return (f"waiting for the autoscaler: the run needs {_describe(_shown(_totals(first), first))}; the cluster has "
+            f"{_describe(_shown(have, first))} ({_describe(added)} added since asked); {waited_s / 60:.0f} of "
+            f"{wait_s / 60:.0f} min (ray.resource_wait_s)")
 
 
 def _shortfall(bundles: list[dict], have: dict, fix: str) -> str:

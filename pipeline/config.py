@@ -226,8 +226,10 @@ class RayConfig:
                                              "training goes on (Ray Train's CheckpointUploadMode.ASYNC; worth it for "
                                              "bucket storage)")
     placement_strategy: str = operational("PACK", "PACK | SPREAD | STRICT_SPREAD (one worker per node)")
-    resource_wait_s: float = operational(600.0, "on a running cluster: how long to wait for the autoscaler to add the "
-                                            "CPUs/GPUs a run needs before failing (a local instance fails at once)")
+    resource_wait_s: float = operational(1800.0, "on a running cluster: how long to wait for the autoscaler to add "
+                                             "the CPUs/GPUs a run needs before failing (a local instance fails at "
+                                             "once); a cold p4d boots and runs scripts/node_setup.sh (CUDA torch, "
+                                             "FFCV's build) in ~10-17 min (README: On a GPU cluster)")
     autoscaler_config: str = operational("~/ray_bootstrap_config.yaml", "the cluster's autoscaler config (where `ray "
                                                                         "up` "
                                                                     "puts it on the head): what exceeds its node "

@@ -22,6 +22,8 @@ def test_a_training_makes_the_autoscaler_add_nodes_and_an_impossible_one_is_refu
     trained = steps["trained"]
     assert trained["returncode"] == 0, trained["stderr"]
     assert "asked the autoscaler for 2 bundles (2 CPU, 0 GPU)" in trained["stdout"]
+    (held,) = [line for line in trained["stdout"].splitlines() if line.startswith("the cluster holds the run after")]
+    assert held.endswith(" min: 2 CPU, 0 GPU")  # the two worker nodes the request added
     assert "== autoscaled: varcon on digits, 1 epochs, 2 Ray Train workers ==" in trained["stdout"]
     assert [line.split()[1] for line in trained["stdout"].splitlines() if line.startswith("epoch ")] == ["0/1", "1/1"]
     assert "TrainingReport(" not in trained["stdout"] + trained["stderr"]
