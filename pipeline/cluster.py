@@ -172,7 +172,8 @@ def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_
                 log(waiting_line(first, before, have, now - asked, wait_s))
                 next_line += PROGRESS_EVERY_S
             time.sleep(min(5.0, max(0.1, deadline - now)))
-        log(f"the cluster holds the run after {(time.monotonic() - asked) / 60:.1f} min: {_describe(_shown(have, first))}")
+        minutes = (time.monotonic() - asked) / 60
+        log(f"the cluster holds the run after {minutes:.1f} min: {_describe(_shown(have, first))}")
         yield have
     finally:
         request_resources(bundles=[])  # withdraw: each call replaces the cluster-wide request

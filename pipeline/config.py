@@ -56,7 +56,7 @@ IDENTITY_CLASSES = ("trajectory", "operational", "stored")
 # The field specifiers below return ``Any``, as ``dataclasses.field`` does for a type checker: the ``Field`` they
 # make stands for a value of the field's declared type (``dataset: str = stored(...)``).
 def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
-            factory: Callable[[], Any] | None = None, identity: str = "") -> Any:
+            factory: Callable[[], Any] | None = None, identity: str = "", added: bool = False) -> Any:
     """A schema field, its one-line description and (a key, not a section) its identity class, held in the
     field's metadata: ``varcon config --keys`` prints the descriptions and ``pipeline.identity`` reads the classes,
     so the schema is the one place a key is described and classified. Keys use ``trajectory``, ``operational``
@@ -65,16 +65,18 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
         raise TypeError("every config key needs a description")
     if identity and identity not in IDENTITY_CLASSES:
         raise TypeError(f"identity {identity!r} is not one of {IDENTITY_CLASSES}")
-    metadata = {"help": help, "identity": identity}
+    metadata = {"help": help, "identity": identity, "added": added}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
 def trajectory(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
-               factory: Callable[[], Any] | None = None) -> Any:
-    """A key that changes what is trained: part of the run's identity (``pipeline.identity``)."""
-    return setting(default, help, factory=factory, identity="trajectory")
+               factory: Callable[[], Any] | None = None, added: bool = False) -> Any:
+    """A key that changes what is trained: part of the run's identity (``pipeline.identity``). ``added``: a key
+    that came after run keys existed enters the identity only when set away from its default, so runs keyed
+    before it keep their keys."""
+    return setting(default, help, factory=factory, identity="trajectory", added=added)
 
 
 def operational(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
@@ -143,10 +145,15 @@ class ModelConfig:
 class ScheduleConfig:
     """How VarCon's tau1 and eps change over training (see ``pipeline.schedules``)."""
 
-    kind: str = trajectory("constant", "constant | linear | cosine | step | piecewise")
+    kind: str = trajectory("constant", "constant | linear | cosine | step | piecewise | periodic")
     tau1_end: float | None = trajectory(None, "linear/cosine/step: the last epoch's tau1 (default: loss.tau1)")
     eps_end: float | None = trajectory(None, "linear/cosine/step: the last epoch's eps (default: loss.eps)")
     steps: int = trajectory(4, "step: equal phases, each at one value")
+    period: int = trajectory(0, "periodic: epochs of one oscillation of tau1 (Kukleva et al.'s T)", added=True)
+    tau1_half_period: float | None = trajectory(None, "periodic: tau1 at each half period, the other bound (loss.tau1 "
+                                                      "is the value at epoch 1 and every period after)", added=True)
+    eps_rule: str = trajectory("ratio", "periodic: eps follows tau1 at loss.eps / loss.tau1 (ratio) or stays loss.eps "
+                                        "(fixed)", added=True)
     epochs: list[int] = trajectory(factory=list, help="piecewise: the epoch at which each value starts (first: 1)")
     tau1_values: list[float] = trajectory(factory=list, help="piecewise: tau1 from each of those epochs on")
     eps_values: list[float] = trajectory(factory=list, help="piecewise: eps from each of those epochs on")

@@ -16,25 +16,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 
 from pipeline.config import ExperimentConfig, flatten
 from pipeline.data.prepare import stored_settings
 
 
-def identity_classes(schema: type = ExperimentConfig, prefix: str = "") -> dict[str, str]:
-    """``{dotted key: identity class}`` of every leaf key, as the schema declares it (``pipeline.config.setting``:
-    ``trajectory``, ``operational`` or ``stored``; "" where a key declares none)."""
-    found = {}
+def _leaves(schema: type = ExperimentConfig, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, object]]:
+    """``(dotted key, field, default)`` of every leaf key of the schema."""
     for f in dataclasses.fields(schema):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            found.update(identity_classes(type(default), f"{prefix}{f.name}."))
+            yield from _leaves(type(default), f"{prefix}{f.name}.")
         else:
-            found[f"{prefix}{f.name}"] = f.metadata.get("identity", "")
-    return found
+            yield f"{prefix}{f.name}", f, default
+
+
+def identity_classes(schema: type = ExperimentConfig) -> dict[str, str]:
+    """``{dotted key: identity class}`` of every leaf key, as the schema declares it (``pipeline.config.setting``:
+    ``trajectory``, ``operational`` or ``stored``; "" where a key declares none)."""
+    return {key: f.metadata.get("identity", "") for key, f, _ in _leaves(schema)}
 
 
 CLASSES = identity_classes()
+# trajectory keys declared ``added`` (they came after run keys existed): in a run's identity only when set away
+# from their default (as ``flatten`` writes it), so runs keyed before them keep their keys
+ADDED = {key: str(default) for key, f, default in _leaves() if f.metadata.get("added")}
 # keys that change what is trained, as they are
 TRAJECTORY = frozenset(key for key, kind in CLASSES.items() if kind == "trajectory")
 # keys that never change what is trained: where things live, how hard to retry, how much to evaluate and log
@@ -51,7 +58,8 @@ def trajectory_settings(config: ExperimentConfig) -> dict:
     if unclassified:
         raise RuntimeError(f"config keys {sorted(unclassified)} declare no identity class: define them with "
                            f"pipeline.config's trajectory, operational or stored (does it change what is trained?)")
-    settings = {key: value for key, value in flat.items() if key in TRAJECTORY}
+    settings = {key: value for key, value in flat.items()
+                if key in TRAJECTORY and not (key in ADDED and value == ADDED[key])}
     settings["data.stored"] = json.dumps(stored_settings(config.data), sort_keys=True)
     return settings
 

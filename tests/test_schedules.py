@@ -39,7 +39,42 @@ def test_piecewise_replays_values_from_their_epochs():
     assert [(t.tau1, t.eps) for t in steps] == [(0.1, 0.02)] * 2 + [(0.05, 0.01)] * 3
 
 
+def test_periodic_follows_kukleva_s_cosine_with_eps_by_its_rule():
+    """tau1 from loss.tau1 to the half-period bound and back every period (epoch e at t = e - 1); eps keeps
+    loss.eps / loss.tau1 (ratio) or stays loss.eps (fixed)."""
+    periodic = ["loss.schedule.kind=periodic", "loss.schedule.period=4", "loss.schedule.tau1_half_period=0.3"]
+    ratio = values(periodic, epochs=9)
+    expected = [0.3 + (0.1 - 0.3) * 0.5 * (1 + math.cos(2 * math.pi * t / 4)) for t in range(9)]
+    assert [t.tau1 for t in ratio] == pytest.approx(expected)
+    assert [t.tau1 for t in ratio][::2] == pytest.approx([0.1, 0.3, 0.1, 0.3, 0.1])  # bounds at each half period
+    assert [t.eps for t in ratio] == pytest.approx([0.2 * tau1 for tau1 in expected])
+    fixed = values([*periodic, "loss.schedule.eps_rule=fixed"], epochs=9)
+    assert [t.tau1 for t in fixed] == pytest.approx(expected) and {t.eps for t in fixed} == {0.02}
+
+
+def test_periodic_keys_leave_the_run_keys_of_other_schedules_as_they_were():
+    """The periodic keys came after run keys existed: at their defaults they are not part of a run's identity
+    (every earlier run keeps its key); set, they are."""
+    from pipeline.identity import identity_digest, trajectory_settings
+
+    plain = load_config(None, [])
+    assert not any(key in trajectory_settings(plain) for key in
+                   ("loss.schedule.period", "loss.schedule.tau1_half_period", "loss.schedule.eps_rule"))
+    assert identity_digest(load_config(None, ["loss.schedule.eps_rule=ratio", "loss.schedule.period=0"])) == \
+        identity_digest(plain)
+    assert identity_digest(load_config(None, ["loss.schedule.eps_rule=fixed"])) != identity_digest(plain)
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (["loss.schedule.kind=periodic", "loss.schedule.tau1_half_period=0.3"], "period=0 must be >= 2"),
+    (["loss.schedule.kind=periodic", "loss.schedule.period=10"], "tau1_half_period must be set"),
+    (["loss.schedule.kind=periodic", "loss.schedule.period=10", "loss.schedule.tau1_half_period=0.3",
+      "loss.schedule.eps_rule=cubic"], "eps_rule='cubic' is unknown"),
+    (["loss.schedule.kind=periodic", "loss.schedule.period=10", "loss.schedule.tau1_half_period=0.03",
+      "loss.schedule.eps_rule=fixed"],
+     r"reaches tau1=0.03 with eps=0.02 \(eps_rule=fixed\): tau1 - eps must stay >= 0.02"),
+    (["loss.schedule.kind=periodic", "loss.schedule.period=10", "loss.schedule.tau1_half_period=0.02"],
+     "reaches tau1=0.02 with eps=0.004"),
     (["loss.schedule.kind=exponential"], "loss.schedule.kind='exponential' is unknown"),
     (["loss.schedule.kind=linear", "loss.schedule.tau1_end=0.01"], "reaches tau1=0.01, eps=0.02"),
     (["loss.schedule.kind=step", "loss.schedule.steps=1"], "must be >= 2"),
