@@ -277,7 +277,8 @@ def test_the_loss_comparison_reports_each_recipe_over_its_seeds(varcon_home):
     """Three recipes x two seeds: six trials, and a table of mean +- sd per recipe on validation and test,
     printed and logged to the parent run, whose figures are the trials' own."""
     printed = succeeded(varcon("tune", "--config", str(REPO_ROOT / "configs" / "tune" / "digits_loss_comparison.yaml"),
-                               "tune.name=t-cmp", "tune.seeds=2", "optim.epochs=1", "optim.warmup_epochs=0",
+                               "tune.name=t-cmp", "tune.seeds=2", "tune.baseline=", "optim.epochs=1",
+                               "optim.warmup_epochs=0",
                                *SHORT_EVAL))
     client = store(varcon_home)
     parent, children = sweep_runs(client, "t-cmp")

@@ -1,5 +1,6 @@
 """A sweep's results as tables: one row per trial (``TrialRow``), the replicates of each configuration compared
-(``compare``: mean, sd and count per metric), the best trial, and the tables and CSV files the sweep writes."""
+(``compare``: mean, sd and count per metric; ``tune.verdicts``: paired against a baseline), the best trial, and
+the tables and CSV files the sweep writes."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from pipeline.run_status import RunStatus
 from tune.spec import REPLICATE, SweepSpec
+from tune.verdicts import paired_verdicts, plot_differences, verdict_table, write_verdicts_csv
 
 
 @dataclass
@@ -98,6 +100,26 @@ def write_comparison_csv(compared: list[Compared], metrics: list[str], path: Pat
         for c in compared:
             writer.writerow([c.configuration, len(c.rows),
                              *(v for m in metrics for v in c.stats.get(m, (float("nan"), float("nan"), 0)))])
+
+
+def write_comparisons(spec: SweepSpec, rows: list[TrialRow], compared: list[Compared], folder: Path, log) -> None:
+    """Under ``tune.seeds > 1`` or a grid: the configurations' mean +- sd table (``comparison.txt``/``.csv``);
+    with ``tune.baseline``: the paired verdicts against it (``verdicts.txt``/``.csv``, ``verdicts.png``, see
+    ``tune.verdicts``). Each table is also printed."""
+    s, metrics = spec.settings, comparison_metrics(spec)
+    if s.seeds > 1 or s.searcher == "grid":
+        table = comparison_table(compared, metrics)
+        log("\n" + table)
+        (folder / "comparison.txt").write_text(table + "\n")
+        write_comparison_csv(compared, metrics, folder / "comparison.csv")
+    if s.baseline:
+        verdicts = paired_verdicts(rows, s.baseline, metrics, s.min_gain)
+        table = verdict_table(verdicts, s.baseline, s.min_gain)
+        log(f"\npaired against {s.baseline} over {s.seeds} seeds (tune.verdicts):\n{table}")
+        (folder / "verdicts.txt").write_text(table + "\n")
+        write_verdicts_csv(verdicts, folder / "verdicts.csv")
+        if verdicts:
+            plot_differences(verdicts, s.baseline, folder / "verdicts.png")
 
 
 def print_trial_table(rows: list[TrialRow], metric: str, best: TrialRow | None, log) -> None:

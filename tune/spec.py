@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,10 @@ class TuneSettings:
     scheduler: str = setting("asha", "fifo | asha (early stopping) | pbt | pb2 (population-based)")
     num_samples: int = setting(8, "configurations (PBT/PB2: the population size; grid: repeats of the grid)")
     seeds: int = setting(1, "each configuration trained with seeds seed, seed+1, ...: the table reports mean +- sd")
+    baseline: str = setting("", "a grid's configuration (e.g. recipe=varcon) every other one is compared with, "
+                                "pair by pair over the seeds (tune.verdicts; needs tune.seeds >= 3); '' = none")
+    min_gain: float = setting(0.0, "the least mean paired gain over the baseline a 'pays' verdict needs, in the "
+                                   "metric's units (e.g. 0.01 = one point of top-1), declared before the sweep")
     metric: str = setting("monitor_top1", "the latest validation kNN top-1 (never a test metric), reported every epoch")
     mode: str = setting("max", "max | min: the direction of tune.metric")
     seed: int = setting(0, "searcher seed")
@@ -268,6 +273,15 @@ def _validate(spec: SweepSpec) -> None:
          "split it into two sweeps")
     need(s.searcher != "grid" or any(p.type == "grid" for p in spec.space),
          "tune.searcher=grid needs a key of type grid in the space")
+    if s.baseline:
+        need(s.searcher == "grid" and all(p.type == "grid" for p in spec.space),
+             f"tune.baseline={s.baseline!r} compares configurations seed by seed: every key of the space must be "
+             f"a grid (tune.searcher=grid), so each configuration is trained with every seed")
+        need(s.seeds >= 3, f"tune.seeds={s.seeds}: a verdict against tune.baseline needs at least 3 seeds (pairs)")
+        labels = grid_configurations(spec.space)
+        need(s.baseline in labels, f"tune.baseline={s.baseline!r} is not a configuration of the grid: use one of "
+                                   f"{', '.join(repr(label) for label in labels)}")
+        need(s.min_gain >= 0, f"tune.min_gain={s.min_gain} must be >= 0")
     if spec.population_based:
         need(s.searcher == "random", f"tune.scheduler={s.scheduler} samples its population itself: use "
                                      f"tune.searcher=random")
@@ -285,6 +299,13 @@ def _validate(spec: SweepSpec) -> None:
     if s.scheduler == "asha":
         need(s.grace_period < epochs, f"tune.grace_period={s.grace_period} must be smaller than optim.epochs="
                                       f"{epochs}, or nothing can be stopped early")
+
+
+def grid_configurations(space: list[Param]) -> list[str]:
+    """The configuration label (``tune.results.TrialRow.configuration``) of every point of an all-grid space."""
+    grids = sorted(space, key=lambda p: p.key)
+    return [", ".join(f"{p.key}={SweepSpec.label(v)}" for p, v in zip(grids, point))
+            for point in itertools.product(*(p.values for p in grids))]
 
 
 def _probe_values(p: Param) -> list:

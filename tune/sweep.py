@@ -45,9 +45,8 @@ from tune.results import (
     best_trial,
     compare,
     comparison_metrics,
-    comparison_table,
     print_trial_table,
-    write_comparison_csv,
+    write_comparisons,
     write_trials_csv,
 )
 from tune.spec import REPLICATE, SweepSpec
@@ -231,11 +230,7 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
     with tempfile.TemporaryDirectory(prefix="varcon-sweep-") as staged:
         staged = Path(staged)
         write_trials_csv(rows, staged / "trials.csv")
-        if s.seeds > 1 or s.searcher == "grid":
-            table = comparison_table(compared, comparison_metrics(spec))
-            log("\n" + table)
-            (staged / "comparison.txt").write_text(table + "\n")
-            write_comparison_csv(compared, comparison_metrics(spec), staged / "comparison.csv")
+        write_comparisons(spec, rows, compared, staged, log)
         if best is not None:
             (staged / "best_config.yaml").write_text(
                 yaml.safe_dump(best_config(spec, best, records[best.trial_id]), sort_keys=False))
