@@ -228,6 +228,9 @@ class RayConfig:
     run_name: str = operational("", "the run key by hand; default <name>-<digest of the trajectory settings> "
                                 "(pipeline.identity)")
     max_failures: int = operational(2, "worker-group restarts from the last checkpoint before the run fails")
+    max_preemption_failures: int = operational(-1, "restarts after a node drained for preemption (a spot notice), "
+                                                   "counted apart from ray.max_failures; -1 = unlimited "
+                                                   "(Ray Train's FailureConfig.max_preemption_failures)")
     checkpoint_every: int = operational(1, "epochs between checkpoints (the last epoch is always checkpointed)")
     checkpoint_upload: str = operational("sync", "sync | async: Ray uploads the checkpoint in the background while "
                                              "training goes on (Ray Train's CheckpointUploadMode.ASYNC; worth it for "
@@ -457,6 +460,7 @@ def validate(config: ExperimentConfig) -> None:
     need(r.num_workers >= 1, f"ray.num_workers={r.num_workers} must be >= 1")
     need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
     need(r.resource_wait_s >= 0, "ray.resource_wait_s must be >= 0")
+    need(r.max_preemption_failures >= -1, "ray.max_preemption_failures must be >= 0, or -1 for unlimited")
     need(config.tracking.outage_wait_s >= 0, "tracking.outage_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
     need(config.tracking.system_metrics in ("always", "never", "auto"),

@@ -134,7 +134,8 @@ def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: st
                                      resources_per_worker={"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)},
                                      placement_strategy=r.placement_strategy),
         run_config=RunConfig(name=run_key, storage_path=storage_path, callbacks=[*own, *callbacks],
-                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             failure_config=FailureConfig(max_failures=r.max_failures,
+                                                          max_preemption_failures=r.max_preemption_failures),
                              checkpoint_config=_checkpoint_config(config.data.val_fraction > 0)),
     )
     return trainer.fit()

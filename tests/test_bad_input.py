@@ -59,6 +59,11 @@ CASES = {
     "zero epochs": (["train", "optim.epochs=0"], "optim.epochs=0 must be >= 1"),
     "schedule reaching eps >= tau1": (["train", "loss.schedule.kind=linear", "loss.schedule.tau1_end=0.01"],
                                       "reaches tau1=0.01, eps=0.02"),
+    "periodic schedule below the least gap": (["train", "loss.schedule.kind=periodic", "loss.schedule.period=10",
+                                               "loss.schedule.tau1_half_period=0.02"],
+                                              "tau1 - eps must stay >= 0.02"),
+    "negative preemption retries": (["train", "ray.max_preemption_failures=-2"],
+                                    "ray.max_preemption_failures must be >= 0, or -1 for unlimited"),
     "batch not divisible by workers": (["train", "optim.global_batch_size=129"],
                                        "must be a positive multiple of ray.num_workers=2"),
     # unknown names
