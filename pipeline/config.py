@@ -115,6 +115,12 @@ class DataConfig:
     verify_hash: str = operational("auto", "sha256 check of .beton files before training: auto (<= 1 GiB) | always | "
                                            "never")
     writer_workers: int = operational(0, "processes writing .beton files; 0 = all cores")
+    stage: str = operational("none", "where training reads the .beton files (pipeline.data.staging): none | local "
+                                     "(copied once per node to stage_dir) | cache (page cache warmed) | auto (local "
+                                     "where stage_dir exists)")
+    stage_dir: str = operational("", "data.stage=local: a local disk folder on every node (cluster.yaml: the NVMe)")
+    stage_limit_gb: float = operational(0.0, "data.stage=local: evict the least recently used copies past this "
+                                             "size; 0 = no limit")
     eval_crop_ratio: float = operational(1.0, "evaluation centre crop (ImageNet: 0.875, i.e. 224 of 256)")
     crop_scale_min: float = trajectory(0.2, "RandomResizedCrop scale range (min, 1.0)")
     horizontal_flip: bool = trajectory(True, "random horizontal flip of each view")
@@ -424,6 +430,9 @@ def validate(config: ExperimentConfig) -> None:
     need(d.write_mode in WRITE_MODES,
          f"data.write_mode={d.write_mode!r} is unknown: use one of {', '.join(WRITE_MODES)}")
     need(d.on_bad_image in ("fail", "skip"), f"data.on_bad_image={d.on_bad_image!r} must be fail or skip")
+    need(d.stage in ("none", "local", "cache", "auto"), f"data.stage={d.stage!r} must be none, local, cache or auto")
+    need(d.stage != "local" or bool(d.stage_dir), "data.stage=local needs data.stage_dir (a local disk folder)")
+    need(d.stage_limit_gb >= 0, f"data.stage_limit_gb={d.stage_limit_gb} must be >= 0")
     need(d.verify_hash in ("auto", "always", "never"),
          f"data.verify_hash={d.verify_hash!r} must be auto, always or never")
     need(d.num_classes >= 2 and d.train_samples >= 1 and d.test_samples >= 1,

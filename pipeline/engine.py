@@ -6,6 +6,7 @@ Runs alone in one process (tests, the GPU benchmark) or once per worker under DD
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pipeline.data.augment import ColorAugment
 from pipeline.data.loaders import train_loader
 from pipeline.data.prepare import PreparedDataset, dataset_splits
 from pipeline.data.splits import SplitIndices
+from pipeline.data.staging import staged
 from pipeline.data.transfer import to_device
 from pipeline.evaluator import Evaluator, FinalFeatures
 from pipeline.losses import build_loss
@@ -197,6 +199,8 @@ def fit(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
     ``epoch_time_s``. Each epoch first applies the temperature schedule. A NaN or infinite epoch loss raises
     ``NonFiniteLossError`` before that epoch is reported.
     """
+    d = config.data
+    files = staged(files, d.stage, os.path.expanduser(d.stage_dir), d.stage_limit_gb, d.verify_hash)
     split = dataset_splits(config.data, files)
     training = build_training(config, files, device, wrap_model, split)
     start = checkpoint.restore(training, resume) + 1 if resume else 1
