@@ -112,6 +112,11 @@ class DataConfig:
     jpeg_quality: int = stored(90, "JPEG quality of images stored as JPEG (write_mode jpg | smart | proportion)")
     compress_probability: float = stored(0.5, "write_mode=proportion: share of images stored as JPEG")
     on_bad_image: str = stored("fail", "imagefolder: fail | skip (and count) on an unreadable image")
+    source_check: str = operational("auto", "what a start reads of the source to know the prepared files are its "
+                                            "own: walk (every file) | folders (the class folders) | manifest "
+                                            "(nothing: trust varcon prepare's record) | auto (manifest where "
+                                            "data.root is not visible, folders for image folders, else walk); "
+                                            "see pipeline.data.source_identity")
     verify_hash: str = operational("auto", "sha256 check of .beton files before training: auto (<= 1 GiB) | always | "
                                            "never")
     writer_workers: int = operational(0, "processes writing .beton files; 0 = all cores")
@@ -430,6 +435,8 @@ def validate(config: ExperimentConfig) -> None:
     need(d.write_mode in WRITE_MODES,
          f"data.write_mode={d.write_mode!r} is unknown: use one of {', '.join(WRITE_MODES)}")
     need(d.on_bad_image in ("fail", "skip"), f"data.on_bad_image={d.on_bad_image!r} must be fail or skip")
+    need(d.source_check in ("auto", "walk", "folders", "manifest"),
+         f"data.source_check={d.source_check!r} must be auto, walk, folders or manifest")
     need(d.stage in ("none", "local", "cache", "auto"), f"data.stage={d.stage!r} must be none, local, cache or auto")
     need(d.stage != "local" or bool(d.stage_dir), "data.stage=local needs data.stage_dir (a local disk folder)")
     need(d.stage_limit_gb >= 0, f"data.stage_limit_gb={d.stage_limit_gb} must be >= 0")

@@ -13,7 +13,7 @@ from pipeline.data import manifest as manifests
 from pipeline.data.sources import ImageFiles, LabelledImages, channel_stats
 
 
-def write_beton(split: LabelledImages | ImageFiles, path: Path, settings: dict, fingerprint: str,
+def write_beton(split: LabelledImages | ImageFiles, path: Path, settings: dict, fingerprints: dict[str, str],
                 workers: int) -> dict:
     """Write ``split`` to ``path`` (temporary file, then rename) and its manifest; return the manifest."""
     from ffcv.fields import IntField, RGBImageField
@@ -44,7 +44,8 @@ def write_beton(split: LabelledImages | ImageFiles, path: Path, settings: dict, 
             "fields": manifests.FIELDS,
             "settings": settings,
             "source": split.source,
-            "source_fingerprint": fingerprint,
+            "source_fingerprint": fingerprints["walk"],  # what manifests before source_fingerprints held
+            "source_fingerprints": fingerprints,  # by data.source_check mode (pipeline.data.source_identity)
         }
         manifest_tmp.write_text(json.dumps(manifest, indent=2))
         manifest_file.unlink(missing_ok=True)  # never leave a new file beside an old manifest

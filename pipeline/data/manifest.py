@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.data.source_identity import SourceIdentity
 from pipeline.data.sources import DataError
 
 MANIFEST_VERSION = 2
@@ -39,8 +40,9 @@ def read_manifest(beton: str | Path) -> dict:
                         f"to rewrite the dataset files") from None
 
 
-def is_current(beton: Path, settings: dict, fingerprint: str) -> bool:
-    """Whether ``beton`` and its manifest exist and were written with ``settings`` from the same source."""
+def is_current(beton: Path, settings: dict, identity: SourceIdentity) -> bool:
+    """Whether ``beton`` and its manifest exist and were written with ``settings`` from the same source (as
+    ``identity`` compares it: ``pipeline.data.source_identity``)."""
     if not beton.is_file() or not manifest_path(beton).is_file():
         return False
     try:
@@ -48,7 +50,15 @@ def is_current(beton: Path, settings: dict, fingerprint: str) -> bool:
     except DataError:
         return False
     return (manifest.get("version") == MANIFEST_VERSION and manifest.get("settings") == settings
-            and manifest.get("source_fingerprint") == fingerprint)
+            and identity.matches(manifest))
+
+
+def manifest_if_any(beton: Path) -> dict | None:
+    """``beton``'s manifest, None where there is none or it cannot be read."""
+    try:
+        return read_manifest(beton) if manifest_path(beton).is_file() else None
+    except DataError:
+        return None
 
 
 def verify_beton(path: str | Path, check_hash: str = "auto") -> dict:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.data import manifest as manifests
 from pipeline.data.ffcv_writer import write_beton
-from pipeline.data.sources import DataError, channel_stats, load_source, source_fingerprint
+from pipeline.data.source_identity import SourceIdentity, source_fingerprints, source_identity
+from pipeline.data.sources import DataError, channel_stats, load_source
 from pipeline.data.splits import SplitIndices, beton_labels, split_indices, write_validation_manifest
 
 if TYPE_CHECKING:
@@ -106,18 +107,19 @@ def prepare_dataset(d: DataConfig, cache_root: str | Path, log: Callable[[str], 
         check_split(val)
         return PreparedDataset("", "", len(splits["train"].class_names), len(splits["train"]), len(splits["test"]),
                                tuple(mean), tuple(std), len(val.val), val.digest())
-    settings, fingerprint = stored_settings(d), source_fingerprint(d)
+    settings = stored_settings(d)
     folder = dataset_folder(d, cache_root)
     paths = {split: folder / f"{split}.beton" for split in SPLITS}
-    if not all(manifests.is_current(path, settings, fingerprint) for path in paths.values()):
-        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=True, check_split=check_split)
+    identity = _identity(d, paths["train"], log)
+    if not all(manifests.is_current(path, settings, identity) for path in paths.values()):
+        _write_splits(d, paths, settings, identity, log, only_if_stale=True, check_split=check_split)
     try:
         found = {split: manifests.verify_beton(path, d.verify_hash) for split, path in paths.items()}
     except DataError as exc:
         if not repair:
             raise
         log(f"{exc}: rewriting")
-        _write_splits(d, paths, settings, fingerprint, log, only_if_stale=False, check_split=check_split)
+        _write_splits(d, paths, settings, identity, log, only_if_stale=False, check_split=check_split)
         found = {split: manifests.verify_beton(path, d.verify_hash) for split, path in paths.items()}
     train, test = found["train"], found["test"]
     if train["class_names"] != test["class_names"]:
@@ -140,7 +142,7 @@ def prepared_split(d: DataConfig, cache_root: str | Path) -> tuple[SplitIndices,
     if d.loader != "ffcv":
         return None
     train = dataset_folder(d, cache_root) / "train.beton"
-    if not manifests.is_current(train, stored_settings(d), source_fingerprint(d)):
+    if not manifests.is_current(train, stored_settings(d), source_identity(d, manifests.manifest_if_any(train))):
         return None
     # an altered file is refused here, before its labels are trusted (hashing at most 1 GiB: prepare hashes
     # larger ones again if data.verify_hash=always)
@@ -162,25 +164,47 @@ def dataset_splits(d: DataConfig, files: PreparedDataset) -> SplitIndices:
     return split
 
 
-def _write_splits(d: DataConfig, paths: dict[str, Path], settings: dict, fingerprint: str, log: Callable[[str], None],
-                  only_if_stale: bool, check_split: Callable[[SplitIndices], None]) -> None:
+def _identity(d: DataConfig, train: Path, log: Callable[[str], None]) -> SourceIdentity:
+    """The source identity this start compares; under ``manifest``, one line saying what is trusted, and a
+    ``DataError`` where nothing was prepared to trust."""
+    identity = source_identity(d, manifests.manifest_if_any(train))
+    if identity.mode != "manifest":
+        return identity
+    if not train.is_file():
+        if d.source_check == "auto":  # nothing prepared to trust: the source itself must be read (and is refused)
+            return SourceIdentity("walk", "")
+        raise DataError(f"data.source_check=manifest and no prepared files under {train.parent}: run `varcon "
+                        f"prepare` where data.root={d.root} is (a CPU job on the cluster), with the same config")
+    hashed = {"always": "sha256 checked", "never": "no sha256"}.get(d.verify_hash, "sha256 up to 1 GiB")
+    log(f"data.source_check=manifest{' (data.root is not visible here)' if d.source_check == 'auto' else ''}: the "
+        f"source is not read; the prepared files are trusted as `varcon prepare` recorded it, after their size "
+        f"and header check ({hashed}, data.verify_hash={d.verify_hash})")
+    return identity
+
+
+def _write_splits(d: DataConfig, paths: dict[str, Path], settings: dict, identity: SourceIdentity,
+                  log: Callable[[str], None], only_if_stale: bool, check_split: Callable[[SplitIndices], None]) -> None:
     """Read the source, then write every split under the folder's lock (another process may have written them
-    meanwhile: with ``only_if_stale`` they are then left as they are)."""
+    meanwhile: with ``only_if_stale`` they are then left as they are, as ``identity`` compares them)."""
     from filelock import FileLock
 
+    if identity.mode == "manifest":
+        raise DataError(f"the prepared files under {paths['train'].parent} are not current and "
+                        f"data.source_check=manifest reads no source: run `varcon prepare` where data.root is")
     splits = load_source(d, log)  # a bad source, or a split that empties a class, fails before anything is written
+    fingerprints = source_fingerprints(d)
     check_split(split_indices(d, splits["train"].labels, splits["train"].class_names))
     folder = paths["train"].parent
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock_file = Path(str(folder) + ".lock")
     with FileLock(str(lock_file)):
         try:
-            if only_if_stale and all(manifests.is_current(p, settings, fingerprint) for p in paths.values()):
+            if only_if_stale and all(manifests.is_current(p, settings, identity) for p in paths.values()):
                 return
             workers = d.writer_workers or os.cpu_count() or 1
             for name, path in paths.items():
                 log(f"writing {path} ({len(splits[name])} samples)")
-                write_beton(splits[name], path, settings, fingerprint, workers)
+                write_beton(splits[name], path, settings, fingerprints, workers)
         finally:
             # removed while held: a waiting writer then finds its lock's file unlinked and takes a new one
             # (filelock checks the link count after locking)

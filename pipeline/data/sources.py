@@ -6,7 +6,6 @@ on access (``ImageFiles``: any ImageFolder tree such as ImageNet). Nothing is do
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,20 +246,6 @@ def image_folder(root: str, on_bad_image: str, log: Callable[[str], None] = prin
     train = _scan_class_folders(base / "train", on_bad_image, None, log)
     test = _scan_class_folders(base / "val", on_bad_image, train.class_names, log)
     return {"train": train, "test": test}
-
-
-def source_fingerprint(data_config: DataConfig) -> str:
-    """A cheap digest of the files a source reads (path, size, mtime), so a changed source is rewritten.
-    Generated sources (digits, synthetic) are fully described by their settings and return "".
-    """
-    if data_config.dataset not in ("cifar10", "cifar100", "imagefolder") or not data_config.root:
-        return ""
-    root = Path(data_config.root).expanduser()
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        info = path.stat()
-        digest.update(f"{path.relative_to(root)}|{info.st_size}|{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def load_source(data_config: DataConfig, log: Callable[[str], None] = print
