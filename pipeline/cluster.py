@@ -133,6 +133,24 @@ def cluster_maximum(autoscaler_config: str) -> ClusterMaximum | None:
     return ClusterMaximum.from_config(path) if path is not None and path.is_file() else None
 
 
+def refuse_impossible(first: list[dict], autoscaler_config: str) -> None:
+    """A ``ConfigError`` at once where ``first`` can never fit: beyond a local instance's resources, or beyond
+    the cluster's maximum (``cluster_maximum``); nothing is asked of the autoscaler."""
+    import ray
+
+    have = ray.cluster_resources()
+    if fits(have, first):
+        return
+    if _started_locally:
+        raise ConfigError(_shortfall(first, have, "lower ray.num_workers or ray.cpus_per_worker, set "
+                                                  "ray.use_gpu=false, or run on a cluster"))
+    maximum = cluster_maximum(autoscaler_config)
+    problem = maximum.problem(first) if maximum is not None else None
+    if problem:
+        raise ConfigError(f"{problem}: lower ray.num_workers or ray.cpus_per_worker, or add node types / raise "
+                          f"max_workers in the cluster config")
+
+
 @contextmanager
 def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_config: str,
               log: Callable[[str], None] = print) -> Iterator[dict[str, float]]:
@@ -142,18 +160,11 @@ def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_
     ``wait_s`` names the shortfall."""
     import ray
 
+    refuse_impossible(first, autoscaler_config)
     have = ray.cluster_resources()
     if _started_locally or fits(have, first):
-        if not fits(have, first):
-            raise ConfigError(_shortfall(first, have, "lower ray.num_workers or ray.cpus_per_worker, set "
-                                                      "ray.use_gpu=false, or run on a cluster"))
         yield have
         return
-    maximum = cluster_maximum(autoscaler_config)
-    problem = maximum.problem(first) if maximum is not None else None
-    if problem:
-        raise ConfigError(f"{problem}: lower ray.num_workers or ray.cpus_per_worker, or add node types / raise "
-                          f"max_workers in the cluster config")
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=bundles)

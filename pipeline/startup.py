@@ -19,16 +19,16 @@ def driver_started(config: ExperimentConfig, wanted: list[dict], smallest: list[
                    log: Callable[[str], None] = print, verbose: bool = False, writable: dict[str, str] | None = None
                    ) -> Iterator[tuple[PreparedDataset, list[dict]]]:
     """In order: the tracking store answers; ``ray.storage_path`` (and each of ``writable``, ``{key: path}``)
-    can be written; the prepared data's files pass ``preflight``; the dataset is prepared (written where it is
-    missing), its source identity and batches checked; only then is Ray started (``cluster.init_ray``) and the
-    autoscaler asked for the ``wanted`` bundles, waiting ``ray.resource_wait_s`` for at least ``smallest``
-    (``cluster.requested``, held for the block): a bad source or split never costs a node. Yields the prepared
-    dataset and the bundles the cluster has."""
+    can be written; the data passes ``preflight`` (the prepared files, their source's identity, or a source
+    that can be prepared: every data check, so a bad source never costs a node); Ray is up
+    (``cluster.init_ray``); the autoscaler is asked for the ``wanted`` bundles, waiting ``ray.resource_wait_s``
+    for at least ``smallest`` (``cluster.requested``, held for the block; what can never fit is refused before
+    asking); the dataset is prepared (files missing are written while nodes boot). Yields the prepared dataset
+    and the bundles the cluster has."""
     check_reachable(resolve_tracking_uri(config.tracking.tracking_uri))
     for key, path in {"ray.storage_path": config.ray.storage_path, **(writable or {})}.items():
         storage.check_writable(storage.location(path), key)
     preflight(config)
-    prepared = prepare(config, log, for_training=True)
     init_ray(verbose, log)
     with requested(wanted, smallest, config.ray.resource_wait_s, config.ray.autoscaler_config, log) as have:
-        yield prepared, have
+        yield prepare(config, log, for_training=True), have  # writes what is missing while nodes boot

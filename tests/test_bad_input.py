@@ -76,7 +76,8 @@ CASES = {
     # files and data
     "missing config file": (["train", "--config", "no/such.yaml"], "does not exist"),
     "malformed YAML": (malformed_yaml, "is not valid YAML"),
-    "missing data folder": (["train", "data.dataset=imagefolder", "data.root=/no/such/folder"], "is not a folder"),
+    "missing data folder": (["train", "data.dataset=imagefolder", "data.root=/no/such/folder"],
+                            "data.root=/no/such/folder is not visible here and no prepared files record it"),
     "empty data folder": (lambda home: ["train", "data.dataset=imagefolder",
                                         f"data.root={imagefolder(home / 'empty', empty=True)}"], "holds no images"),
     "unreadable image": (lambda home: ["train", "data.dataset=imagefolder", "data.image_size=12",

@@ -1,11 +1,15 @@
 """The data checks of a command that trains, in the data layer: the prepared dataset of a config, and what its
-files already tell before Ray starts (``preflight``)."""
+files (or its source, where nothing is prepared yet) already tell before Ray starts and before the autoscaler is
+asked for anything (``preflight``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_path
 from pipeline.data.prepare import PreparedDataset, prepare_dataset, prepared_split
+from pipeline.data.source_identity import FILE_SOURCES
+from pipeline.data.sources import DataError
 from pipeline.data.splits import SplitIndices
 
 
@@ -22,8 +26,14 @@ def preflight(config: ExperimentConfig) -> None:
     """What a prepared dataset's files already tell, checked before Ray starts: their integrity, the batches
     against the training samples, and a loss against a single class. (A dataset not prepared yet is checked by
     ``prepare`` before it writes anything.)"""
-    found = prepared_split(config.data, resolve_path(config.data.cache_dir))
+    d = config.data
+    found = prepared_split(d, resolve_path(d.cache_dir))
     if found is None:
+        root = Path(d.root).expanduser()
+        if d.loader == "ffcv" and d.dataset in FILE_SOURCES and not root.exists():
+            raise DataError(f"data.root={d.root} is not visible here and no prepared files record it under "
+                            f"{resolve_path(d.cache_dir)}: run `varcon prepare` where the source is (on a cluster: "
+                            f"a CPU job), with the same config")
         return
     split, names = found
     if len(names) < 2:
