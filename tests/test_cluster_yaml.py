@@ -1,4 +1,4 @@
-"""cluster.yaml against Ray's own cluster-launcher schema."""
+"""cluster.yaml against Ray's own cluster-launcher schema, and what ``pipeline.cluster`` makes of a cluster."""
 import copy
 
 import jsonschema
@@ -18,7 +18,8 @@ def test_cluster_yaml_validates_against_ray_schema():
     validate_config(config)
     assert config["head_node_type"] in config["available_node_types"]
     commands = " ".join(config["setup_commands"] + config["head_start_ray_commands"])
-    assert "scripts/setup.sh" in commands and "mlflow server" in commands
+    assert "scripts/node_setup.sh" in commands and "mlflow server" in commands
+    assert "scripts/setup.sh" not in commands  # the developer set-up (browser, database server, test extra)
     assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands
 
 
@@ -67,3 +68,32 @@ def test_the_maximum_counts_the_largest_nodes_within_max_workers():
     assert maximum.most("GPU") == 4
     assert maximum.problem([{"CPU": 17}]) == "no node type of test.yaml holds a bundle of 17 CPU, 0 GPU"
     assert "needs 37 CPU" in maximum.problem([{"CPU": 1}] * 37) and maximum.problem([{"CPU": 1}] * 36) is None
+
+
+def test_the_wait_for_the_autoscaler_says_what_is_needed_had_and_added():
+    from pipeline.cluster import waiting_line
+
+    line = waiting_line([{"CPU": 10.0, "GPU": 1.0}] * 32, before={"CPU": 8.0, "memory": 1e9},
+                        have={"CPU": 200.0, "GPU": 16.0, "memory": 3e11, "node:10.0.0.1": 1.0},
+                        waited_s=7.4 * 60, wait_s=1800)
+    assert line == ("waiting for the autoscaler: the run needs 320 CPU, 32 GPU; the cluster has 200 CPU, 16 GPU "
+                    "(192 CPU, 16 GPU added since asked); 7 of 30 min (ray.resource_wait_s)")
+
+
+def test_the_commented_spot_gpu_type_with_its_watcher_is_valid_once_uncommented():
+    """cluster.yaml offers the GPU type on spot, commented: uncommented as its comment says, it is still a valid
+    launcher file and the spot nodes start the preemption watcher."""
+    import re
+
+    lines, out, inside = (REPO_ROOT / "cluster.yaml").read_text().splitlines(), [], False
+    for line in lines:
+        if re.match(r"^\s*# (InstanceMarketOptions|  MarketType|worker_setup_commands)", line):
+            inside = True
+        if inside and not line.strip():
+            inside = False
+        out.append(re.sub(r"^(\s*)# ", r"\1", line) if inside else line)
+    config = prepare_config(yaml.safe_load("\n".join(out)))
+    validate_config(config)
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert "python -m pipeline.spot_watcher --address=$RAY_HEAD_IP:6379" in " ".join(gpu["worker_setup_commands"])
