@@ -20,15 +20,11 @@ APT_PACKAGES=(python3.11 python3.11-venv python3.11-dev g++ pkg-config libopencv
 
 log() { printf '[node-setup] %s\n' "$*"; }
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+source scripts/apt_packages.sh
+mapfile -t missing < <(missing_packages "${APT_PACKAGES[@]}")
 if ((${#missing[@]})); then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   log "installing packages: ${missing[*]}"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

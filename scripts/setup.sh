@@ -14,21 +14,16 @@ STAMP="$VENV/.varcon-installed"
 
 log() { printf '[setup] %s\n' "$*"; }
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+source scripts/apt_packages.sh
+mapfile -t missing < <(missing_packages "${APT_PACKAGES[@]}")
 if ((${#missing[@]})); then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   log "installing Debian packages: ${missing[*]}"
   if [ ! -f /etc/postgresql-common/createcluster.conf ]; then
     # no auto-created 'main' cluster on port 5432: the tests start their own, in a temporary folder
-    $SUDO mkdir -p /etc/postgresql-common
-    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf > /dev/null
+    as_root mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | as_root tee /etc/postgresql-common/createcluster.conf > /dev/null
   fi
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    -o Dpkg::Options::=--force-confold "${missing[@]}"
+  apt_install "${missing[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
