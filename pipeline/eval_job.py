@@ -47,9 +47,14 @@ def _checkpoint_folder(path: str, overrides: list[str] | tuple[str, ...]) -> Ite
             yield registered_checkpoint(path, _tracking_uri(overrides), Path(folder))
         return
     place = storage.location(path)
-    if place.is_file():
-        place = place.on_same(place.path.rsplit("/", 1)[0])
-    if not (place / checkpoint.STATE_FILE).is_file():
+    try:
+        if place.is_file():
+            place = place.on_same(place.path.rsplit("/", 1)[0])
+        found = (place / checkpoint.STATE_FILE).is_file()
+    except (OSError, ValueError) as exc:  # pyarrow: the service's OSError, ArrowInvalid for a path it refuses
+        raise ConfigError(f"{path} cannot be read ({first_line(exc)}): check the URI, and this machine's credentials "
+                          f"for it (README: Storage)") from None
+    if not found:
         raise ConfigError(f"{path} holds no {checkpoint.STATE_FILE}: pass a checkpoint folder printed by "
                           f"`varcon train`, or a registered model models:/NAME/VERSION")
     with place.as_local_folder() as folder:

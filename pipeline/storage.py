@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from _csv import Writer
 
 
+BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az")  # a URI of these starts with its bucket or container
+
+
 def is_uri(text: str) -> bool:
     """Whether ``text`` names storage by a URI scheme (``s3://...``) rather than a local path."""
     return "://" in text and not text.startswith("file://")
@@ -140,6 +143,9 @@ def location(path_or_uri: str) -> Location:
     if not is_uri(path_or_uri):
         local = str(resolve_path(path_or_uri.removeprefix("file://")))
         return Location(local, pafs.LocalFileSystem(), local)
+    scheme, bucket = urlsplit(path_or_uri)[:2]
+    if scheme in BUCKET_SCHEMES and not bucket:  # pyarrow would take it and fail later, on a path "/..."
+        raise ConfigError(f"storage URI {path_or_uri} names no bucket: write {scheme}://BUCKET/path")
     try:
         filesystem, path = pafs.FileSystem.from_uri(path_or_uri)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ValueError or OSError by scheme

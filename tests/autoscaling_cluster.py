@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from services import AutoscalingHead
+from services import AutoscalingHead, patience
 
 HEAD = AutoscalingHead()
 
@@ -22,14 +22,15 @@ def worker_nodes(address: str) -> int:
     """Alive nodes of the worker type, as Ray's state API lists them."""
     code = ("import ray, json; ray.init(address=%r, log_to_driver=False); print(json.dumps(sum(1 for n in "
             "ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) > 0)))") % address
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=HEAD.env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=patience(120), env=HEAD.env)
     return int(done.stdout.strip().splitlines()[-1])
 
 
 def varcon(home: Path, address: str, *args: str) -> subprocess.CompletedProcess:
     env = {**HEAD.env, "RAY_ADDRESS": address, "VARCON_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=patience(600))
 
 
 def report(**step) -> None:
@@ -42,10 +43,12 @@ def main(home: Path) -> None:
     try:
         report(step="started", worker_nodes=worker_nodes(address))
         common = ["optim.epochs=1", "optim.warmup_epochs=0", "eval.linear_probe_epochs=3", "eval.few_shot_episodes=5",
-                  "ray.num_workers=2", f"ray.autoscaler_config={config_file}", "ray.resource_wait_s=300"]
+                  "ray.num_workers=2", f"ray.autoscaler_config={config_file}",
+                  f"ray.resource_wait_s={patience(300):.0f}"]
         done = varcon(home, address, "train", *common, "name=autoscaled")
         report(step="trained", returncode=done.returncode, stdout=done.stdout[-20000:], stderr=done.stderr[-3000:])
-        deadline = time.monotonic() + 180  # the request withdrawn, the idle nodes go after idle_timeout_minutes
+        # the request withdrawn, the idle nodes go after idle_timeout_minutes
+        deadline = time.monotonic() + patience(180)
         while (left := worker_nodes(address)) and time.monotonic() < deadline:
             time.sleep(3)
         report(step="after", worker_nodes=left)

@@ -11,7 +11,7 @@ import os
 import tempfile
 
 import pytest
-from services import MlflowServer, PostgresServer, RaySession, S3Server, TrackingService
+from services import MlflowServer, PostgresServer, RaySession, S3Server, TrackingService, patience
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -29,12 +29,17 @@ CLUSTER_FIXTURES = {"ray_session", "mlflow_server", "trained", "s3", "tracking_s
 def pytest_collection_modifyitems(config, items):
     """Every test that starts Ray or a server carries the ``cluster`` mark itself (a module's ``pytestmark`` or the
     test's decorator); one that uses such a fixture without it stops the collection, so the mark cannot be
-    forgotten and is never guessed."""
+    forgotten and is never guessed. On a machine loaded on purpose (``services.patience``), pytest-timeout's limit
+    per test is stretched like the tests' own hang detectors."""
     unmarked = [item.nodeid for item in items if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
                 and item.get_closest_marker("cluster") is None]
     if unmarked:
         raise pytest.UsageError("tests that use the Ray cluster or a server need @pytest.mark.cluster: "
                                 + ", ".join(unmarked))
+    per_test_s = float(config.getoption("timeout") or config.getini("timeout") or 0)  # pytest-timeout's
+    if per_test_s and patience(1) > 1:  # a loaded machine: that hang detector stretched like every other
+        for item in items:
+            item.add_marker(pytest.mark.timeout(patience(per_test_s)))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from services import patience
 
 HERE = os.path.dirname(__file__)
 
@@ -15,7 +16,7 @@ HERE = os.path.dirname(__file__)
 @pytest.mark.cluster
 def test_a_training_makes_the_autoscaler_add_nodes_and_an_impossible_one_is_refused_at_once(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(HERE, "autoscaling_cluster.py"), str(tmp_path)], cwd=HERE,
-                          capture_output=True, text=True, timeout=840)
+                          capture_output=True, text=True, timeout=patience(840))
     assert done.returncode == 0, done.stderr[-4000:]
     steps = {step["step"]: step for step in map(json.loads, done.stdout.strip().splitlines())}
     assert steps["started"]["worker_nodes"] == 0  # the head offers no CPU: nothing can train before scaling up

@@ -125,6 +125,13 @@ CASES = {
                                                 "holds no models:/nope/1"),
     "eval of a model URI without a version": (["eval", "--checkpoint", "models:/nope/latest"],
                                               "is not models:/NAME/VERSION"),
+    "eval of a bucket URI without a bucket": (["eval", "--checkpoint", "s3://"],
+                                              "storage URI s3:// names no bucket: write s3://BUCKET/path"),
+    "eval of a checkpoint on a storage service that does not answer": (
+        lambda home: ["eval", "--checkpoint",
+                      f"s3://runs/r1?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1"],
+        "cannot be read (When getting information for key 'r1' in bucket 'runs'"),
+    "run storage URI without a bucket": (["train", "ray.storage_path=gs://"], "storage URI gs:// names no bucket"),
     # the cluster
     "more workers than CPUs": (["train", "ray.num_workers=4", "ray.resource_wait_s=0"],
                                "the run needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"),

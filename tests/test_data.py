@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
-from services import join_group, process_context, spawn_ranks
+from services import join_group, patience, process_context, spawn_ranks
 
 from pipeline.config import DataConfig, load_config
 from pipeline.data import DataError, dataset_folder, prepare_dataset, verify_beton
@@ -359,10 +359,11 @@ def test_concurrent_writers_of_one_folder_write_it_once(tmp_path):
     with FileLock(str(folder) + ".lock"):  # both start while the folder is taken, then race for it
         for process in processes:
             process.start()
-        assert [queue.get(timeout=120) for _ in processes] == ["started", "started"]
+        assert [queue.get(timeout=patience(120)) for _ in processes] == ["started", "started"]
     for process in processes:
-        process.join(120)
+        process.join(patience(120))
         assert process.exitcode == 0
-    assert sorted(queue.get(timeout=10) for _ in processes) == [0, 2]  # one wrote both splits, one wrote nothing
+    written = sorted(queue.get(timeout=patience(10)) for _ in processes)
+    assert written == [0, 2]  # one wrote both splits, one wrote nothing
     (folder,) = [p for p in tmp_path.iterdir()]
     verify_beton(folder / "train.beton", "always")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services import patience
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKED = ("ray", "mlflow", "ffcv", "kornia")
 
@@ -29,7 +31,7 @@ def test_gpu_check_runs_without_ray_mlflow_ffcv_and_kornia(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", RUN_BLOCKED, str(ROOT / "bench" / "gpu_throughput.py"),
                            "--device", "cpu", "--smoke", "--out", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=patience(600))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert set(report["cases"]) == {"imagenet1k-resnet50-224px", "cifar100-resnet50-32px"}

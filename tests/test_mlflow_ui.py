@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+from services import patience
 from test_sweep_analysis import synthetic_trials
 
 from pipeline import system_metrics
@@ -48,7 +49,7 @@ def mlflow_ui(varcon_home, mlflow_server):
 
 def chromium(*args: str) -> str:
     result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
-                             *args], capture_output=True, text=True, timeout=180)
+                             *args], capture_output=True, text=True, timeout=patience(180))
     return result.stdout
 
 

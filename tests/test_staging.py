@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import process_context
+from services import patience, process_context
 
 from pipeline import engine
 from pipeline.config import load_config
@@ -32,9 +32,9 @@ def test_two_workers_on_a_node_make_one_copy(digits_files, tmp_path):
     workers = [ctx.Process(target=_copy_in_process, args=(digits_files.train, tmp_path, queue)) for _ in range(2)]
     for worker in workers:
         worker.start()
-    results = [queue.get(timeout=120) for _ in range(4)]
+    results = [queue.get(timeout=patience(120)) for _ in range(4)]
     for worker in workers:
-        worker.join(60)
+        worker.join(patience(60))
         assert worker.exitcode == 0
     paths = [r for r in results if isinstance(r, str)]
     copied = [line for r in results if isinstance(r, list) for line in r]

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from services import patience
 from varcon_process import succeeded, varcon
 
 from pipeline import checkpoint, engine
@@ -98,7 +99,8 @@ def test_trial_workers_reuse_compiled_loader_code_without_changing_a_batch(digit
 
     def run(order: str, **env) -> tuple[dict, str]:
         done = subprocess.run([sys.executable, "-c", REUSE_CHECK, json.dumps(digits_files.as_dict()),
-                               str(tmp_path / "numba"), order], capture_output=True, text=True, timeout=300,
+                               str(tmp_path / "numba"), order], capture_output=True, text=True,
+                              timeout=patience(300),
                               cwd=REPO_ROOT, env={**__import__("os").environ, **env})
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
