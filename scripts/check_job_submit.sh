@@ -13,13 +13,26 @@ export RAY_AUTH_TOKEN
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dash=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # --block keeps `ray start` in the foreground of its own process: stopping it stops this head and nothing else
-# (`ray stop` would stop every Ray instance on the machine).
-ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --dashboard-host=127.0.0.1 \
+# (`ray stop` would stop every Ray instance on the machine); setsid gives it a session of its own, which every process
+# of this head (GCS, raylet, dashboard and its modules, workers) inherits and no other process has.
+setsid ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --dashboard-host=127.0.0.1 \
   --dashboard-port="$dash" --num-cpus=2 --disable-usage-stats --temp-dir="$home/ray" > "$home/ray-start.log" 2>&1 &
 head_pid=$!
 stop_head() {
+  local session
+  session=$(ps -o sid= -p "$head_pid" | tr -d ' ') || true
   kill "$head_pid" 2> /dev/null || true
   wait "$head_pid" 2> /dev/null || true  # the killed `ray start` exits non-zero: not this check's result
+  # The head's processes outlive `ray start` by a moment and keep writing their logs under $home/ray, so an rm -rf at
+  # once can fail on a folder that is not empty any more (seen on a clean clone): wait for the head's session to
+  # empty (bounded: 60 s), end what is left of it, then remove the folder.
+  if [[ -n $session && $session != "$(ps -o sid= -p $$ | tr -d ' ')" ]]; then  # never this script's own session
+    for _ in $(seq 120); do
+      pgrep -s "$session" > /dev/null || break
+      sleep 0.5
+    done
+    pkill -KILL -s "$session" 2> /dev/null || true
+  fi
   rm -rf "$home"
 }
 trap stop_head EXIT
