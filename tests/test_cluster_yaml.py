@@ -80,20 +80,43 @@ def test_the_wait_for_the_autoscaler_says_what_is_needed_had_and_added():
                     "(192 CPU, 16 GPU added since asked); 7 of 30 min (ray.resource_wait_s)")
 
 
-def test_the_commented_spot_gpu_type_with_its_watcher_is_valid_once_uncommented():
-    """cluster.yaml offers the GPU type on spot, commented: uncommented as its comment says, it is still a valid
-    launcher file and the spot nodes start the preemption watcher."""
+def uncommented(first_keys: str) -> dict:
+    """cluster.yaml with the commented block that starts at a line ``# <one of first_keys>`` uncommented, up to the
+    next blank line or uncommented line, as its comment tells a user to: validated, after Ray's own preparation."""
     import re
 
-    lines, out, inside = (REPO_ROOT / "cluster.yaml").read_text().splitlines(), [], False
-    for line in lines:
-        if re.match(r"^\s*# (InstanceMarketOptions|  MarketType|worker_setup_commands)", line):
+    out, inside = [], False
+    for line in (REPO_ROOT / "cluster.yaml").read_text().splitlines():
+        if re.match(rf"^\s*# ({first_keys})", line):
             inside = True
-        if inside and not line.strip():
+        if inside and not line.lstrip().startswith("#"):
             inside = False
         out.append(re.sub(r"^(\s*)# ", r"\1", line) if inside else line)
     config = prepare_config(yaml.safe_load("\n".join(out)))
     validate_config(config)
+    return config
+
+
+def test_the_commented_spot_gpu_type_with_its_watcher_is_valid_once_uncommented():
+    """cluster.yaml offers the GPU type on spot, commented: uncommented as its comment says, it is still a valid
+    launcher file and the spot nodes start the preemption watcher."""
+    config = uncommented("InstanceMarketOptions|  MarketType|worker_setup_commands")
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
     assert "python -m pipeline.spot_watcher --address=$RAY_HEAD_IP:6379" in " ".join(gpu["worker_setup_commands"])
+
+
+def test_the_commented_efa_set_up_gives_every_network_card_an_efa_in_one_placement_group():
+    """The EFA set-up of the GPU type, uncommented: valid, one EFA per network card of a p4d (4), in a cluster
+    placement group, and Ray's AWS bootstrap takes the subnets and security groups from the interfaces (it refuses
+    them at both levels)."""
+    from ray.autoscaler._private.aws.config import _configure_node_type_from_network_interface
+
+    gpu = uncommented("Placement|NetworkInterfaces")["available_node_types"]["gpu_worker"]
+    interfaces = gpu["node_config"]["NetworkInterfaces"]
+    assert [(i["NetworkCardIndex"], i["InterfaceType"]) for i in interfaces] == [(card, "efa") for card in range(4)]
+    assert gpu["node_config"]["Placement"] == {"GroupName": "varcon-p4d"}
+    assert "InstanceMarketOptions" not in gpu["node_config"]  # the spot block stays as it is
+    bootstrapped = _configure_node_type_from_network_interface(gpu)["node_config"]
+    assert bootstrapped["SubnetIds"] == ["subnet-00000000"] * 4 and set(bootstrapped["SecurityGroupIds"]) == {
+        "sg-00000000"}
