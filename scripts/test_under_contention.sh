@@ -9,8 +9,8 @@
 # - Ray starts its workers at niceness 15 so that its own control plane stays responsive; beside a busy process at
 #   niceness 0 each such worker then gets about 4% of a core (ps, 2 cores): the ASHA sweep test had not finished
 #   after 10 min, the cluster tier took 2 h 05 against 21 min idle. That measures Ray's priorities, not the tests'
-#   timing. Here Ray's workers run at the busy process's niceness
-#   (RAY_worker_niceness=0), so every process of the tests shares the cores with it alike.
+#   timing. Here Ray's workers run at the busy process's niceness (RAY_worker_niceness=0), so every process of the
+#   tests shares the cores with it alike.
 #
 #   make test-contention                                   # the cluster tier
 #   bash scripts/test_under_contention.sh tests/test_tune_sweeps.py   # arguments go to pytest
