@@ -9,7 +9,7 @@ from pipeline.record import RunRecord
 from tune import space
 from tune.discovered import as_piecewise, lineage_schedule
 from tune.spec import REPLICATE, load_sweep
-from tune.sweep import concurrency
+from tune.sweep import TrialNames, concurrency, parameter_columns
 
 SWEEPS = sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml"))
 
@@ -160,6 +160,32 @@ def test_the_loss_comparison_runs_every_recipe_with_every_seed():
     trials = [spec.trial_config(v, f"t{i}") for i, v in enumerate(variants)]
     assert sorted((t.loss.name, t.seed) for t in trials) == sorted(
         (loss, seed) for loss in ("varcon", "supcon", "cross_entropy") for seed in (0, 1, 2))
+
+
+def test_the_live_table_names_each_recipe_and_replicate_readably():
+    """Tune's own trial and table code, given the sweep's name creator and columns: a recipe shows as its name,
+    not as a cut-off mapping, and the replicate has its column."""
+    from ray.tune.experiment import Trial
+    from ray.tune.progress_reporter import _get_trial_info
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_loss_comparison.yaml")
+    columns = parameter_columns(spec)
+    assert columns == {"recipe/name": "recipe", REPLICATE: "replicate"}
+    rows = []
+    for i, (_, config) in enumerate(generate_variants(space.param_space(spec))):
+        trial = Trial("train_trial", config=config, trial_id=f"4b40a_{i:05d}", stub=True,
+                      trial_name_creator=TrialNames(spec))
+        rows.append(_get_trial_info(trial, list(columns), []))
+    recipes = [name for name in ("varcon", "supcon", "cross_entropy") for _ in range(3)]
+    assert [row[3:] for row in rows] == [[name, i % 3] for i, name in enumerate(recipes)]
+    assert [row[0] for row in rows] == [f"{name}_r{i % 3}_4b40a_{i:05d}" for i, name in enumerate(recipes)]
+
+
+def test_a_searched_sweep_names_trials_by_their_choices_only():
+    spec = load_sweep(None, ["tune.num_samples=3"])  # digits ASHA: continuous keys only
+    assert TrialNames(spec)(type("T", (), {"config": {"loss.tau1": 0.13}, "trial_id": "ab_00001"})) == "ab_00001"
+    assert all("/" not in key for key in parameter_columns(spec))
 
 
 @pytest.mark.parametrize("path", [p for p in SWEEPS if "asha" in p.name], ids=lambda p: p.name)

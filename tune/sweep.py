@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,12 +157,40 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
         trainable,
         param_space=space.param_space(spec),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=_scheduler(spec),
-                                    num_samples=space.trial_count(spec), max_concurrent_trials=max_concurrent),
+                                    num_samples=space.trial_count(spec), max_concurrent_trials=max_concurrent,
+                                    trial_name_creator=TrialNames(spec)),
         run_config=tune.RunConfig(name=s.name, storage_path=place.uri, progress_reporter=_reporter(spec), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                   callbacks=callbacks + faults.sweep_callbacks()),
     ), False
+
+
+class TrialNames:
+    """Tune's trial names: each grid or choice value by its label (a recipe by its name), the replicate, then
+    Tune's trial id: ``varcon_r1_4b40a_00002`` where Tune would write ``train_trial_4b40a_00002``."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.keys = [p.key for p in spec.space if p.type in ("grid", "choice")]
+
+    def __call__(self, trial) -> str:
+        config = trial.config
+        parts = [SweepSpec.label(config[key]) for key in self.keys if key in config]
+        if REPLICATE in config:
+            parts.append(f"r{config[REPLICATE]}")
+        return "_".join([re.sub(r"[^\w.+-]+", "-", part) for part in parts] + [trial.trial_id])
+
+
+def parameter_columns(spec: SweepSpec) -> dict[str, str]:
+    """The live table's parameter columns, ``{lookup key: header}``: a recipe by its name (Tune looks
+    ``recipe/name`` up inside the sampled mapping), every other key by its value, and the replicate."""
+    columns = {}
+    for p in spec.space:
+        recipe = any(isinstance(v, dict) for v in p.values or [])
+        columns[f"{p.key}/name" if recipe else p.key] = p.key.split(".")[-1]
+    if spec.settings.seeds > 1 and not spec.population_based:
+        columns[REPLICATE] = "replicate"
+    return columns
 
 
 def _reporter(spec: SweepSpec):
@@ -171,7 +200,7 @@ def _reporter(spec: SweepSpec):
 
     s = spec.settings
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    return CLIReporter(parameter_columns={p.key: p.key.split(".")[-1] for p in spec.space},
+    return CLIReporter(parameter_columns=parameter_columns(spec),
                        metric_columns={EPOCH: "epoch", s.metric: s.metric}, max_report_frequency=30,
                        sort_by_metric=True, max_progress_rows=32, max_error_rows=8,
                        print_intermediate_tables=True)
