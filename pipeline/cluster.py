@@ -26,6 +26,7 @@ from pipeline.config import ConfigError
 
 _started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
 SHOWN = ("CPU", "GPU")
+LOCAL_DISK_LABEL = "varcon.io/local-disk-gb"  # a node type's local disk for data.stage, in GB (cluster.yaml labels)
 PROGRESS_EVERY_S = 60.0  # a line while the autoscaler works (cold GPU nodes take minutes: ray.resource_wait_s)
 
 
@@ -61,6 +62,7 @@ class NodeType:
     resources: dict[str, float]
     max_workers: int
     is_head: bool = False
+    local_disk_gb: float | None = None  # declared by the LOCAL_DISK_LABEL label; None: not declared
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class ClusterMaximum:
         for name, spec in (config.get("available_node_types") or {}).items():
             resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
             types.append(NodeType(name, resources, 1 if name == head else int(spec.get("max_workers", 0)),
-                                  name == head))
+                                  name == head, _declared_gb(spec, name, path)))
         return cls(tuple(types), int(config.get("max_workers", 0)), str(path))
 
     def problem(self, bundles: list[dict]) -> str | None:
@@ -97,6 +99,12 @@ class ClusterMaximum:
                         f"most (node types x max_workers)")
         return None
 
+    def local_disks(self, bundle: dict) -> dict[str, float]:
+        """``{node type: declared local disk in GB}`` of the node types that can hold ``bundle`` (where a worker
+        of that bundle may land) and declare their disk."""
+        return {t.name: t.local_disk_gb for t in self.node_types if t.local_disk_gb is not None
+                and all(t.resources.get(k, 0.0) >= v for k, v in bundle.items() if v)}
+
     def most(self, resource: str) -> float:
         """The most of ``resource`` the cluster holds: the head, plus the worker types richest in it first,
         within the cluster's ``max_workers``."""
@@ -107,6 +115,17 @@ class ClusterMaximum:
             count = min(t.max_workers, left)
             total, left = total + count * t.resources.get(resource, 0.0), left - count
         return total
+
+
+def _declared_gb(node_type: dict, name: str, source: str | Path) -> float | None:
+    value = (node_type.get("labels") or {}).get(LOCAL_DISK_LABEL)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"node type {name} of {source}: label {LOCAL_DISK_LABEL}={value!r} must be a number of "
+                          f"GB") from None
 
 
 def _totals(bundles: list[dict]) -> dict[str, float]:

@@ -38,6 +38,17 @@ def corrupt_beton(home):
     return ["train", *synthetic, "data.verify_hash=always"]
 
 
+def small_disk_cluster(home):
+    """Prepared digits files staged (data.stage=local) on a cluster whose worker type declares a 1 kB disk."""
+    assert main(["prepare"]) == 0
+    config = home / "small-disk-cluster.yaml"
+    config.write_text("max_workers: 2\nhead_node_type: head\navailable_node_types:\n"
+                      "  head: {resources: {CPU: 0}, node_config: {}, max_workers: 0}\n"
+                      "  small_disk: {resources: {CPU: 4}, labels: {varcon.io/local-disk-gb: '0.000001'}, "
+                      "node_config: {}, max_workers: 2}\n")
+    return ["train", "data.stage=local", f"data.stage_dir={home / 'stage'}", f"ray.autoscaler_config={config}"]
+
+
 def malformed_yaml(home):
     path = home / "broken.yaml"
     path.write_text("loss:\n  tau1: 0.1\n   eps: [0.02\n")
@@ -137,6 +148,8 @@ CASES = {
                                "the run needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"),
     "GPUs on a CPU cluster": (["train", "ray.use_gpu=true", "ray.resource_wait_s=0"],
                               "needs 2 CPUs and 2 GPUs but the Ray cluster has 2 CPUs and 0 GPUs"),
+    "staged files larger than a node type's disk": (
+        small_disk_cluster, "GB (train.beton, test.beton) but node type small_disk declares 1e-06 GB of local disk"),
     "tune trial larger than the cluster": (["tune", "ray.num_workers=4", "ray.resource_wait_s=0"],
                                            "needs 4 CPUs and 0 GPUs"),
 }

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline.config import REPO_ROOT
+from pipeline.cluster import LOCAL_DISK_LABEL, cluster_maximum
+from pipeline.config import REPO_ROOT, ConfigError
 
 
 def load_prepared():
@@ -57,6 +58,27 @@ def test_cluster_yaml_can_grow_to_hold_every_bundled_config():
     assert all("resources" in t and (t["resources"] or name == "head") for name, t in types.items())
     assert types["head"]["resources"] == {"CPU": 0}  # no training or preparation on the head
     assert any(t["resources"].get("CPU") and not t["resources"].get("GPU") for t in types.values())  # CPU jobs
+
+
+def test_the_gpu_type_declares_its_local_disk_in_a_label_ray_accepts():
+    """data.stage's disk is a node label (cluster.yaml's ``labels``, which Ray's launcher gives ``ray start``):
+    the GPU type declares its NVMe; a training worker, GPU or CPU, may land only there among declaring types."""
+    from ray._private.label_utils import validate_node_labels
+
+    validate_node_labels(load_prepared()["available_node_types"]["gpu_worker"]["labels"])
+    maximum = cluster_maximum(str(REPO_ROOT / "cluster.yaml"))
+    assert maximum.local_disks({"CPU": 10, "GPU": 1}) == {"gpu_worker": 7800.0}
+    assert maximum.local_disks({"CPU": 10}) == {"gpu_worker": 7800.0}  # cpu_worker declares none
+    assert maximum.local_disks({"CPU": 200}) == {}
+
+
+def test_a_disk_label_that_is_no_number_is_one_line(tmp_path):
+    text = (REPO_ROOT / "cluster.yaml").read_text()
+    broken = text.replace(f'{LOCAL_DISK_LABEL}: "7800"', f'{LOCAL_DISK_LABEL}: "8TB"')
+    assert broken != text
+    (tmp_path / "cluster.yaml").write_text(broken)
+    with pytest.raises(ConfigError, match="node type gpu_worker of .*: label varcon.io/local-disk-gb='8TB' must be"):
+        cluster_maximum(str(tmp_path / "cluster.yaml"))
 
 
 def test_the_maximum_counts_the_largest_nodes_within_max_workers():

@@ -15,7 +15,7 @@ import torch
 from services import patience, process_context
 
 from pipeline import engine
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError, staging
 from pipeline.data.manifest import manifest_path, read_manifest
 
@@ -84,6 +84,19 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(digits_files, tmp_path, mon
     with pytest.raises(DataError, match=r"has 0.00 GiB free but .* needs 0.0\d GiB: free space there"):
         staging.copy_once(Path(digits_files.train), tmp_path, log=lambda *_: None)  # refused before copying
     assert [p.name for p in (tmp_path / Path(digits_files.train).parent.name).iterdir()] == [".train.beton.lock"]
+
+
+def test_files_larger_than_a_node_types_declared_disk_are_refused_before_staging(digits_files):
+    paths = [Path(digits_files.train), Path(digits_files.test)]
+    total_gb = sum(p.stat().st_size for p in paths) / 1e9
+    small = staging.DeclaredDisks({"gpu_worker": total_gb * 2, "tiny": total_gb / 2}, "cluster.yaml")
+    for mode in ("local", "auto"):
+        with pytest.raises(ConfigError, match=rf"data.stage={mode}: the files to stage take .* GB \(train.beton, "
+                                              rf"test.beton\) but node type tiny declares .* in cluster.yaml"):
+            staging.check_fits(paths, mode, small)
+    staging.check_fits(paths, "cache", small)  # nothing copied: nothing to fit
+    staging.check_fits(paths, "local", staging.DeclaredDisks({"gpu_worker": total_gb * 2}))
+    staging.check_fits(paths, "local", None)  # no cluster config: nothing declared
 
 
 def test_a_disk_that_fills_during_the_copy_leaves_nothing_half_copied(digits_files, tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_path
-from pipeline.data.prepare import PreparedDataset, prepare_dataset, prepared_split
+from pipeline.data import staging
+from pipeline.data.prepare import PreparedDataset, dataset_folder, prepare_dataset, prepared_split
 from pipeline.data.source_identity import FILE_SOURCES
 from pipeline.data.sources import DataError
 from pipeline.data.splits import SplitIndices
@@ -22,10 +23,11 @@ def prepare(config: ExperimentConfig, log: Callable[[str], None] = print, repair
                            check_split=check)
 
 
-def preflight(config: ExperimentConfig) -> None:
+def preflight(config: ExperimentConfig, disks: staging.DeclaredDisks | None = None) -> None:
     """What a prepared dataset's files already tell, checked before Ray starts: their integrity, the batches
-    against the training samples, and a loss against a single class. (A dataset not prepared yet is checked by
-    ``prepare`` before it writes anything.)"""
+    against the training samples, a loss against a single class, and that they fit the local ``disks`` they are
+    staged to. (A dataset not prepared yet is checked by ``prepare`` before it writes anything, and its staging
+    by ``check_staging`` once written.)"""
     d = config.data
     found = prepared_split(d, resolve_path(d.cache_dir))
     if found is None:
@@ -40,6 +42,13 @@ def preflight(config: ExperimentConfig) -> None:
         raise ConfigError(f"{config.data.dataset} has {len(names)} class: {config.loss.name} needs at least 2 "
                           f"(check data.root)")
     check_batches_fit(config, split)
+    folder = dataset_folder(d, resolve_path(d.cache_dir))
+    staging.check_fits([folder / "train.beton", folder / "test.beton"], d.stage, disks)
+
+
+def check_staging(config: ExperimentConfig, files: PreparedDataset, disks: staging.DeclaredDisks | None) -> None:
+    """``files`` (just prepared) fit the local ``disks`` they are staged to."""
+    staging.check_fits([Path(p) for p in (files.train, files.test) if p], config.data.stage, disks)
 
 
 def check_batches_fit(config: ExperimentConfig, split: SplitIndices) -> None:

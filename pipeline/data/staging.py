@@ -26,9 +26,10 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.config import ConfigError
 from pipeline.data.manifest import AUTO_HASH_LIMIT_BYTES, manifest_path, read_manifest, sha256_of
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.sources import DataError
@@ -41,6 +42,28 @@ def stage_mode(mode: str, stage_dir: str) -> str:
     if mode != "auto":
         return mode
     return "local" if stage_dir and Path(stage_dir).is_dir() else "none"
+
+
+@dataclass(frozen=True)
+class DeclaredDisks:
+    """The local disk each node type that runs training workers declares: ``{node type: GB}``, and where."""
+
+    gb: dict[str, float]
+    source: str = ""
+
+
+def check_fits(paths: list[Path], mode: str, disks: DeclaredDisks | None) -> None:
+    """Refuse ``data.stage=local|auto`` where the files to stage (``paths``, all copied to every node) exceed a
+    node type's declared local disk, before any node is asked for."""
+    if mode not in ("local", "auto") or disks is None:
+        return
+    total = sum(path.stat().st_size for path in paths if path.is_file())
+    for name, gb in disks.gb.items():
+        if total > gb * 1e9:
+            raise ConfigError(f"data.stage={mode}: the files to stage take {total / 1e9:.1f} GB ("
+                              f"{', '.join(p.name for p in paths)}) but node type {name} declares {gb:g} GB of "
+                              f"local disk in {disks.source}: set data.stage=cache (warm the page cache) or none, "
+                              f"or give that node type a larger disk")
 
 
 def staged(files: PreparedDataset, mode: str, stage_dir: str, limit_gb: float, verify_hash: str = "auto",
