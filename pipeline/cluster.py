@@ -11,6 +11,7 @@ the autoscaler's own cluster config (``ray.autoscaler_config``; ``ray up`` puts 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -190,13 +191,19 @@ def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_
     try:
         log(f"asked the autoscaler for {len(bundles)} bundles ({_describe(_totals(bundles))}); waiting up to "
             f"{wait_s:g} s (ray.resource_wait_s)")
-        asked, before = time.monotonic(), have
+        asked, asked_at, before = time.monotonic(), time.time(), have
         deadline, next_line = asked + wait_s, asked + PROGRESS_EVERY_S
+        failed: dict[str, str] = {}  # node type: its latest launch failure, as already shown
         while not fits(have := ray.cluster_resources(), first):
             now = time.monotonic()
+            for node_type, reason in launch_failures(since=math.floor(asked_at)).items():
+                if failed.get(node_type) != reason:
+                    log(f"the autoscaler could not launch a {node_type} node: {reason}")
+                    failed[node_type] = reason
             if now >= deadline:
+                last = "".join(f"; its last launch failure: {t}: {r}" for t, r in list(failed.items())[-1:])
                 raise ConfigError(_shortfall(first, have, f"the autoscaler did not add the nodes within {wait_s:g} s "
-                                                          f"(ray.resource_wait_s): see `ray status` and the "
+                                                          f"(ray.resource_wait_s){last}: see `ray status` and the "
                                                           f"autoscaler's log (monitor.log)"))
             if now >= next_line:
                 log(waiting_line(first, before, have, now - asked, wait_s))
@@ -207,6 +214,26 @@ def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_
         yield have
     finally:
         request_resources(bundles=[])  # withdraw: each call replaces the cluster-wide request
+
+
+def launch_failures(since: float = 0.0) -> dict[str, str]:
+    """``{node type: "Category: description"}`` for each node type whose latest launch, at or after ``since``
+    (Unix time), failed: what Ray's autoscaler (v1, which ``ray up`` runs on VMs) publishes in its status in the
+    GCS and ``ray status`` lists as recent failures. On AWS the category is EC2's error code, e.g.
+    InsufficientInstanceCapacity, or UnauthorizedOperation for a right the head's role lacks. Empty when nothing
+    failed or the status is not there (a private instance, no autoscaler)."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
+    if not raw:
+        return {}
+    report = json.loads(raw).get("autoscaler_report") or {}
+    records = ((report.get("node_availability_summary") or {}).get("node_availabilities") or {}).values()
+    return {record["node_type"]: f"{info.get('category')}: {info.get('description')}"
+            for record in sorted(records, key=lambda r: r.get("last_checked_timestamp", 0.0))
+            if not record.get("is_available", True) and (info := record.get("unavailable_node_information"))
+            and record.get("last_checked_timestamp", 0.0) >= since}
 
 
 def _shown(resources: dict, bundles: list[dict]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """An autoscaling Ray cluster on this machine, run by ``tests/test_autoscaling.py`` in a process of its own:
 ``services.AutoscalingHead`` (Ray's fake multi-node provider: a head that offers no CPU and one worker node type of
-1 CPU, at most 2 such nodes, none at the start), two ``varcon train`` runs against it, and the nodes counted
-between them.
+1 CPU, at most 2 such nodes, none at the start, and a GPU type that cannot be launched), four ``varcon train``
+runs against it, and the nodes counted between them.
 
 Run: ``python autoscaling_cluster.py HOME``; prints one JSON line per step.
 """
@@ -52,10 +52,19 @@ def main(home: Path) -> None:
         while (left := worker_nodes(address)) and time.monotonic() < deadline:
             time.sleep(3)
         report(step="after", worker_nodes=left)
+        bad_source = varcon(home, address, "train", *common, "data.dataset=imagefolder", "data.root=/no/such/folder",
+                            "name=bad-source")
+        time.sleep(patience(5))  # a request, even withdrawn at once, would have the autoscaler add a node by now
+        report(step="bad_source", returncode=bad_source.returncode, stdout=bad_source.stdout[-3000:],
+               stderr=bad_source.stderr[-3000:], worker_nodes=worker_nodes(address))
         started = time.monotonic()
         too_big = varcon(home, address, "train", *common, "ray.num_workers=4", "name=too-big")
         report(step="too_big", returncode=too_big.returncode, stderr=too_big.stderr[-3000:],
                seconds=time.monotonic() - started)
+        refused = varcon(home, address, "train", *common, "ray.num_workers=1", "ray.use_gpu=true", "name=refused",
+                         f"ray.resource_wait_s={patience(45):.0f}")
+        report(step="refused", returncode=refused.returncode, stdout=refused.stdout[-20000:],
+               stderr=refused.stderr[-3000:])
     finally:
         HEAD.stop()
 

@@ -133,12 +133,14 @@ class RaySession:
 class AutoscalingHead:
     """A Ray head on its own port with Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``: the autoscaler
     starts and stops real raylets here): the head offers no CPU, one worker type of 1 CPU, at most 2 such nodes,
-    none at the start. Ray's ``AutoscalingCluster`` helper reads an example config the wheel does not ship and
+    none at the start, and a GPU type whose every launch fails as EC2 fails one (``refusing_provider.py``). Ray's
+    ``AutoscalingCluster`` helper reads an example config the wheel does not ship and
     runs ``ray stop --force``, which would kill every Ray process of the test session; ``stop`` kills only this
     cluster's own processes. ``env``: what a client of it needs (token authentication, as ``ray start`` sets up
     the head, with this cluster's own token: a fresh machine has no ``~/.ray/auth_token``)."""
 
     WORKER_TYPE = "cpu_1"
+    REFUSED_TYPE = "gpu_refused"
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -154,11 +156,14 @@ class AutoscalingHead:
             "max_workers": 2,
             "upscaling_speed": 1.0,
             "idle_timeout_minutes": 0.1,  # 6 s: nodes nobody asks for go soon after the work ends
-            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+            "provider": {"type": "external", "module": "refusing_provider.RefusingProvider",
+                         "refuse": [self.REFUSED_TYPE], "use_node_id_as_ip": True, "disable_node_updaters": True,
                          "disable_launch_config_check": True, "gcs_address": self.address},
             "available_node_types": {
                 "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
                 self.WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+                self.REFUSED_TYPE: {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0,
+                                    "max_workers": 1},
             },
             "head_node_type": "ray.head.default",
             "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
@@ -175,7 +180,9 @@ class AutoscalingHead:
         subprocess.run([ray, "start", "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
                         "--node-ip-address=127.0.0.1", f"--autoscaling-config={self.config_file}",
                         "--disable-usage-stats"], check=True, capture_output=True,
-                       env={**self.env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"})
+                       env={**self.env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
+                            "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                                        os.environ.get("PYTHONPATH")]))})
         return self
 
     def own_processes(self) -> list:
