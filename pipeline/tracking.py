@@ -83,12 +83,39 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
             if response.status == 200:
+                _check_credentials(tracking_uri, timeout_s)
                 return
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise TrackingError(f"the MLflow tracking server {tracking_uri} does not answer ({problem}): start it "
                         f"(`mlflow server` or `varcon ui`), or unset MLFLOW_TRACKING_URI to use the local store")
+
+
+def _check_credentials(tracking_uri: str, timeout_s: float) -> None:
+    """One authenticated read, with the credentials MLflow's own client sends (``~/.mlflow/credentials``, or
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``): a server behind MLflow's basic-auth app answers 401 without them
+    or to a wrong password, 403 to a user without read permission."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    request = urllib.request.Request(tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if creds.username and creds.password:
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return  # not a question of credentials: MLflow's client reports it with its own message
+        given = f"the credentials of user {creds.username!r}" if creds.username else "no credentials"
+        raise TrackingError(f"the MLflow tracking server {tracking_uri} refused {given} (HTTP {exc.code}): put "
+                            f"mlflow_tracking_username and mlflow_tracking_password of a user with access in "
+                            f"~/.mlflow/credentials (README: Tracking credentials)") from None
 
 
 def _check_database(uri: str, timeout_s: float) -> None:

@@ -367,7 +367,10 @@ class TrackingService:
     """``mlflow server`` on PostgreSQL with its artifacts in the S3 server (``--artifacts-destination``, served
     through the tracking server), as ``cluster.yaml`` runs it."""
 
-    def __init__(self, database_uri: str, artifacts: str, s3: S3Server | None = None, workers: int = 2) -> None:
+    ADMIN = "admin"
+
+    def __init__(self, database_uri: str, artifacts: str, s3: S3Server | None = None, workers: int = 2,
+                 auth_database_uri: str = "") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
@@ -377,6 +380,15 @@ class TrackingService:
                     "MLFLOW_DISABLE_TELEMETRY": "true"}
         self.process: subprocess.Popen | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="varcon-mlflow-server-", suffix=".log", delete=False).name
+        self.admin_password = ""
+        if auth_database_uri:  # MLflow's basic-auth app, its users on PostgreSQL, configured as cluster.yaml does
+            self.admin_password = secrets.token_hex(16)
+            config = Path(tempfile.mkdtemp(prefix="varcon-mlflow-auth-")) / "mlflow_auth.ini"
+            config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
+                              f"admin_username = {self.ADMIN}\nadmin_password = {self.admin_password}\n"
+                              f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            self.command += ["--app-name", "basic-auth"]
+            self.env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
 
     def start(self) -> TrackingService:
         with open(self.log, "a") as log:

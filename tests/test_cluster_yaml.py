@@ -142,3 +142,26 @@ def test_the_commented_efa_set_up_gives_every_network_card_an_efa_in_one_placeme
     bootstrapped = _configure_node_type_from_network_interface(gpu)["node_config"]
     assert bootstrapped["SubnetIds"] == ["subnet-00000000"] * 4 and set(bootstrapped["SecurityGroupIds"]) == {
         "sg-00000000"}
+
+
+def test_every_start_command_closes_the_doors():
+    """Ray's token authentication on every ``ray start``, the token and the tracking credentials copied to where Ray's
+    and MLflow's own clients read them on every node, MLflow behind its basic-auth app, and start commands that stop
+    only what they started (a pid file; no ``pkill -f``)."""
+    from pathlib import Path
+
+    from mlflow.utils.credentials import _get_credentials_path
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    config = load_prepared()
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    ray_starts = [c for c in starts if "ray start" in c]
+    assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    home = Path.home()
+    mounts = {str(home / Path(remote).expanduser().relative_to(home)) for remote in config["file_mounts"]
+              if remote.startswith("~")}
+    assert {str(_get_default_token_path()), _get_credentials_path()} <= mounts
+    (mlflow,) = [c for c in starts if "mlflow server" in c]
+    assert "--app-name basic-auth" in mlflow and "MLFLOW_AUTH_CONFIG_PATH=" in mlflow
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=\"$(cat ~/.varcon/mlflow_secret_key)\"" in mlflow
+    assert not any("pkill" in c for c in starts + config["setup_commands"])
