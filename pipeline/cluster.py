@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, first_line
 
 _started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
 SHOWN = ("CPU", "GPU")
@@ -42,7 +42,12 @@ def init_ray(verbose: bool = False, log: Callable[[str], None] = print) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING)  # no connection banner
+        try:
+            ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING)  # no connection banner
+        except (ray.exceptions.AuthenticationError, ConnectionError) as refused:  # a token missing / not taken
+            raise ConfigError(f"cannot join the Ray cluster at {address} ({first_line(str(refused))[:100]}): is it "
+                              f"running, and does this process have its token? (RAY_AUTH_MODE=token and "
+                              f"RAY_AUTH_TOKEN_PATH=<the cluster's token file>, or ~/.ray/auth_token)") from None
         _started_locally = address in (None, "local")
         if not verbose:
             log(f"Ray's own output (workers, Train controller, autoscaler): {ray_logs_folder()}  (--verbose shows "

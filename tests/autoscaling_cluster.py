@@ -27,8 +27,10 @@ def worker_nodes(address: str) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def varcon(home: Path, address: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**HEAD.env, "RAY_ADDRESS": address, "VARCON_HOME": str(home)}
+def varcon(home: Path, address: str, *args: str, without: str = "") -> subprocess.CompletedProcess:
+    """``varcon ARGS`` against the cluster; ``without`` names an environment variable to leave out."""
+    env = {key: value for key, value in HEAD.env.items() if key != without}
+    env.update(RAY_ADDRESS=address, VARCON_HOME=str(home))
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
                           timeout=patience(600))
 
@@ -45,6 +47,8 @@ def main(home: Path) -> None:
         common = ["optim.epochs=1", "optim.warmup_epochs=0", "eval.linear_probe_epochs=3", "eval.few_shot_episodes=5",
                   "ray.num_workers=2", f"ray.autoscaler_config={config_file}",
                   f"ray.resource_wait_s={patience(300):.0f}"]
+        no_token = varcon(home, address, "train", *common, "name=no-token", without="RAY_AUTH_TOKEN")
+        report(step="no_token", returncode=no_token.returncode, stderr=no_token.stderr[-3000:])
         done = varcon(home, address, "train", *common, "name=autoscaled")
         report(step="trained", returncode=done.returncode, stdout=done.stdout[-20000:], stderr=done.stderr[-3000:])
         # the request withdrawn, the idle nodes go after idle_timeout_minutes
