@@ -28,6 +28,10 @@ from pipeline.config import ConfigError, first_line
 _started_locally = False  # init_ray started a private instance (no autoscaler can add nodes to it)
 SHOWN = ("CPU", "GPU")
 LOCAL_DISK_LABEL = "varcon.io/local-disk-gb"  # a node type's local disk for data.stage, in GB (cluster.yaml labels)
+# a custom resource: how many sweep trial drivers a node type hosts, declared only by node types never preempted (the
+# head, on-demand CPU nodes); a trial driver asks for one wherever the autoscaler config declares it, so a spot
+# reclaim never takes a trial's driver (nor the Ray Train controller, which Ray places on its driver's node)
+TRIAL_DRIVER_SLOT = "varcon_trial_driver"
 PROGRESS_EVERY_S = 60.0  # a line while the autoscaler works (cold GPU nodes take minutes: ray.resource_wait_s)
 
 
@@ -70,6 +74,10 @@ class NodeType:
     is_head: bool = False
     local_disk_gb: float | None = None  # declared by the LOCAL_DISK_LABEL label; None: not declared
 
+    def holds(self, bundle: dict) -> bool:
+        """Whether one node of this type holds ``bundle``."""
+        return all(self.resources.get(k, 0.0) >= v for k, v in bundle.items() if v)
+
 
 @dataclass(frozen=True)
 class ClusterMaximum:
@@ -95,7 +103,7 @@ class ClusterMaximum:
         """Why ``bundles`` can never be placed, or None: a bundle no node type holds, or totals beyond what the
         largest nodes can add up to within ``max_workers``."""
         for bundle in bundles:
-            if not any(all(t.resources.get(k, 0.0) >= v for k, v in bundle.items() if v) for t in self.node_types):
+            if not any(t.holds(bundle) for t in self.node_types):
                 return f"no node type of {self.source} holds a bundle of {_describe(bundle)}"
         needed = _totals(bundles)
         for resource, amount in needed.items():
@@ -108,8 +116,11 @@ class ClusterMaximum:
     def local_disks(self, bundle: dict) -> dict[str, float]:
         """``{node type: declared local disk in GB}`` of the node types that can hold ``bundle`` (where a worker
         of that bundle may land) and declare their disk."""
-        return {t.name: t.local_disk_gb for t in self.node_types if t.local_disk_gb is not None
-                and all(t.resources.get(k, 0.0) >= v for k, v in bundle.items() if v)}
+        return {t.name: t.local_disk_gb for t in self.node_types if t.local_disk_gb is not None and t.holds(bundle)}
+
+    def declares(self, resource: str) -> bool:
+        """Whether any node type offers ``resource``."""
+        return any(t.resources.get(resource, 0.0) > 0 for t in self.node_types)
 
     def most(self, resource: str) -> float:
         """The most of ``resource`` the cluster holds: the head, plus the worker types richest in it first,

@@ -32,8 +32,8 @@ def test_schema_check_rejects_unknown_fields():
 
 
 def bundled_work():
-    """(name, bundles) of every bundled training config and sweep file: what each places on the cluster."""
-    from pipeline.cluster import training_bundles
+    """(name, bundles) of every bundled training config and sweep file: what each places on this cluster."""
+    from pipeline.cluster import ClusterMaximum, training_bundles
     from pipeline.config import load_config
     from tune.spec import load_sweep
     from tune.sweep import trial_bundles
@@ -41,8 +41,9 @@ def bundled_work():
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
         r = load_config(path).ray
         yield path.name, training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
+    maximum = ClusterMaximum.from_config(REPO_ROOT / "cluster.yaml")  # trial drivers take its driver slots
     for path in sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml")):
-        yield f"tune/{path.name}", trial_bundles(load_sweep(path))
+        yield f"tune/{path.name}", trial_bundles(load_sweep(path), maximum)
 
 
 def test_cluster_yaml_can_grow_to_hold_every_bundled_config():
@@ -56,7 +57,7 @@ def test_cluster_yaml_can_grow_to_hold_every_bundled_config():
     assert maximum.most("GPU") == 32 and maximum.problem([{"CPU": 10, "GPU": 1}] * 33) is not None
     types = load_prepared()["available_node_types"]
     assert all("resources" in t and (t["resources"] or name == "head") for name, t in types.items())
-    assert types["head"]["resources"] == {"CPU": 0}  # no training or preparation on the head
+    assert types["head"]["resources"]["CPU"] == 0  # no training or preparation on the head
     assert any(t["resources"].get("CPU") and not t["resources"].get("GPU") for t in types.values())  # CPU jobs
 
 
@@ -126,6 +127,27 @@ def test_the_commented_spot_gpu_type_with_its_watcher_is_valid_once_uncommented(
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
     assert "python -m pipeline.spot_watcher --address=$RAY_HEAD_IP:6379" in " ".join(gpu["worker_setup_commands"])
+
+
+def test_sweep_trial_drivers_land_only_on_node_types_never_preempted():
+    """Every Ray Train trial's driver of the bundled sweeps takes a varcon_trial_driver, which only on-demand node
+    types declare: with the GPU type on spot, a reclaim never takes a driver (nor its Train controller)."""
+    from pipeline.cluster import TRIAL_DRIVER_SLOT, ClusterMaximum
+    from tune.spec import load_sweep
+    from tune.sweep import trial_bundles
+
+    config = uncommented("InstanceMarketOptions|  MarketType|worker_setup_commands")
+    spot = {name for name, t in config["available_node_types"].items() if "InstanceMarketOptions" in t["node_config"]}
+    maximum = ClusterMaximum.from_config(REPO_ROOT / "cluster.yaml")
+    assert spot == {"gpu_worker"} and {t.name for t in maximum.node_types if t.resources.get(TRIAL_DRIVER_SLOT)} == {
+        "head", "cpu_worker"}
+    sweeps = [load_sweep(path) for path in sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml"))]
+    trained_by_ray_train = [spec for spec in sweeps if not spec.population_based]
+    assert len(trained_by_ray_train) >= 3
+    for spec in trained_by_ray_train:
+        driver = trial_bundles(spec, maximum)[0]
+        assert driver[TRIAL_DRIVER_SLOT] == 1
+        assert {t.name for t in maximum.node_types if t.holds(driver)} == {"head", "cpu_worker"}, spec.settings.name
 
 
 def test_the_commented_efa_set_up_gives_every_network_card_an_efa_in_one_placement_group():

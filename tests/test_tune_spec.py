@@ -2,6 +2,7 @@
 
 import optuna
 import pytest
+import yaml
 
 from pipeline import identity
 from pipeline.config import REPO_ROOT, ConfigError, build_config, flatten, load_config
@@ -198,3 +199,28 @@ def test_the_asha_sweeps_checkpoint_at_every_rung(path):
     assert all(epoch % every == 0 for epoch in spec.evaluation_epochs())
     if path.name == "cifar100_resnet50_asha.yaml":
         assert every == 10 and spec.evaluation_epochs() == [10, 30, 90, 100]
+
+
+def test_trial_drivers_take_a_driver_slot_only_where_the_cluster_declares_one(tmp_path):
+    from pipeline.cluster import TRIAL_DRIVER_SLOT, ClusterMaximum
+    from tune.sweep import trial_bundles, trial_resources
+
+    def maximum(head: dict) -> ClusterMaximum:
+        path = tmp_path / f"cluster-{len(head)}.yaml"
+        path.write_text(yaml.safe_dump({"max_workers": 2, "head_node_type": "head", "available_node_types": {
+            "head": {"resources": head}, "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2}}}))
+        return ClusterMaximum.from_config(path)
+
+    spec, pinned, plain = load_sweep(None), maximum({"CPU": 0, TRIAL_DRIVER_SLOT: 2}), maximum({"CPU": 0})
+    workers = [{"CPU": spec.base.ray.cpus_per_worker}] * spec.base.ray.num_workers
+    assert trial_resources(spec)[0] == trial_resources(spec, plain)[0] == {"memory": 512 * 1024**2}
+    assert trial_bundles(spec, plain) == workers  # a driver taking no CPU places no bundle of its own
+    assert trial_resources(spec, pinned)[0] == {"memory": 512 * 1024**2, TRIAL_DRIVER_SLOT: 1.0}
+    assert trial_bundles(spec, pinned) == [{TRIAL_DRIVER_SLOT: 1.0}, *workers]
+    assert pinned.problem(trial_bundles(spec, pinned) * 2) is None
+    assert "2 varcon_trial_driver" in pinned.problem(trial_bundles(spec, pinned) * 3)  # the head hosts 2 drivers
+    with_cpu = load_sweep(None, ["tune.trial_driver_cpus=1"])
+    assert trial_bundles(with_cpu, pinned)[0] == {"CPU": 1.0, TRIAL_DRIVER_SLOT: 1.0}
+    assert pinned.problem(trial_bundles(with_cpu, pinned))  # the head takes no CPU: no node type hosts that driver
+    population = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml")
+    assert TRIAL_DRIVER_SLOT not in trial_resources(population, pinned)[0]  # it trains in its own process

@@ -66,25 +66,30 @@ class SweepOutcome:
     compared: list[Compared] = field(default_factory=list)
 
 
-def trial_resources(spec: SweepSpec) -> tuple[dict, float, float]:
-    """Tune resources of one trial's own process, and the CPUs and GPUs one whole trial occupies."""
+def trial_resources(spec: SweepSpec, maximum: cluster.ClusterMaximum | None = None) -> tuple[dict, float, float]:
+    """Tune resources of one trial's own process, and the CPUs and GPUs one whole trial occupies. Where the
+    cluster's ``maximum`` declares ``TRIAL_DRIVER_SLOT``, a Ray Train trial's driver takes one: it runs on a node
+    that is never preempted (a PBT/PB2 trial trains in its own process, where its worker's resources are)."""
     r = spec.base.ray
     if spec.population_based:  # the trial process trains itself
         own = {"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)}
         return own, r.cpus_per_worker, float(r.use_gpu)
     # Ray cannot schedule an empty request: a driver that takes no CPU reserves the memory it uses instead
     own = {"CPU": spec.settings.trial_driver_cpus} if spec.settings.trial_driver_cpus else {"memory": DRIVER_MEMORY}
+    if maximum is not None and maximum.declares(cluster.TRIAL_DRIVER_SLOT):
+        own[cluster.TRIAL_DRIVER_SLOT] = 1.0
     return own, spec.settings.trial_driver_cpus + r.num_workers * r.cpus_per_worker, float(r.num_workers * r.use_gpu)
 
 
-def trial_bundles(spec: SweepSpec) -> list[dict]:
-    """The CPU/GPU bundles one trial places: its own process (if it takes a CPU) and its Ray Train workers."""
-    own, _, _ = trial_resources(spec)
+def trial_bundles(spec: SweepSpec, maximum: cluster.ClusterMaximum | None = None) -> list[dict]:
+    """The bundles one trial places: its own process (where it takes a CPU or a driver slot) and its Ray Train
+    workers."""
+    own, _, _ = trial_resources(spec, maximum)
     r = spec.base.ray
     if spec.population_based:
         return [{k: float(v) for k, v in own.items() if v}]
-    driver = [{"CPU": float(own["CPU"])}] if own.get("CPU") else []
-    return driver + cluster.training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
+    driver = {k: float(v) for k, v in own.items() if k != "memory" and v}
+    return ([driver] if driver else []) + cluster.training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
 
 
 def concurrency(spec: SweepSpec, have: dict) -> int:
@@ -137,12 +142,12 @@ class ForwardTrialRecords(Callback):
 
 
 def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: dict,
-           forwarder: ForwardTrialRecords | None):
+           forwarder: ForwardTrialRecords | None, maximum: cluster.ClusterMaximum | None):
     """A new ``Tuner``, or the interrupted one restored from its storage folder (no finished trial repeats)."""
     from ray import tune
 
     s, base = spec.settings, spec.base
-    own, _, _ = trial_resources(spec)
+    own, _, _ = trial_resources(spec, maximum)
     function = population_trial if spec.population_based else train_trial
     trainable = tune.with_resources(tune.with_parameters(function, spec=spec, parent_run_id=parent_run_id,
                                                          prepared=prepared), own)
@@ -210,8 +215,8 @@ def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome
     spec = spec.with_absolute_paths()
     s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri
-    trial = trial_bundles(spec)
     maximum = cluster.cluster_maximum(base.ray.autoscaler_config)
+    trial = trial_bundles(spec, maximum)
     side_by_side = cluster.trials_that_fit(maximum, trial, s.max_concurrent_trials or space.trial_count(spec))
     with driver_started(base, trial * side_by_side, trial, log, verbose, {"tune.output_dir": s.output_dir}
                         ) as (data, have):
@@ -220,7 +225,7 @@ def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome
         parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
                                              spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
         forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None
-        tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, forwarder)
+        tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, forwarder, maximum)
         log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher "
             f"{s.searcher}, scheduler {s.scheduler}, up to {max_concurrent} at a time (MLflow parent run "
             f"{parent.run_id})")
