@@ -49,7 +49,8 @@ def init_ray(verbose: bool = False, log: Callable[[str], None] = print) -> None:
         try:
             ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING)  # no connection banner
         except (ray.exceptions.AuthenticationError, ConnectionError) as refused:  # a token missing / not taken
-            raise ConfigError(f"cannot join the Ray cluster at {address} ({first_line(str(refused))[:100]}): is it "
+            where = address or "this machine"
+            raise ConfigError(f"cannot join the Ray cluster at {where} ({first_line(str(refused))[:100]}): is it "
                               f"running, and does this process have its token? (RAY_AUTH_MODE=token and "
                               f"RAY_AUTH_TOKEN_PATH=<the cluster's token file>, or ~/.ray/auth_token)") from None
         _started_locally = address in (None, "local")
@@ -215,6 +216,7 @@ def requested(bundles: list[dict], first: list[dict], wait_s: float, autoscaler_
             for node_type, reason in launch_failures(since=math.floor(asked_at)).items():
                 if failed.get(node_type) != reason:
                     log(f"the autoscaler could not launch a {node_type} node: {reason}")
+                    failed.pop(node_type, None)  # the newest failure last
                     failed[node_type] = reason
             if now >= deadline:
                 last = "".join(f"; its last launch failure: {t}: {r}" for t, r in list(failed.items())[-1:])
@@ -267,9 +269,9 @@ def waiting_line(first: list[dict], before: dict, have: dict, waited_s: float, w
 
 
 def _shortfall(bundles: list[dict], have: dict, fix: str) -> str:
-    needed = _totals(bundles)
-    return (f"the run needs {needed.get('CPU', 0.0):g} CPUs and {needed.get('GPU', 0.0):g} GPUs but the Ray "
-            f"cluster has {have.get('CPU', 0.0):g} CPUs and {have.get('GPU', 0.0):g} GPUs: {fix}")
+    """Why ``bundles`` do not fit: CPU, GPU and whatever else they ask for (e.g. a trial driver slot)."""
+    return (f"the run needs {_describe(_shown(_totals(bundles), bundles))} but the Ray cluster has "
+            f"{_describe(_shown(have, bundles))}: {fix}")
 
 
 def training_bundles(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> list[dict]:

@@ -27,7 +27,7 @@ def driver_started(config: ExperimentConfig, wanted: list[dict], smallest: list[
     what can never fit is refused before asking); the dataset is prepared (files missing are written while nodes
     boot, then checked against the local disks like prepared ones). Yields the prepared dataset and the bundles
     the cluster has."""
-    check_reachable(resolve_tracking_uri(config.tracking.tracking_uri))
+    check_reachable(resolve_tracking_uri(config.tracking.tracking_uri), config.tracking.experiment)
     for key, path in {"ray.storage_path": config.ray.storage_path, **(writable or {})}.items():
         storage.check_writable(storage.location(path), key)
     disks = declared_disks(config)

@@ -64,10 +64,10 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow 
 KNOWN_SCHEMES = ("http", "https", "file", "sqlite", "databricks", *DATABASE_SCHEMES)
 
 
-def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(tracking_uri: str, experiment: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any training, when an http(s) tracking server does not answer its health check
-    (MLflow's own client would retry for minutes), a database store does not take a connection, or the URI's
-    scheme is none MLflow's stores use."""
+    (MLflow's own client would retry for minutes) or refuses this user the run's ``experiment``, a database store
+    does not take a connection, or the URI's scheme is none MLflow's stores use."""
     scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else "file"
     if scheme not in KNOWN_SCHEMES:
         raise TrackingError(f"tracking URI {_redacted(tracking_uri)} has scheme {scheme}://, which no MLflow store "
@@ -83,7 +83,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
             if response.status == 200:
-                _check_credentials(tracking_uri, timeout_s)
+                _check_credentials(tracking_uri, timeout_s, experiment)
                 return
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as exc:
@@ -92,30 +92,27 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
                         f"(`mlflow server` or `varcon ui`), or unset MLFLOW_TRACKING_URI to use the local store")
 
 
-def _check_credentials(tracking_uri: str, timeout_s: float) -> None:
-    """One authenticated read, with the credentials MLflow's own client sends (``~/.mlflow/credentials``, or
-    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``): a server behind MLflow's basic-auth app answers 401 without them
-    or to a wrong password, 403 to a user without read permission."""
-    import base64
-    import urllib.error
-    import urllib.request
+def _check_credentials(tracking_uri: str, timeout_s: float, experiment: str) -> None:
+    """One read of the run's experiment through MLflow's own request code, so with the credentials its client
+    sends (``~/.mlflow/credentials``, ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, and
+    its TLS settings): a server behind MLflow's basic-auth app answers 401 without them or to a wrong password,
+    403 to a user who may not read the experiment; 404 is an experiment the run will create."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
+    from mlflow.utils.rest_utils import http_request
 
-    from mlflow.utils.credentials import read_mlflow_creds
-
-    creds = read_mlflow_creds()
-    request = urllib.request.Request(tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
-    if creds.username and creds.password:
-        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
     try:
-        urllib.request.urlopen(request, timeout=timeout_s).close()
-    except urllib.error.HTTPError as exc:
-        if exc.code not in (401, 403):
-            return  # not a question of credentials: MLflow's client reports it with its own message
-        given = f"the credentials of user {creds.username!r}" if creds.username else "no credentials"
-        raise TrackingError(f"the MLflow tracking server {tracking_uri} refused {given} (HTTP {exc.code}): put "
-                            f"mlflow_tracking_username and mlflow_tracking_password of a user with access in "
-                            f"~/.mlflow/credentials (README: Tracking credentials)") from None
+        response = http_request(get_default_host_creds(tracking_uri), "/api/2.0/mlflow/experiments/get-by-name",
+                                "GET", max_retries=0, timeout=timeout_s, params={"experiment_name": experiment})
+    except MlflowException:  # a server error, not a question of credentials: MLflow's client reports it later
+        return
+    if response.status_code in (401, 403):
+        username = read_mlflow_creds().username
+        given = f"the credentials of user {username!r}" if username else "no credentials"
+        raise TrackingError(f"the MLflow tracking server {tracking_uri} refused {given} (HTTP "
+                            f"{response.status_code}) for experiment {experiment!r}: put mlflow_tracking_username "
+                            f"and mlflow_tracking_password of a user who may use it in ~/.mlflow/credentials "
+                            f"(README: Tracking credentials)")
 
 
 def _check_database(uri: str, timeout_s: float) -> None:

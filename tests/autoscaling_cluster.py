@@ -27,10 +27,11 @@ def worker_nodes(address: str) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def varcon(home: Path, address: str, *args: str, without: str = "") -> subprocess.CompletedProcess:
-    """``varcon ARGS`` against the cluster; ``without`` names an environment variable to leave out."""
+def varcon(home: Path, address: str, *args: str, without: str = "", **changed: str) -> subprocess.CompletedProcess:
+    """``varcon ARGS`` against the cluster; ``without`` names an environment variable to leave out, ``changed``
+    sets others."""
     env = {key: value for key, value in HEAD.env.items() if key != without}
-    env.update(RAY_ADDRESS=address, VARCON_HOME=str(home))
+    env.update(RAY_ADDRESS=address, VARCON_HOME=str(home), **changed)
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
                           timeout=patience(600))
 
@@ -47,7 +48,10 @@ def main(home: Path) -> None:
         common = ["optim.epochs=1", "optim.warmup_epochs=0", "eval.linear_probe_epochs=3", "eval.few_shot_episodes=5",
                   "ray.num_workers=2", f"ray.autoscaler_config={config_file}",
                   f"ray.resource_wait_s={patience(300):.0f}"]
-        no_token = varcon(home, address, "train", *common, "name=no-token", without="RAY_AUTH_TOKEN")
+        no_home = home / "home-without-token"  # no ~/.ray/auth_token (a local Ray instance writes one there)
+        no_home.mkdir()
+        no_token = varcon(home, address, "train", *common, "name=no-token", without="RAY_AUTH_TOKEN",
+                          HOME=str(no_home))
         report(step="no_token", returncode=no_token.returncode, stderr=no_token.stderr[-3000:])
         done = varcon(home, address, "train", *common, "name=autoscaled")
         report(step="trained", returncode=done.returncode, stdout=done.stdout[-20000:], stderr=done.stderr[-3000:])
@@ -58,7 +62,9 @@ def main(home: Path) -> None:
         report(step="after", worker_nodes=left)
         bad_source = varcon(home, address, "train", *common, "data.dataset=imagefolder", "data.root=/no/such/folder",
                             "name=bad-source")
-        time.sleep(patience(5))  # a request, even withdrawn at once, would have the autoscaler add a node by now
+        # the witness is the driver's output (it says whenever it asks); no node added is a weaker second one: a
+        # request withdrawn at once may not have reached the autoscaler's 1 s loop
+        time.sleep(patience(5))
         report(step="bad_source", returncode=bad_source.returncode, stdout=bad_source.stdout[-3000:],
                stderr=bad_source.stderr[-3000:], worker_nodes=worker_nodes(address))
         started = time.monotonic()

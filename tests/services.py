@@ -384,7 +384,7 @@ class TrackingService:
         if auth_database_uri:  # MLflow's basic-auth app, its users on PostgreSQL, configured as cluster.yaml does
             self.admin_password = secrets.token_hex(16)
             config = Path(tempfile.mkdtemp(prefix="varcon-mlflow-auth-")) / "mlflow_auth.ini"
-            config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database_uri}\n"
+            config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = {auth_database_uri}\n"
                               f"admin_username = {self.ADMIN}\nadmin_password = {self.admin_password}\n"
                               f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
             self.command += ["--app-name", "basic-auth"]

@@ -145,13 +145,13 @@ CASES = {
     "run storage URI without a bucket": (["train", "ray.storage_path=gs://"], "storage URI gs:// names no bucket"),
     # the cluster
     "more workers than CPUs": (["train", "ray.num_workers=4", "ray.resource_wait_s=0"],
-                               "the run needs 4 CPUs and 0 GPUs but the Ray cluster has 2 CPUs"),
+                               "the run needs 4 CPU, 0 GPU but the Ray cluster has 2 CPU, 0 GPU"),
     "GPUs on a CPU cluster": (["train", "ray.use_gpu=true", "ray.resource_wait_s=0"],
-                              "needs 2 CPUs and 2 GPUs but the Ray cluster has 2 CPUs and 0 GPUs"),
+                              "needs 2 CPU, 2 GPU but the Ray cluster has 2 CPU, 0 GPU"),
     "staged files larger than a node type's disk": (
         small_disk_cluster, "GB (train.beton, test.beton) but node type small_disk declares 1e-06 GB of local disk"),
     "tune trial larger than the cluster": (["tune", "ray.num_workers=4", "ray.resource_wait_s=0"],
-                                           "needs 4 CPUs and 0 GPUs"),
+                                           "needs 4 CPU, 0 GPU but the Ray cluster has"),
 }
 
 

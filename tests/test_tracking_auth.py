@@ -1,11 +1,13 @@
 """The cluster's tracking server behind MLflow's basic-auth app (its users on PostgreSQL, as ``cluster.yaml`` starts
-it): a training without credentials, or with a wrong password, is one line and exit 2 before anything is written;
+it, every user but the admin without permissions by default): a training without credentials, with a wrong
+password, or by a user not granted its experiment, is one line and exit 2 before anything is written;
 with the credentials in the node-local ``~/.mlflow/credentials`` (never in a Ray runtime_env, which the dashboard
 shows), every process that logs (the driver, Ray Train's controller) reaches the server and the run holds its
 metrics."""
 import os
 
 import pytest
+from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 from services import TrackingService
 from varcon_process import succeeded, varcon
@@ -56,8 +58,17 @@ def test_a_server_behind_basic_auth_takes_a_run_only_with_the_credentials_of_the
         (run,) = client.search_runs([client.get_experiment_by_name("varcon").experiment_id])
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
-        with pytest.raises(Exception, match="401"):  # the server really requires them
+        AuthServiceClient(service.url).create_user("reader", "reader-password")  # no grant on experiment varcon
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the file's user only
+            monkeypatch.delenv(name)
+        with pytest.raises(Exception, match="401"):  # the server really requires credentials
             MlflowClient(service.url).search_experiments()
+        credentials(home, "reader", "reader-password")
+        before = files_under(varcon_home)
+        done = varcon(*train, "name=not-granted", env=env)
+        assert done.returncode == 2, done.stderr[-3000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert "refused the credentials of user 'reader' (HTTP 403) for experiment 'varcon'" in line, line
+        assert files_under(varcon_home) == before
     finally:
         service.stop()

@@ -16,15 +16,22 @@ from tune.sweep import trial_resources
 pytestmark = pytest.mark.cluster
 
 
-def where_the_training_runs(config: dict) -> None:
-    """A Ray Train worker writes its node and the nodes of the Train controllers alive now (this run's: the
-    cluster tier runs one test at a time) to ``config["found"]``."""
-    import ray
+def alive_controllers() -> dict[str, str]:
+    """``{actor id: node id}`` of the Ray Train controllers alive now (earlier tests of the session may leave one)."""
     from ray.util.state import list_actors
 
     alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+    return {actor.actor_id: actor.node_id for actor in alive}
+
+
+def where_the_training_runs(config: dict) -> None:
+    """A Ray Train worker writes its node and the nodes of the Train controllers started since the trial listed
+    ``config["before"]`` (this run's: the cluster tier runs one test at a time) to ``config["found"]``."""
+    import ray
+
+    started = [node for actor, node in alive_controllers().items() if actor not in config["before"]]
     Path(config["found"]).write_text(json.dumps({"worker": ray.get_runtime_context().get_node_id(),
-                                                 "controllers": [actor.node_id for actor in alive]}))
+                                                 "controllers": started}))
 
 
 def driver_trial(config: dict) -> None:
@@ -35,7 +42,7 @@ def driver_trial(config: dict) -> None:
     from ray.train.torch import TorchTrainer
 
     found = Path(config["storage"]) / "found.json"
-    TorchTrainer(where_the_training_runs, train_loop_config={"found": str(found)},
+    TorchTrainer(where_the_training_runs, train_loop_config={"found": str(found), "before": list(alive_controllers())},
                  scaling_config=ScalingConfig(num_workers=1),
                  run_config=RunConfig(name="placed", storage_path=config["storage"])).fit()
     tune.report({"driver": ray.get_runtime_context().get_node_id(), **json.loads(found.read_text())})

@@ -203,7 +203,7 @@ def test_the_asha_sweeps_checkpoint_at_every_rung(path):
 
 def test_trial_drivers_take_a_driver_slot_only_where_the_cluster_declares_one(tmp_path):
     from pipeline.cluster import TRIAL_DRIVER_SLOT, ClusterMaximum
-    from tune.sweep import trial_bundles, trial_resources
+    from tune.sweep import DRIVER_MEMORY, trial_bundles, trial_resources
 
     def maximum(head: dict) -> ClusterMaximum:
         path = tmp_path / f"cluster-{len(head)}.yaml"
@@ -213,9 +213,9 @@ def test_trial_drivers_take_a_driver_slot_only_where_the_cluster_declares_one(tm
 
     spec, pinned, plain = load_sweep(None), maximum({"CPU": 0, TRIAL_DRIVER_SLOT: 2}), maximum({"CPU": 0})
     workers = [{"CPU": spec.base.ray.cpus_per_worker}] * spec.base.ray.num_workers
-    assert trial_resources(spec)[0] == trial_resources(spec, plain)[0] == {"memory": 512 * 1024**2}
+    assert trial_resources(spec)[0] == trial_resources(spec, plain)[0] == {"memory": DRIVER_MEMORY}
     assert trial_bundles(spec, plain) == workers  # a driver taking no CPU places no bundle of its own
-    assert trial_resources(spec, pinned)[0] == {"memory": 512 * 1024**2, TRIAL_DRIVER_SLOT: 1.0}
+    assert trial_resources(spec, pinned)[0] == {"memory": DRIVER_MEMORY, TRIAL_DRIVER_SLOT: 1.0}
     assert trial_bundles(spec, pinned) == [{TRIAL_DRIVER_SLOT: 1.0}, *workers]
     assert pinned.problem(trial_bundles(spec, pinned) * 2) is None
     assert "2 varcon_trial_driver" in pinned.problem(trial_bundles(spec, pinned) * 3)  # the head hosts 2 drivers

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_path
 from pipeline.data import staging
-from pipeline.data.prepare import PreparedDataset, dataset_folder, prepare_dataset, prepared_split
+from pipeline.data.prepare import SPLITS, PreparedDataset, dataset_folder, prepare_dataset, prepared_split
 from pipeline.data.source_identity import FILE_SOURCES
 from pipeline.data.sources import DataError
 from pipeline.data.splits import SplitIndices
@@ -43,7 +43,7 @@ def preflight(config: ExperimentConfig, disks: staging.DeclaredDisks | None = No
                           f"(check data.root)")
     check_batches_fit(config, split)
     folder = dataset_folder(d, resolve_path(d.cache_dir))
-    staging.check_fits([folder / "train.beton", folder / "test.beton"], d.stage, disks)
+    staging.check_fits([folder / f"{name}.beton" for name in SPLITS], d.stage, disks)
 
 
 def check_staging(config: ExperimentConfig, files: PreparedDataset, disks: staging.DeclaredDisks | None) -> None:
