@@ -7,9 +7,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-# chromium: the MLflow UI test; postgresql-15: the durable-tracking tests run a throw-away server of it;
+# chromium, chromium-driver (one Debian source, one version): the MLflow UI test, driven by Selenium;
+# postgresql-15: the durable-tracking tests run a throw-away server of it;
 # stress-ng: make test-contention's busy cores
-APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev chromium postgresql-15 stress-ng)
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev chromium chromium-driver postgresql-15 stress-ng)
 STAMP="$VENV/.varcon-installed"
 
 log() { printf '[setup] %s\n' "$*"; }
