@@ -12,7 +12,8 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.preflight import check_staging, preflight, prepare
 from pipeline.data.prepare import PreparedDataset
 from pipeline.data.staging import DeclaredDisks
-from pipeline.tracking import check_reachable, resolve_tracking_uri
+from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking_check import check_reachable
 
 
 @contextmanager

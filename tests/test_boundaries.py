@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "tune")
 ENGINE_LAYERS = ("pipeline.engine", "pipeline.losses", "pipeline.models", "pipeline.evaluation", "pipeline.probes",
                  "pipeline.evaluator", "pipeline.distributed", "pipeline.schedules", "pipeline.data")
-TRACKING_MODULES = {"pipeline.tracking", "pipeline.metric_forwarding", "pipeline.system_metrics"}
+TRACKING_MODULES = {"pipeline.tracking", "pipeline.tracking_check", "pipeline.metric_forwarding",
+                    "pipeline.system_metrics"}
 RAY_TRAIN_GLUE = {"pipeline.ray_train", "pipeline.ray_callbacks"}
 
 
