@@ -119,6 +119,9 @@ class DataConfig:
                                             "see pipeline.data.source_identity")
     verify_hash: str = operational("auto", "sha256 check of .beton files before training: auto (<= 1 GiB) | always | "
                                            "never")
+    scan_threads: int = operational(0, "threads listing, stat'ing and checking a source's files (varcon prepare, "
+                                       "source_check=walk) so that NFS round trips overlap; 0 = auto (32 on a "
+                                       "network file system, 1 on a local disk: pipeline.data.file_scan)")
     writer_workers: int = operational(0, "processes writing .beton files; 0 = all cores")
     stage: str = operational("none", "where training reads the .beton files (pipeline.data.staging): none | local "
                                      "(copied once per node to stage_dir) | cache (page cache warmed) | auto (local "
@@ -448,6 +451,7 @@ def validate(config: ExperimentConfig) -> None:
          "data.max_resolution must be >= 0, data.jpeg_quality in [1, 100], data.compress_probability in [0, 1]")
     need(0 < d.eval_crop_ratio <= 1, "data.eval_crop_ratio must lie in (0, 1]")
     need(d.writer_workers >= 0, "data.writer_workers must be >= 0")
+    need(d.scan_threads >= 0, "data.scan_threads must be >= 0 (0 = auto, 1 = one file at a time)")
     need(d.loader in ("ffcv", "torchvision"), f"data.loader={d.loader!r} must be ffcv or torchvision")
     need(0.0 < d.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
     need(0.0 <= d.val_fraction <= 0.5, f"data.val_fraction={d.val_fraction} must lie in [0, 0.5] (0: no validation "

@@ -2,16 +2,20 @@
 whose source is gone after `varcon prepare`, and manifests written before the folders record."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from services import patience
 from test_data import data_config, write_image_folder
 
-from pipeline.data import DataError, prepare_dataset
+from pipeline.data import DataError, file_scan, prepare_dataset, sources
 from pipeline.data import source_identity as identity
 from pipeline.data.manifest import manifest_path
 
@@ -93,3 +97,75 @@ def test_a_manifest_from_before_the_folders_record_is_compared_by_walking(source
     lines = []
     prepare_dataset(d, tmp_path / "cache", log=lines.append)
     assert not any(line.startswith("writing") for line in lines)  # current: nothing rewritten
+
+
+def naive_walk_fingerprint(root):
+    """The walk fingerprint as it was first written (one thread, ``rglob``): manifests written then hold it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        info = path.stat()
+        digest.update(f"{path.relative_to(root)}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_threaded_walk_hashes_what_a_one_thread_rglob_hashes(source, threads):
+    (source / "train" / "cat" / "deeper").mkdir()
+    (source / "train" / "cat" / "deeper" / "x.jpg").write_bytes(b"not listed by folders")
+    (source / ".hidden").write_text("dotfiles count")
+    (source / "README").write_text("so do files at the root")
+    os.symlink(source / "README", source / "val" / "readme-link")  # a link to a file is that file
+    os.symlink(source / "train", source / "train-link")  # a link to a folder is not entered
+    d = data_config(dataset="imagefolder", root=str(source), scan_threads=threads)
+    assert identity.walk_fingerprint(d) == naive_walk_fingerprint(source)
+
+
+def meet_in_pairs(work, monkeypatch, module, name) -> list:
+    """Replace ``module.name`` (a per-file function) by one whose first two calls on scan threads return only once
+    both are in flight: a scan that runs them one at a time breaks the barrier. Returns the list of calls that
+    met (a one-item level, such as the root's listing, runs in the calling thread and is not paired)."""
+    barrier = threading.Barrier(2, timeout=patience(30))
+    met = []
+
+    def paired(item):
+        if threading.current_thread() is not threading.main_thread() and len(met) < 2:
+            met.append(barrier.wait())
+        return work(item)
+    monkeypatch.setattr(module, name, paired)
+    return met
+
+
+def test_a_source_is_listed_and_checked_on_several_threads(source, monkeypatch):
+    listings = meet_in_pairs(file_scan._list_folder, monkeypatch, file_scan, "_list_folder")
+    checks = meet_in_pairs(sources._unreadable, monkeypatch, sources, "_unreadable")
+    d = data_config(dataset="imagefolder", root=str(source), scan_threads=4)
+    assert identity.walk_fingerprint(d) == naive_walk_fingerprint(source)
+    split = sources.load_source(d)["train"]
+    assert [p.relative_to(source).as_posix() for p in split.paths] == sorted(
+        p.relative_to(source).as_posix() for p in (source / "train").rglob("*.*"))
+    assert sorted(listings) == sorted(checks) == [0, 1]  # two listings and two checks were in flight together
+
+
+def test_a_threaded_check_names_the_first_unreadable_image_in_order(source):
+    for bad in ("train/dog/2.jpg", "train/eel/1.png"):
+        (source / bad).write_bytes(b"not an image")
+    d = data_config(dataset="imagefolder", root=str(source), scan_threads=4)
+    with pytest.raises(DataError, match=r"unreadable image .*train/dog/2\.jpg \(UnidentifiedImageError\)"):
+        sources.load_source(d)
+    skipped = sources.load_source(data_config(dataset="imagefolder", root=str(source), scan_threads=4,
+                                              on_bad_image="skip"))["train"]
+    assert skipped.skipped == 2 and len(skipped) == 10
+
+
+MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+fs-0123.efs.us-east-1.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0
+/dev/nvme1n1 /mnt/efs/local\\040copy ext4 rw 0 0
+s3fs /mnt/bucket fuse.s3fs rw 0 0
+"""
+
+
+@pytest.mark.parametrize("path, threads", [("/mnt/efs/imagenet", 32), ("/mnt/efs", 32), ("/mnt/bucket/x", 32),
+                                           ("/mnt/efs/local copy/imagenet", 1), ("/mnt/efsx", 1), ("/data", 1)])
+def test_auto_scan_threads_follow_the_file_system_of_the_source(path, threads):
+    assert file_scan.scan_threads(Path(path), 0, MOUNTS) == threads
+    assert file_scan.scan_threads(Path(path), 5, MOUNTS) == 5  # a configured count is kept

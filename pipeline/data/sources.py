@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
+
+from pipeline.data.file_scan import map_in_order, scan_threads
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
@@ -196,11 +197,26 @@ def cifar(root: str, num_classes: int, download: bool) -> dict[str, LabelledImag
     return splits
 
 
-def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[str] | None,
-                        log: Callable[[str], None]) -> ImageFiles:
-    """List ``split_dir/<class>/<image>``; check every image decodes (skip and count, or fail)."""
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _unreadable(path: Path) -> str | None:
+    """None if ``path`` opens as an image and passes PIL's ``verify``, else the exception's name."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:
+        return type(exc).__name__
+    return None
+
+
+def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[str] | None,
+                        log: Callable[[str], None], threads: int = 1) -> ImageFiles:
+    """List ``split_dir/<class>/<image>``; check every image opens (skip and count, or fail). The class folders
+    are listed and the images checked on ``threads`` threads (``pipeline.data.file_scan``)."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir} does not exist: data.root must contain train/ and val/ with one folder "
                         f"per class")
@@ -214,21 +230,21 @@ def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[st
                         f"use the same classes")
     index = {name: i for i, name in enumerate(names)}
     candidates = []
-    for name in found:
-        files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    listed = map_in_order(_image_files, [split_dir / name for name in found], threads,
+                          f"listing {split_dir.name}/", unit="folder")
+    for name, files in zip(found, listed):
         if not files:
             raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
                             f"add images or remove the folder")
         candidates += [(path, name) for path in files]
+    problems = map_in_order(_unreadable, [path for path, _ in candidates], threads, f"checking {split_dir.name}/",
+                            unit="img")
     paths, labels, skipped = [], [], 0
-    for path, name in tqdm(candidates, desc=f"checking {split_dir.name}/", unit="img", mininterval=2):
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as exc:
+    for (path, name), problem in zip(candidates, problems):
+        if problem is not None:
             if on_bad_image == "fail":
-                raise DataError(f"unreadable image {path} ({type(exc).__name__}): remove or replace it, "
-                                f"or set data.on_bad_image=skip") from None
+                raise DataError(f"unreadable image {path} ({problem}): remove or replace it, "
+                                f"or set data.on_bad_image=skip")
             skipped += 1
             continue
         paths.append(path)
@@ -238,13 +254,14 @@ def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[st
     return ImageFiles(paths, np.asarray(labels, np.int64), list(names), str(split_dir), skipped)
 
 
-def image_folder(root: str, on_bad_image: str, log: Callable[[str], None] = print) -> dict[str, ImageFiles]:
+def image_folder(root: str, on_bad_image: str, log: Callable[[str], None] = print,
+                 threads: int = 1) -> dict[str, ImageFiles]:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet layout); classes are the train folders."""
     base = Path(root).expanduser()
     if not root or not base.is_dir():
         raise DataError(f"data.root={root!r} is not a folder: point it at a folder with train/ and val/ inside")
-    train = _scan_class_folders(base / "train", on_bad_image, None, log)
-    test = _scan_class_folders(base / "val", on_bad_image, train.class_names, log)
+    train = _scan_class_folders(base / "train", on_bad_image, None, log, threads)
+    test = _scan_class_folders(base / "val", on_bad_image, train.class_names, log, threads)
     return {"train": train, "test": test}
 
 
@@ -259,5 +276,5 @@ def load_source(data_config: DataConfig, log: Callable[[str], None] = print
     if d.dataset in ("cifar10", "cifar100"):
         return cifar(d.root, 10 if d.dataset == "cifar10" else 100, d.download)
     if d.dataset == "imagefolder":
-        return image_folder(d.root, d.on_bad_image, log)
+        return image_folder(d.root, d.on_bad_image, log, scan_threads(Path(d.root).expanduser(), d.scan_threads))
     raise DataError(f"unknown dataset {d.dataset!r}: use digits, synthetic, cifar10, cifar100 or imagefolder")
