@@ -10,9 +10,12 @@ with the timestamp it was first given (so re-sending them is idempotent: MLflow 
 timestamp and value), the PBT/PB2 exploit lineage, and plots made by the workers. The checkpoint is the source of
 truth for what a run has done; MLflow is a view of it.
 
-Format version 2 (this layout). Later fields go into ``RunRecord`` (what the run produced) or into the state
-dict of ``capture`` (what training needs), with ``FORMAT_VERSION`` raised and ``restore`` told how to read the
-older one.
+A state taken within an epoch (a preemption notice, ``pipeline.worker``) also holds the epoch's progress
+(``engine.EpochProgress``: the step, the running sums of its metrics) and is written as format 3, which
+``restore`` continues from that step; a state after an epoch is written as format 2, which a version of this
+pipeline from before mid-epoch states also reads. Later fields go into ``RunRecord`` (what the run produced) or
+into the state dict of ``capture`` (what training needs), with the format raised and ``restore`` told how to read
+the older one.
 """
 from __future__ import annotations
 
@@ -27,10 +30,13 @@ from pipeline.models import unwrap
 from pipeline.record import FORMAT_VERSION, RECORD_FILE, RunRecord, load_record
 
 if TYPE_CHECKING:
-    from pipeline.engine import Training
+    from pipeline.engine import EpochProgress, Training
 
-__all__ = ["FORMAT_VERSION", "PLOTS_FOLDER", "RECORD_FILE", "STATE_FILE", "RunRecord", "capture", "load",
-           "load_record", "restore", "save"]
+MID_EPOCH_FORMAT = 3  # a state with "progress"; FORMAT_VERSION (2): one after a completed epoch
+READABLE_FORMATS = (FORMAT_VERSION, MID_EPOCH_FORMAT)
+
+__all__ = ["FORMAT_VERSION", "MID_EPOCH_FORMAT", "PLOTS_FOLDER", "RECORD_FILE", "STATE_FILE", "RunRecord",
+           "capture", "load", "load_record", "progress_of", "restore", "save"]
 STATE_FILE = "state.pt"
 PLOTS_FOLDER = "plots"  # PNGs the workers drew after the last epoch, logged by the run's owner
 
@@ -46,16 +52,17 @@ def _set_numpy_rng_state(state: dict) -> None:
                          state["has_gauss"], state["cached"]))
 
 
-def capture(training: Training, epoch: int, config: dict) -> dict:
+def capture(training: Training, epoch: int, config: dict, progress: EpochProgress | None = None) -> dict:
     """The state after ``epoch`` completed epochs of ``training`` (an ``engine.Training``) with ``config``
-    (the resolved config as a dict)."""
-    return {
-        "format_version": FORMAT_VERSION,
+    (the resolved config as a dict); with ``progress``, within epoch ``epoch + 1`` at its step (the loader is then
+    within that epoch's pass, which a restore repeats from that step)."""
+    state = {
+        "format_version": FORMAT_VERSION if progress is None else MID_EPOCH_FORMAT,
         "epoch": epoch,
         "model": unwrap(training.model).state_dict(),
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
-        "loader_epoch": training.train_batches.epoch,
+        "loader_epoch": training.train_batches.epoch - (progress is not None),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -65,12 +72,23 @@ def capture(training: Training, epoch: int, config: dict) -> dict:
         },
         "config": config,
     }
+    if progress is not None:
+        state["progress"] = progress.state()
+    return state
+
+
+def progress_of(state: dict, device: torch.device) -> EpochProgress | None:
+    """The epoch progress a mid-epoch state holds (None for a state after an epoch)."""
+    from pipeline.engine import EpochProgress
+
+    return EpochProgress.from_state(state["progress"], device) if "progress" in state else None
 
 
 def restore(training: Training, state: dict) -> int:
-    """Load ``state`` into ``training``; returns the number of completed epochs."""
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}: "
+    """Load ``state`` into ``training``; returns the number of completed epochs (``progress_of`` tells where a
+    mid-epoch state stands within the next)."""
+    if state.get("format_version") not in READABLE_FORMATS:
+        raise ValueError(f"checkpoint format {state.get('format_version')} is not one of {READABLE_FORMATS}: "
                          f"start a new run (another ray.run_name)")
     unwrap(training.model).load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,9 +91,36 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass
+class EpochProgress:
+    """Where a worker stands within epoch ``epoch``: ``step`` batches trained, the running sums of the step metrics
+    (``totals``: 0-d tensors on the device), the global ``images`` trained and the seconds spent (``elapsed_s``).
+    A mid-epoch checkpoint holds it (``state``), so that a resumed epoch ends with an uninterrupted one's
+    metrics."""
+
+    epoch: int
+    step: int = 0
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: float = 0.0
+    elapsed_s: float = 0.0
+
+    def state(self) -> dict:
+        """Plain values and CPU tensors (what ``torch.load(weights_only=True)`` reads back)."""
+        return {"epoch": self.epoch, "step": self.step, "images": float(self.images),
+                "elapsed_s": float(self.elapsed_s),
+                "totals": {key: torch.as_tensor(value).detach().cpu() for key, value in self.totals.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> EpochProgress:
+        return cls(state["epoch"], state["step"], {key: value.to(device) for key, value in state["totals"].items()},
+                   state["images"], state["elapsed_s"])
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    device: torch.device, amp_dtype: torch.dtype | None = None, epoch: int = 1) -> dict[str, float]:
+                    device: torch.device, amp_dtype: torch.dtype | None = None, epoch: int = 1,
+                    resumed: EpochProgress | None = None, mid_epoch: Callable[[EpochProgress], None] | None = None,
+                    mid_epoch_every: int = 0) -> dict[str, float]:
     """One pass over ``batches`` of ``(view1, view2, labels, index)``; returns epoch means of the loss and its
     stats.
 
@@ -101,13 +128,14 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
     z = model(x), the loss over the views of all workers (gathered), backward of ``world_size * loss`` (see
     ``pipeline.distributed``). The model runs under ``amp_dtype`` autocast when given; the loss is float32
     regardless. Nothing in a step reads the device back (``tests/test_sync_free.py``): metrics stay there until
-    the epoch ends.
+    the epoch ends. ``resumed``: the progress of this epoch before an interruption (``batches`` then starts at
+    its step); ``mid_epoch(progress)`` runs after every ``mid_epoch_every``-th step of the epoch but its last.
     """
     model.train()
     scale = distributed.loss_scale_for_global_batch()
-    totals: dict[str, torch.Tensor] = {}
-    steps, images = 0, 0
-    start = time.perf_counter()
+    progress = resumed if resumed is not None else EpochProgress(epoch)
+    last_step = len(batches)
+    start = time.perf_counter() - progress.elapsed_s
     for view1, view2, labels, index in batches:
         labels = to_device(labels, device)
         x = torch.cat([augment(view1, epoch, index, view=0),
@@ -121,15 +149,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
         optimizer.step()
         scheduler.step()
         for key, value in {"loss": loss.detach(), **stats}.items():
-            totals[key] = totals.get(key, 0) + value
-        steps += 1
-        images += labels.shape[0] * scale
-    if steps == 0:
+            progress.totals[key] = progress.totals.get(key, 0) + value
+        progress.step += 1
+        progress.images += labels.shape[0] * scale
+        if mid_epoch is not None and mid_epoch_every > 0 and progress.step % mid_epoch_every == 0 \
+                and progress.step < last_step:
+            progress.elapsed_s = time.perf_counter() - start
+            mid_epoch(progress)
+    if progress.step == 0:
         raise ValueError("the training loader produced no batch: lower optim.global_batch_size or add data")
     elapsed = time.perf_counter() - start
-    metrics = {f"train_{key}" if not key.startswith("train_") else key: (value / steps).item()
-               for key, value in totals.items()}
-    metrics.update(lr=optimizer.param_groups[0]["lr"], epoch_time_s=elapsed, images_per_s=images / elapsed)
+    metrics = {f"train_{key}" if not key.startswith("train_") else key: (value / progress.step).item()
+               for key, value in progress.totals.items()}
+    metrics.update(lr=optimizer.param_groups[0]["lr"], epoch_time_s=elapsed, images_per_s=progress.images / elapsed)
     return metrics
 
 
@@ -190,10 +222,13 @@ def set_temperatures(loss_fn: nn.Module, config: ExperimentConfig, epoch: int) -
 def fit(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
         on_epoch_end: Callable[[int, dict, Training], None],
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None,
-        on_final_features: Callable[[FinalFeatures], None] | None = None) -> Training:
+        on_final_features: Callable[[FinalFeatures], None] | None = None,
+        mid_epoch: Callable[[EpochProgress, Training], None] | None = None, mid_epoch_every: int = 0) -> Training:
     """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs
     on every rank after every epoch with the same metrics; epoch 0 reports the randomly initialised encoder.
-    ``resume`` (a ``pipeline.checkpoint`` state) continues after its epoch. Every rank evaluates its shard
+    ``resume`` (a ``pipeline.checkpoint`` state) continues after its epoch, or within it from the step a
+    mid-epoch state holds (the loader skips the batches already trained). ``mid_epoch(progress, training)`` runs
+    on every rank after every ``mid_epoch_every``-th step of an epoch but its last. Every rank evaluates its shard
     (``pipeline.evaluator``): the validation monitor when due, the final evaluation after the last epoch, which
     first hands the gathered test features to ``on_final_features``; ``eval_time_s`` is logged beside
     ``epoch_time_s``. Each epoch first applies the temperature schedule. A NaN or infinite epoch loss raises
@@ -204,16 +239,21 @@ def fit(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
     split = dataset_splits(config.data, files)
     training = build_training(config, files, device, wrap_model, split)
     start = checkpoint.restore(training, resume) + 1 if resume else 1
+    within = checkpoint.progress_of(resume, device) if resume else None
+    if within is not None:
+        training.train_batches.skip_next(within.step)
     evaluator = Evaluator(config, files, split, training.amp_dtype)
     last = config.optim.epochs
     if resume is None:
         began = time.perf_counter()
         metrics = evaluator.initial(training.model, training.eval_preprocess, device)
         on_epoch_end(0, {**metrics, "eval_time_s": time.perf_counter() - began} if metrics else {}, training)
+    hook = (lambda progress: mid_epoch(progress, training)) if mid_epoch is not None else None
     for epoch in range(start, last + 1):
         temperatures = set_temperatures(training.loss_fn, config, epoch)
         metrics = train_one_epoch(training.model, training.train_batches, training.train_augment, training.loss_fn,
-                                  training.optimizer, training.scheduler, device, training.amp_dtype, epoch)
+                                  training.optimizer, training.scheduler, device, training.amp_dtype, epoch,
+                                  within if epoch == start else None, hook, mid_epoch_every)
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"training loss became {metrics['train_loss']} at epoch {epoch}: lower "
                                      f"optim.lr or check the data")

@@ -307,6 +307,59 @@ def test_two_ranks_read_disjoint_shards_covering_the_data(tmp_path):
     assert results[0][0] != results[0][1], "a new order every epoch"
 
 
+def _passes(make, skip: int) -> tuple[list, list, list, list]:
+    """Epoch 1's batches (index, view1) of a fresh loader, and of another one told to skip ``skip`` batches of
+    that pass (a resume within epoch 1); then the indices of epoch 2 of both."""
+    whole, resumed = make(), make()
+    for loader in (whole, resumed):
+        loader.epoch = 1
+    full = [(b[3].clone(), b[0].clone()) for b in whole]
+    resumed.skip_next(skip)
+    part = [(b[3].clone(), b[0].clone()) for b in resumed]
+    after = [b[3].clone() for b in resumed]
+    whole.epoch = 2
+    return full, part, after, [b[3].clone() for b in whole]
+
+
+def _loader_maker(kind, files, distributed):
+    if kind == "ffcv":
+        return lambda: TwoViewLoader(files.train, 16, 32, 0.5, True, distributed=distributed, seed=3)
+    split = load_source(data_config(dataset="synthetic", train_samples=128, test_samples=8))["train"]
+    return lambda: TorchvisionTwoViewLoader(split, 16, 32, 0.5, True, distributed=distributed, seed=3, workers=0)
+
+
+def _check_skip(full, part, after, reference_after, skip):
+    assert len(part) == len(full) - skip
+    for (index, view), (want_index, want_view) in zip(part, full[skip:]):
+        assert index.tolist() == want_index.tolist()
+        assert torch.equal(view, want_view)  # the same crops and flips: drawn by (seed, epoch, index)
+    assert [i.tolist() for i in after] == [i.tolist() for i in reference_after]  # the skip applies once
+
+
+def _skip_rank(rank, rendezvous, kind, files, results):
+    join_group(rank, rendezvous, 2)
+    try:
+        results[rank] = _passes(_loader_maker(kind, files, distributed=True), skip=2)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["ffcv", "torchvision"])
+def test_a_pass_told_to_skip_starts_at_that_batch_of_the_same_order(tmp_path, kind):
+    config = data_config(dataset="synthetic", train_samples=128, test_samples=8)
+    files = prepare_dataset(config, tmp_path, log=lambda *_: None)
+    full, part, after, reference_after = _passes(_loader_maker(kind, files, distributed=False), skip=3)
+    assert len(full) == 8
+    _check_skip(full, part, after, reference_after, 3)
+    ranks = spawn_ranks(_skip_rank, kind, files, world=2)  # each rank skips its own first two of four batches
+    for rank in (0, 1):
+        full, part, after, reference_after = ranks[rank]
+        assert len(full) == 4
+        _check_skip(full, part, after, reference_after, 2)
+    assert not set(torch.cat([i for i, _ in ranks[0][1]]).tolist()) & set(torch.cat([i for i, _ in ranks[1][1]]
+                                                                                      ).tolist())
+
+
 def test_prepare_with_repair_rewrites_a_damaged_file(small_files):
     config, files, root = small_files
     with open(files.train, "r+b") as handle:

@@ -73,6 +73,65 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(dig
     assert resumed.scheduler.last_epoch == reference.scheduler.last_epoch
 
 
+class Preempted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "torchvision"])
+def test_a_resume_within_an_epoch_skips_the_trained_batches_and_matches_an_uninterrupted_run(digits_files, tmp_path,
+                                                                                             loader):
+    from pipeline import checkpoint
+
+    config = load_config(None, [*DETERMINISTIC, f"data.loader={loader}"])
+    device = torch.device("cpu")
+    reference_metrics = {}
+    reference = engine.fit(config, digits_files, device, lambda e, m, _: reference_metrics.update({e: m}))
+    steps = len(reference.train_batches)
+    assert steps >= 3  # a step to stop after, and one after it
+
+    calls = []
+
+    def preempt_in_epoch_two(progress, training):
+        calls.append((progress.epoch, progress.step))
+        if progress.epoch == 2 and progress.step == 2:
+            state = checkpoint.capture(training, progress.epoch - 1, {"name": "run-123"}, progress)
+            checkpoint.save(tmp_path, state, checkpoint.RunRecord("id", "key", "digest"))
+            raise Preempted
+
+    with pytest.raises(Preempted):
+        engine.fit(config, digits_files, device, lambda *_: None, mid_epoch=preempt_in_epoch_two, mid_epoch_every=1)
+    assert calls == [(1, step) for step in range(1, steps)] + [(2, 1), (2, 2)]  # never after an epoch's last step
+    state = checkpoint.load(tmp_path)  # weights_only: the progress is plain values and tensors
+    assert state["format_version"] == checkpoint.MID_EPOCH_FORMAT and state["epoch"] == 1
+    assert state["loader_epoch"] == 1 and state["progress"]["step"] == 2  # the pass of epoch 2 (FFCV counts from 0)
+
+    resumed_metrics, seen = {}, []
+    resumed = engine.fit(config, digits_files, device, lambda e, m, _: resumed_metrics.update({e: m}), resume=state,
+                         mid_epoch=lambda progress, _: seen.append((progress.epoch, progress.step)),
+                         mid_epoch_every=1)
+    assert list(resumed_metrics) == [2, 3]
+    assert seen[0] == (2, 3)  # the hook goes on at the step after the one stored
+    for (name, a), (_, b) in zip(unwrap(reference.model).state_dict().items(),
+                                 unwrap(resumed.model).state_dict().items()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
+    for epoch in (2, 3):  # the interrupted epoch's means cover all its steps, as an uninterrupted epoch's do
+        for key in ("train_loss", "train_kl", "train_nll", "lr"):
+            assert resumed_metrics[epoch][key] == pytest.approx(reference_metrics[epoch][key], rel=1e-5), key
+    assert resumed.scheduler.last_epoch == reference.scheduler.last_epoch
+
+
+def test_an_epoch_state_is_written_in_the_format_before_mid_epoch_states(digits_files):
+    from pipeline import checkpoint
+
+    config = load_config(None, DETERMINISTIC[:1] + ["optim.epochs=1", "optim.warmup_epochs=0"])
+    training = engine.build_training(config, digits_files, torch.device("cpu"))
+    state = checkpoint.capture(training, 1, {})
+    assert state["format_version"] == 2 and "progress" not in state  # what a rolled-back version reads
+    assert checkpoint.progress_of(state, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="checkpoint format 4 is not one of"):
+        checkpoint.restore(training, {**state, "format_version": 4})
+
+
 def test_checkpoint_round_trips_through_disk_with_weights_only(digits_files, tmp_path):
     from pipeline import checkpoint
     from pipeline.record import RunRecord

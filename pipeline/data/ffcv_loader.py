@@ -186,6 +186,21 @@ def _int_pipeline() -> list:
     return [IntDecoder(), ToTensor(), Squeeze(1)]
 
 
+class _SkippingOrder:
+    """A traversal order for FFCV's ``Loader`` whose next pass can start at batch k. The ``Loader`` always starts
+    a pass at its first batch and trains on ``order[:len(loader) * batch_size]`` of the order it is given; this one
+    gives that same order (``base``'s, a function of seed and epoch) cut to its full batches, without the first
+    ``skip`` batches, once."""
+
+    def __init__(self, base: Any, batch_size: int, full_batches: int) -> None:
+        self.base, self.batch_size, self.full_batches, self.skip = base, batch_size, full_batches, 0
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        order = self.base.sample_order(epoch)
+        skip, self.skip = self.skip, 0
+        return order[skip * self.batch_size:self.full_batches * self.batch_size] if skip else order
+
+
 class TwoViewLoader:
     """Iterates ``(view1, view2, labels, index)``: uint8 ``[n, 3, S, S]`` twice, int64 labels ``[n]`` and the
     int64 global sample indices ``[n]`` (the device-side augmentation draws by them), n = batch_size. Reuse one
@@ -221,6 +236,13 @@ class TwoViewLoader:
         self.loader = Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
                              distributed=distributed, seed=seed, drop_last=True, pipelines=pipelines,
                              indices=indices)
+        self.order = _SkippingOrder(self.loader.traversal_order, batch_size, len(self.loader))
+        self.loader.traversal_order = self.order
+
+    def skip_next(self, batches: int) -> None:
+        """The next pass starts at its batch ``batches`` (a resume within an epoch): the batches before it are
+        neither read nor decoded, and the rest are those of an uninterrupted pass."""
+        self.order.skip = batches
 
     @property
     def epoch(self) -> int:

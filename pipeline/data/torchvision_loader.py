@@ -6,12 +6,13 @@ augmentation are unchanged.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 if TYPE_CHECKING:
@@ -67,14 +68,33 @@ class _SeededTwoViews(Dataset):
         return views[0], views[1], label, index
 
 
+class _Permutation(Sampler):
+    """The items ``0..n-1`` in a random order drawn from ``seed + epoch`` (``set_epoch``), as FFCV's random order
+    and ``DistributedSampler`` draw theirs: a pass's order is a function of the seed and its epoch alone."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class _WithEpoch(Sampler):
-    """``base``'s items paired with the epoch the loader sets (the sampler runs in the main process)."""
+    """``base``'s items paired with the epoch the loader sets (the sampler runs in the main process); the next
+    pass leaves out its first ``skip`` items (whole batches: a resume within an epoch)."""
 
     def __init__(self, base: Sampler[int]) -> None:
-        self.base, self.epoch = base, 0
+        self.base, self.epoch, self.skip = base, 0, 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((i, self.epoch) for i in self.base)
+        skip, self.skip = self.skip, 0
+        return ((i, self.epoch) for i in itertools.islice(self.base, skip, None))
 
     def __len__(self) -> int:
         return len(self.base)
@@ -82,7 +102,8 @@ class _WithEpoch(Sampler):
 
 class TorchvisionTwoViewLoader:
     """Iterates ``(view1, view2, labels, index)`` like ``TwoViewLoader`` (the same seeded crops, flips and
-    resize), decoding in ``workers`` processes; ``DistributedSampler`` shards under DDP.
+    resize), decoding in ``workers`` processes; ``DistributedSampler`` shards under DDP. Each pass's order is
+    drawn from the seed and its epoch.
     """
 
     def __init__(self, split: LabelledImages | ImageFiles, batch_size: int, image_size: int, crop_scale_min: float,
@@ -92,9 +113,9 @@ class TorchvisionTwoViewLoader:
         if distributed:
             self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
-            self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+            self.sampler = _Permutation(len(dataset), seed)
         self.with_epoch = _WithEpoch(self.sampler)
-        self._epoch = 0
+        self.batch_size, self._epoch = batch_size, 0
         # its own generator seeds the worker processes: the global RNG (which evaluation may use) plays no part
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.with_epoch, num_workers=workers,
                                  drop_last=True, persistent_workers=workers > 0,
@@ -108,12 +129,15 @@ class TorchvisionTwoViewLoader:
     def epoch(self, value: int) -> None:
         self._epoch = value
 
+    def skip_next(self, batches: int) -> None:
+        """The next pass starts at its batch ``batches`` (a resume within an epoch)."""
+        self.with_epoch.skip = batches * self.batch_size
+
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(self._epoch)
+        self.sampler.set_epoch(self._epoch)
         self.with_epoch.epoch = self._epoch
         self._epoch += 1
         for view1, view2, labels, index in self.loader:
