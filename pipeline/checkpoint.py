@@ -19,6 +19,7 @@ the older one.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
 MID_EPOCH_FORMAT = 3  # a state with "progress"; FORMAT_VERSION (2): one after a completed epoch
 READABLE_FORMATS = (FORMAT_VERSION, MID_EPOCH_FORMAT)
 
-__all__ = ["FORMAT_VERSION", "MID_EPOCH_FORMAT", "PLOTS_FOLDER", "RECORD_FILE", "STATE_FILE", "RunRecord",
-           "capture", "load", "load_record", "progress_of", "restore", "save"]
+__all__ = ["FORMAT_VERSION", "MID_EPOCH_FILE", "MID_EPOCH_FORMAT", "PLOTS_FOLDER", "RECORD_FILE", "STATE_FILE",
+           "RunRecord", "capture", "load", "load_record", "progress_of", "restore", "save"]
 STATE_FILE = "state.pt"
+MID_EPOCH_FILE = "mid_epoch.json"  # beside a mid-epoch state: {"epoch", "step"}, read without loading the state
 PLOTS_FOLDER = "plots"  # PNGs the workers drew after the last epoch, logged by the run's owner
 
 
@@ -104,10 +106,14 @@ def restore(training: Training, state: dict) -> int:
 
 
 def save(folder: str | Path, state: dict, record: RunRecord) -> Path:
-    """Write ``state.pt`` and ``record.json`` into ``folder``; returns the state file."""
+    """Write ``state.pt`` and ``record.json`` into ``folder`` (and ``MID_EPOCH_FILE`` for a mid-epoch state);
+    returns the state file."""
     path = Path(folder) / STATE_FILE
     torch.save(state, path)
     (Path(folder) / RECORD_FILE).write_text(record.to_json())
+    if "progress" in state:
+        progress = {"epoch": state["progress"]["epoch"], "step": state["progress"]["step"]}
+        (Path(folder) / MID_EPOCH_FILE).write_text(json.dumps(progress))
     return path
 
 

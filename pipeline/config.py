@@ -246,6 +246,9 @@ class RayConfig:
                                                    "counted apart from ray.max_failures; -1 = unlimited "
                                                    "(Ray Train's FailureConfig.max_preemption_failures)")
     checkpoint_every: int = operational(1, "epochs between checkpoints (the last epoch is always checkpointed)")
+    preemption_check_steps: int = operational(200, "steps between asks for a preemption notice (Ray Train's "
+                                                   "get_preemption_info, a collective over the workers): on a "
+                                                   "notice rank 0 checkpoints within the epoch; 0 = never ask")
     checkpoint_upload: str = operational("sync", "sync | async: Ray uploads the checkpoint in the background while "
                                              "training goes on (Ray Train's CheckpointUploadMode.ASYNC; worth it for "
                                              "bucket storage)")
@@ -483,6 +486,7 @@ def validate(config: ExperimentConfig) -> None:
     need(r.max_preemption_failures >= -1, "ray.max_preemption_failures must be >= 0, or -1 for unlimited")
     need(config.tracking.outage_wait_s >= 0, "tracking.outage_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
+    need(r.preemption_check_steps >= 0, "ray.preemption_check_steps must be >= 0 (0 = never ask for a notice)")
     need(config.tracking.system_metrics in ("always", "never", "auto"),
          f"tracking.system_metrics={config.tracking.system_metrics!r} must be always, never or auto")
     need(config.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s must be > 0")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from pipeline.names import EPOCH
+from pipeline.names import EPOCH, PREEMPTION_STEP
 
 
 def epoch_line(report: dict, total: int, monitor_key: str | None, eta_s: float | None) -> str:
@@ -48,6 +48,10 @@ class EpochPrinter:
 
     def __call__(self, report: dict) -> None:
         epoch = int(report.get(EPOCH, 0))
+        if PREEMPTION_STEP in report:  # a checkpoint within the next epoch: no epoch of its own
+            self.log(f"preemption notice: checkpointed within epoch {epoch + 1} after step "
+                     f"{int(report[PREEMPTION_STEP])}; the run resumes there on a new node")
+            return
         now = time.monotonic()
         eta = None
         if epoch >= 1:

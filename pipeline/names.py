@@ -24,6 +24,9 @@ KIND_TAG = "varcon.kind"  # "sweep" on a sweep's parent run
 EPOCH = "epoch"  # completed epochs; 0 is the randomly initialised encoder
 MONITOR = "monitor_top1"  # the latest validation kNN top-1 (first eval.knn_k): ranks checkpoints, drives sweeps
 DIVERGED = "diverged"  # the reason, in the last report of a training whose loss became non-finite
+PREEMPTION_STEP = "preemption_step"  # in a report within an epoch (a preemption notice): the steps trained of it
+CHECKPOINT_RANK = "checkpoint_rank"  # what Ray Train ranks a run's checkpoints by (keeps the best two and latest)
+MID_EPOCH_RANK = -1.0  # a mid-epoch checkpoint's rank: below every epoch's, so the next two epochs' replace it
 
 
 def monitor_source(eval_config: EvalConfig) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.config import ExperimentConfig
-from pipeline.names import MONITOR
+from pipeline.names import CHECKPOINT_RANK
 from pipeline.storage import Location
 from pipeline.worker import WorkerArgument, monitored, run_worker
 
@@ -30,16 +30,16 @@ class RayTrainSession:
     """A worker of a ``TorchTrainer``: DDP-prepared model, reports through ``ray.train``. With
     ``upload_async`` every rank reports with ``CheckpointUploadMode.ASYNC``, so no rank waits at the report
     barrier while rank 0's checkpoint uploads; the report reaches the controller (and ``RecordForwarder``) once
-    the checkpoint is persisted, in order."""
+    the checkpoint is persisted, in order. ``persist_now`` (a preemption notice) reports synchronously."""
 
     def __init__(self, upload_async: bool = False) -> None:
         self.upload_async = upload_async
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, persist_now: bool = False) -> None:
         import ray.train
         from ray.train import CheckpointUploadMode
 
-        if not self.upload_async:
+        if not self.upload_async or persist_now:
             found = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=found)
             return
@@ -51,6 +51,13 @@ class RayTrainSession:
             os.mkdir(checkpoint_dir)
             found = ray.train.Checkpoint.from_directory(staged)  # Ray deletes it once uploaded
         ray.train.report(metrics, checkpoint=found, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+    def preemption_notice(self) -> bool:
+        """Ray Train's ``get_preemption_info`` (rank 0's answer, broadcast): a node of the run is draining for
+        preemption (``pipeline.spot_watcher`` drains a spot node on EC2's notice)."""
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
 
     def last_checkpoint(self) -> Checkpoint | None:
         import ray.train
@@ -136,16 +143,15 @@ def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: st
         run_config=RunConfig(name=run_key, storage_path=storage_path, callbacks=[*own, *callbacks],
                              failure_config=FailureConfig(max_failures=r.max_failures,
                                                           max_preemption_failures=r.max_preemption_failures),
-                             checkpoint_config=_checkpoint_config(config.data.val_fraction > 0)),
+                             checkpoint_config=_checkpoint_config()),
     )
     return trainer.fit()
 
 
-def _checkpoint_config(has_validation: bool) -> CheckpointConfig:
-    """Keep the best two checkpoints by the validation monitor (and Ray always keeps the latest); without a
-    validation split nothing selects: the latest two."""
+def _checkpoint_config() -> CheckpointConfig:
+    """Keep the best two checkpoints by ``CHECKPOINT_RANK`` (Ray always keeps the latest too): the validation
+    monitor, or without a validation split the epoch (the latest two). A mid-epoch checkpoint ranks below every
+    epoch's: it is the latest until the next epoch's checkpoint, then it goes once two epochs rank above it."""
     from ray.train import CheckpointConfig
 
-    if has_validation:
-        return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max")
-    return CheckpointConfig(num_to_keep=2)
+    return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=CHECKPOINT_RANK, checkpoint_score_order="max")

@@ -90,24 +90,28 @@ class Checkpointed:
 
     folder: Location
     record: RunRecord
+    mid_epoch: bool = False  # taken within the epoch after ``record.epoch`` (a preemption notice)
 
     @classmethod
     def at(cls, folder: Location) -> Checkpointed:
-        return cls(folder, RunRecord.from_json((folder / checkpoint.RECORD_FILE).read_text()))
+        return cls(folder, RunRecord.from_json((folder / checkpoint.RECORD_FILE).read_text()),
+                   (folder / checkpoint.MID_EPOCH_FILE).is_file())
 
     @property
     def state_file(self) -> Location:
         return self.folder / checkpoint.STATE_FILE
 
 
-def checkpoints_in(run_folder: Location | str | Path | None) -> list[Checkpointed]:
-    """The checkpoints Ray Train registered for a run folder (``ray_train.kept_checkpoints``), oldest epoch first."""
+def checkpoints_in(run_folder: Location | str | Path | None, epochs_only: bool = True) -> list[Checkpointed]:
+    """The checkpoints Ray Train registered for a run folder (``ray_train.kept_checkpoints``), oldest first; a
+    mid-epoch checkpoint (a preemption notice) is left out unless ``epochs_only`` is false: its weights are
+    no epoch's, so no final or best model is taken from it."""
     if run_folder is None:
         return []
     if not isinstance(run_folder, Location):
         run_folder = storage.location(str(run_folder))
     found = [Checkpointed.at(folder) for folder in kept_checkpoints(run_folder)]
-    return sorted(found, key=lambda c: c.record.epoch)
+    return sorted((c for c in found if not (epochs_only and c.mid_epoch)), key=lambda c: (c.record.epoch, c.mid_epoch))
 
 
 @dataclass
@@ -251,7 +255,7 @@ def open_run(plan: RunPlan, data: PreparedDataset, log: Callable[[str], None] = 
     ``config.yaml``), the dataset manifests and the environment; refuses what would log a step twice."""
     config = plan.config
     found = find_run(plan.tracking_uri, config.tracking.experiment, plan.run_key)
-    kept = checkpoints_in(plan.run_folder)
+    kept = checkpoints_in(plan.run_folder, epochs_only=False)
     latest = kept[-1] if kept else None
     fresh = ("start a fresh run with another `name` or `ray.run_name` (see README: Run lifecycle)")
     if latest is not None and latest.record.identity != plan.identity:

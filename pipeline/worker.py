@@ -23,15 +23,18 @@ from pipeline.config import ExperimentConfig, to_dict
 from pipeline.data.prepare import PreparedDataset
 from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
-from pipeline.names import DIVERGED, monitor_source
+from pipeline.names import CHECKPOINT_RANK, DIVERGED, MID_EPOCH_RANK, MONITOR, PREEMPTION_STEP, monitor_source
 from pipeline.record import RunRecord, StoredCheckpoint
 from pipeline.tracking import resolve_tracking_uri
 
 
 class Session(Protocol):
-    """What the training loop needs from Ray (Train or Tune)."""
+    """What the training loop needs from Ray (Train or Tune). ``report(..., persist_now=True)``: the checkpoint is
+    stored before ``report`` returns, even where uploads are otherwise asynchronous (a node about to go).
+    ``preemption_notice`` is a collective: every rank asks at the same steps and gets the same answer."""
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+    def report(self, metrics: dict, checkpoint_dir: str | None, persist_now: bool = False) -> None: ...
+    def preemption_notice(self) -> bool: ...
     def last_checkpoint(self) -> StoredCheckpoint | None: ...  # a Ray ``Checkpoint`` or None
     def rank(self) -> int: ...
     def device(self) -> torch.device: ...
@@ -70,15 +73,35 @@ def monitored(argument: WorkerArgument, local_rank: int, node: str | None = None
     return system_metrics.node_monitor(argument.run_id, argument.tracking_uri, t.system_metrics_interval_s, node)
 
 
+class PreemptionWatch:
+    """Whether a node of the run has a preemption notice: asked of the session (a collective) until one is seen,
+    then remembered (the node is going; asking again changes nothing)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session, self.noticed = session, False
+
+    def check(self) -> bool:
+        if not self.noticed:
+            self.noticed = bool(self.session.preemption_notice())
+        return self.noticed
+
+
+def _checkpointed(report: dict, rank: float) -> dict:
+    """A report that carries a checkpoint, with the rank Ray Train keeps checkpoints by (``CHECKPOINT_RANK``)."""
+    return {**report, CHECKPOINT_RANK: rank}
+
+
 class EpochReporter:
     """``engine.fit``'s end-of-epoch callback: adds the epoch to the record, reports on every rank (rank 0 with a
-    checkpoint every ``ray.checkpoint_every`` epochs and at the end, holding the plots drawn so far), then lets a
-    test's faults act. ``last`` is the latest report, repeated with the reason if the loss diverges."""
+    checkpoint every ``ray.checkpoint_every`` epochs, at the end and, once a preemption notice was seen, every
+    epoch, stored before the report returns; each holds the plots drawn so far), then lets a test's faults act.
+    ``last`` is the latest report, repeated with the reason if the loss diverges. A checkpoint ranks by the
+    validation monitor, or without validation by its epoch (the latest two are kept)."""
 
     def __init__(self, argument: WorkerArgument, session: Session, record: RunRecord, monitor_key: str | None,
-                 plots_folder: Path, resumed: bool) -> None:
+                 plots_folder: Path, resumed: bool, watch: PreemptionWatch) -> None:
         self.argument, self.session, self.record, self.monitor_key = argument, session, record, monitor_key
-        self.plots_folder, self.resumed, self.rank = plots_folder, resumed, session.rank()
+        self.plots_folder, self.resumed, self.rank, self.watch = plots_folder, resumed, session.rank(), watch
         self.last = record.report(monitor_key)
 
     def __call__(self, epoch: int, metrics: dict, training: engine.Training) -> None:
@@ -86,22 +109,54 @@ class EpochReporter:
         self.record.add(epoch, metrics)
         self.record.epoch = epoch
         self.last = self.record.report(self.monitor_key)
-        due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs)
-        if due and self.rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                checkpoint.save(folder, checkpoint.capture(training, epoch, to_dict(config)), self.record)
-                if any(self.plots_folder.iterdir()):
-                    shutil.copytree(self.plots_folder, Path(folder) / checkpoint.PLOTS_FOLDER)
-                self.session.report(dict(self.last), folder)
+        due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs
+                             or self.watch.noticed)
+        if due:
+            rank = self.last.get(MONITOR, float(epoch))
+            self.report_checkpoint(_checkpointed(self.last, rank), checkpoint.capture(training, epoch, to_dict(config)))
         else:
             self.session.report(dict(self.last), None)
         if self.rank == 0:
             faults.after_epoch(self.argument.faults, epoch, self.resumed, unwrap(training.model))
 
+    def report_checkpoint(self, report: dict, state: dict) -> None:
+        """Report on every rank, rank 0 with ``state`` and the record as a checkpoint."""
+        if self.rank != 0:
+            self.session.report(report, None, persist_now=self.watch.noticed)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(folder, state, self.record)
+            if any(self.plots_folder.iterdir()):
+                shutil.copytree(self.plots_folder, Path(folder) / checkpoint.PLOTS_FOLDER)
+            self.session.report(report, folder, persist_now=self.watch.noticed)
+
     def diverged(self, reason: str) -> None:
         """One more report, the last one's metrics with ``diverged``: the reason (it reaches a sweep through
         Tune's results)."""
         self.session.report({**self.last, DIVERGED: reason}, None)
+
+
+class PreemptionCheckpointer:
+    """``engine.fit``'s mid-epoch hook: asks for a preemption notice (every ``ray.preemption_check_steps`` steps,
+    on every rank alike); on the notice, rank 0 checkpoints the state within the epoch once (the step and the
+    epoch's running sums, ``checkpoint.MID_EPOCH_FORMAT``), stored before training goes on; from then on every
+    epoch's end is checkpointed (``EpochReporter``). The report
+    repeats the last epoch's metrics with ``PREEMPTION_STEP``: it is no epoch (whoever reads reports skips it),
+    and it ranks below every epoch's checkpoint (``MID_EPOCH_RANK``)."""
+
+    def __init__(self, reporter: EpochReporter, watch: PreemptionWatch) -> None:
+        self.reporter, self.watch, self.saved = reporter, watch, False
+
+    def __call__(self, progress: engine.EpochProgress, training: engine.Training) -> None:
+        if self.saved or not self.watch.check():
+            return
+        self.saved = True
+        report = _checkpointed({**self.reporter.last, PREEMPTION_STEP: progress.step}, MID_EPOCH_RANK)
+        config = to_dict(self.reporter.argument.config)
+        self.reporter.report_checkpoint(report, checkpoint.capture(training, progress.epoch - 1, config, progress))
+        if self.reporter.rank == 0:
+            print(f"[preemption] a node of this run is being reclaimed: checkpointed within epoch {progress.epoch} "
+                  f"after step {progress.step}")
 
 
 def restored(argument: WorkerArgument, session: Session) -> tuple[dict | None, RunRecord]:
@@ -138,14 +193,19 @@ def run_worker(argument: WorkerArgument, session: Session) -> str | None:
         session.report(record.report(monitor_key), None)
         return None
     plots_folder = Path(tempfile.mkdtemp(prefix="varcon-plots-"))
-    reporter = EpochReporter(argument, session, record, monitor_key, plots_folder, resumed=state is not None)
+    watch = PreemptionWatch(session)
+    reporter = EpochReporter(argument, session, record, monitor_key, plots_folder, state is not None, watch)
+    within = state.get("progress") if state else None
+    if within is not None and session.rank() == 0:
+        print(f"[resume] within epoch {within['epoch']} after step {within['step']}")
 
     def on_final_features(final: FinalFeatures) -> None:
         _draw_final_plots(final, data.num_classes, plots_folder)
 
     try:
         engine.fit(config, data, device, reporter, wrap_model=session.wrap_model, resume=state,
-                   on_final_features=on_final_features if session.rank() == 0 else None)
+                   on_final_features=on_final_features if session.rank() == 0 else None,
+                   mid_epoch=PreemptionCheckpointer(reporter, watch), mid_epoch_every=config.ray.preemption_check_steps)
     except engine.NonFiniteLossError as exc:
         reporter.diverged(str(exc))
         return str(exc)

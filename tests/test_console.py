@@ -27,3 +27,14 @@ def test_the_printer_estimates_the_rest_from_the_epochs_seen_and_marks_a_replaye
     assert lines[0].endswith("0/5") and "ETA 00:00:40" in lines[1]  # 10 s an epoch (from its own time), 4 left
     assert "ETA 00:00:30" in lines[2] and lines[3].endswith("(again: replayed after a restart from the last "
                                                             "checkpoint)")
+
+
+def test_a_preemption_report_is_one_line_and_no_epoch():
+    lines = []
+    printer = EpochPrinter(5, "val_knn_top1_k20", lines.append)
+    printer({"epoch": 1, "train_loss": 1.0, "epoch_time_s": 10.0})
+    printer({"epoch": 1, "train_loss": 1.0, "epoch_time_s": 10.0, "preemption_step": 40, "checkpoint_rank": -1.0})
+    printer({"epoch": 2, "train_loss": 0.9, "epoch_time_s": 10.0})
+    assert lines[1] == ("preemption notice: checkpointed within epoch 2 after step 40; the run resumes there on a "
+                        "new node")
+    assert "again" not in lines[2]  # epoch 2 is printed for the first time

@@ -1,7 +1,9 @@
 """The worker loop (``pipeline.worker.run_worker``) without a Ray cluster: a session that keeps reports and
 checkpoints in memory, as Ray Train or Tune would."""
+import json
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 from ray.train import Checkpoint
@@ -9,7 +11,7 @@ from ray.train import Checkpoint
 from pipeline import checkpoint, faults
 from pipeline.config import load_config
 from pipeline.identity import identity_digest
-from pipeline.names import DIVERGED, EPOCH
+from pipeline.names import CHECKPOINT_RANK, DIVERGED, EPOCH, MID_EPOCH_RANK, PREEMPTION_STEP
 from pipeline.record import read_record
 from pipeline.worker import run_worker, worker_argument
 
@@ -18,17 +20,24 @@ SHORT = ["ray.num_workers=1", "optim.epochs=2", "optim.warmup_epochs=0", "eval.l
 
 
 class InMemorySession:
-    """Reports in a list, checkpoints copied into a folder of their own (like Ray's storage)."""
+    """Reports in a list, checkpoints copied into a folder of their own (like Ray's storage); a preemption notice
+    from the ``notice_from``-th ask on (never by default)."""
 
-    def __init__(self, restore: Checkpoint | None = None) -> None:
+    def __init__(self, restore: Checkpoint | None = None, notice_from: int | None = None) -> None:
         self.reports, self.checkpoints, self.restore = [], [], restore
+        self.persisted_now, self.asks, self.notice_from = [], 0, notice_from
 
-    def report(self, metrics, checkpoint_dir):
+    def report(self, metrics, checkpoint_dir, persist_now=False):
         self.reports.append(metrics)
+        self.persisted_now.append(persist_now)
         if checkpoint_dir:
             kept = tempfile.mkdtemp(prefix="varcon-test-checkpoint-")
             shutil.copytree(checkpoint_dir, kept, dirs_exist_ok=True)
             self.checkpoints.append(Checkpoint.from_directory(kept))
+
+    def preemption_notice(self):
+        self.asks += 1
+        return self.notice_from is not None and self.asks >= self.notice_from
 
     def last_checkpoint(self):
         return self.restore
@@ -92,3 +101,37 @@ def test_faults_reach_only_the_runs_they_name(inject_faults):
     assert faults.for_run("third") == {} and faults.for_run("second")["nan_after_epoch"] == 1  # same answer again
     inject_faults()
     assert faults.for_run("second") == {}
+
+
+def test_a_notice_checkpoints_within_the_epoch_and_the_resume_ends_where_an_uninterrupted_run_does(digits_files):
+    import torch
+
+    config = load_config(None, SHORT + ["optim.epochs=3", "optim.global_batch_size=256", "ray.checkpoint_every=2",
+                                        "ray.preemption_check_steps=1"])
+    reference = InMemorySession()
+    run_worker(argument(config, digits_files, "run-a", "trial-a"), reference)
+    assert [r[EPOCH] for r in reference.reports] == [0, 1, 2, 3] and reference.asks == 9  # 3 asks per 4-step epoch
+
+    noticed = InMemorySession(notice_from=5)  # the notice comes at step 2 of epoch 2
+    run_worker(argument(config, digits_files, "run-a", "trial-a"), noticed)
+    assert [r.get(PREEMPTION_STEP) for r in noticed.reports] == [None, None, 2, None, None]
+    mid = noticed.reports[2]
+    assert mid[EPOCH] == 1 and mid[CHECKPOINT_RANK] == MID_EPOCH_RANK  # the last epoch's metrics, ranked last
+    assert noticed.persisted_now == [False, False, True, True, True]  # stored at once from the notice on
+    assert noticed.asks == 5  # the notice is remembered, not asked again
+    # epoch 3 is checkpointed although ray.checkpoint_every=2: the node is going
+    records = [read_record(c) for c in noticed.checkpoints]
+    assert [r.epoch for r in records] == [1, 2, 3]
+    mid_folder = noticed.checkpoints[0].path
+    assert json.loads((Path(mid_folder) / checkpoint.MID_EPOCH_FILE).read_text()) == {"epoch": 2, "step": 2}
+    assert all(CHECKPOINT_RANK in r for r in noticed.reports if r.get(EPOCH, 0) >= 2)
+
+    resumed = InMemorySession(restore=noticed.checkpoints[0])  # the node went: a new worker group
+    run_worker(argument(config, digits_files, "run-a", "trial-a"), resumed)
+    assert [r[EPOCH] for r in resumed.reports] == [2, 3]
+    want, got = (checkpoint.load(s.checkpoints[-1].path) for s in (reference, resumed))
+    for name, value in want["model"].items():
+        torch.testing.assert_close(got["model"][name].float(), value.float(), rtol=1e-5, atol=1e-6, msg=name)
+    for epoch in (2, 3):
+        assert resumed.reports[epoch - 2]["train_loss"] == pytest.approx(reference.reports[epoch]["train_loss"],
+                                                                         rel=1e-5)

@@ -3,8 +3,9 @@ leave its final status to the sweep driver (``tune.sweep.summarise``), the one o
 
 - ``train_trial`` (random/optuna with fifo/asha): the Ray Train V2 pattern: the trial builds its experiment from
   the sampled values and trains it under a full ``TorchTrainer`` (DDP over ``ray.num_workers``), nested under the
-  sweep's MLflow parent run; Ray's ``TuneReportCallback`` forwards every epoch to Tune, which is what ASHA stops
-  on. A trial that trains every epoch logs its artifacts and encoder itself (trials do that side by side).
+  sweep's MLflow parent run; ``tune.train_reports.EpochReportsToTune`` forwards every epoch to Tune, which is
+  what ASHA stops on. A trial that trains every epoch logs its artifacts and encoder itself (trials do that side
+  by side).
 - ``population_trial`` (pbt/pb2): one training process per trial, reporting checkpoints to Tune itself, because a
   population-based exploit must hand a checkpoint from one trial to another and V2's Train-to-Tune callback
   forwards metrics only. It runs the same worker loop (``pipeline.worker.run_worker``) as a Train worker; the
@@ -62,13 +63,16 @@ class TuneSession:
         self.use_gpu = use_gpu
         self.records = records
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, persist_now: bool = False) -> None:
         import ray.tune
 
         if checkpoint_dir:  # Tune may drop or overwrite the checkpoint of a result it answers with an exploit
             keep_record(self.records, Path(checkpoint_dir))
         found = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=found)
+
+    def preemption_notice(self) -> bool:
+        return False  # a single-process trial: Tune restarts it from its last checkpoint on a lost node
 
     def last_checkpoint(self):
         import ray.tune
@@ -96,7 +100,8 @@ def _open_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
 
 def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tune.train_reports import EpochReportsToTune
 
     opened = _open_trial(sampled, spec, parent_run_id, prepared)
     config = opened.plan.config
@@ -104,7 +109,7 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
         # trained before a restored sweep's driver recorded it: Tune gets the final result again
         ray.tune.report(opened.latest.record.report(monitor_source(config.eval)))
         return
-    outcome = train_opened(opened, lambda *_: None, callbacks=[TuneReportCallback()])
+    outcome = train_opened(opened, lambda *_: None, callbacks=[EpochReportsToTune()])
     if not outcome.diverged and outcome.record.trained_every_epoch(config.optim.epochs):
         finish_run(opened, outcome)
 

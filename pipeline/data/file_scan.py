@@ -59,7 +59,8 @@ def map_in_order(work: Callable[[Item], Result], items: Sequence[Item], threads:
     ``desc`` is given. Each task is a run of consecutive items (about four per thread, at most
     ``MAX_CHUNK``), so a future's cost is paid per run, not per file. An exception of ``work`` is raised here, for
     the first failing run in order."""
-    bar = tqdm(total=len(items), desc=desc, unit=unit, mininterval=2, disable=desc is None)
+    quiet = {"disable": True} if desc is None else {}  # else tqdm's own default (TQDM_DISABLE may set it)
+    bar = tqdm(total=len(items), desc=desc, unit=unit, mininterval=2, **quiet)
     with bar:
         if threads <= 1 or len(items) <= 1:
             results = []
