@@ -7,6 +7,11 @@ travel to the workers inside that argument and nowhere else. Keys:
 
 - ``fail_after_epoch: k``: rank 0 raises once, after epoch k's checkpoint of a fresh start.
 - ``nan_after_epoch: k``: rank 0 puts a NaN into the weights after epoch k, so the next epoch's loss is not finite.
+- ``preempt_in_epoch: {"epoch": e, "step": s, "signals": folder}``: at step s of epoch e (a preemption check of
+  a fresh start), rank 0 writes ``folder/holding`` and the ranks wait there until Ray reports a preemption notice
+  (the test drains the node); after the checkpoint on that notice rank 0 writes ``folder/checkpointed`` and the
+  ranks wait until the node is gone (the test removes it). Each wait ends after ``HOLD_LIMIT_S`` with an error;
+  an attempt after the checkpoint passes there without waiting.
 - ``runs: [i, ...]``: only the i-th distinct runs to ask get the faults, counted from 1 (in a sweep with
   ``tune.max_concurrent_trials=1``: the i-th trial); a run gets the same answer on every later attempt.
 - ``exit_sweep_after_trials: n``: the sweep driver dies (exit code 3) once n trials have completed, as with a
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +66,48 @@ def after_epoch(faults: dict, epoch: int, resumed: bool, model: torch.nn.Module)
             next(model.parameters()).fill_(float("nan"))
     if not resumed and faults.get("fail_after_epoch") == epoch:
         raise RuntimeError(f"injected failure after epoch {epoch} (fail_after_epoch)")
+
+
+HOLD_LIMIT_S = 600.0
+
+
+def _preempting(faults: dict, epoch: int, step: int, after_checkpoint: bool = False) -> dict | None:
+    """The ``preempt_in_epoch`` fault if it applies at ``step`` of ``epoch``: once (a later attempt that passes
+    there again, having restarted from an earlier checkpoint, trains on)."""
+    found = faults.get("preempt_in_epoch")
+    if not found or (found["epoch"], found["step"]) != (epoch, step):
+        return None
+    return None if (Path(found["signals"]) / "checkpointed").exists() and not after_checkpoint else found
+
+
+def _hold(until: Callable[[], bool], what: str) -> None:
+    import time
+
+    started = time.monotonic()
+    while not until():
+        if time.monotonic() - started > HOLD_LIMIT_S:
+            raise RuntimeError(f"injected preemption: no {what} after {HOLD_LIMIT_S:.0f} s (preempt_in_epoch)")
+        time.sleep(0.2)
+
+
+def held_until_notice(faults: dict, epoch: int, step: int, rank: int, notice: Callable[[], bool]) -> None:
+    """Before the preemption check at ``step`` of ``epoch``: wait there for the notice the test brings about."""
+    found = _preempting(faults, epoch, step)
+    if found is None:
+        return
+    if rank == 0:
+        (Path(found["signals"]) / "holding").touch()
+    _hold(notice, "preemption notice")
+
+
+def hold_until_gone(faults: dict, epoch: int, step: int, rank: int) -> None:
+    """After the checkpoint on the notice: wait until the test takes the node away (this process with it)."""
+    found = _preempting(faults, epoch, step, after_checkpoint=True)
+    if found is None:
+        return
+    if rank == 0:
+        (Path(found["signals"]) / "checkpointed").touch()
+    _hold(lambda: False, "end of the node")
 
 
 def sweep_callbacks() -> list:

@@ -30,7 +30,9 @@ class RayTrainSession:
     """A worker of a ``TorchTrainer``: DDP-prepared model, reports through ``ray.train``. With
     ``upload_async`` every rank reports with ``CheckpointUploadMode.ASYNC``, so no rank waits at the report
     barrier while rank 0's checkpoint uploads; the report reaches the controller (and ``RecordForwarder``) once
-    the checkpoint is persisted, in order. ``persist_now`` (a preemption notice) reports synchronously."""
+    the checkpoint is persisted, in order. ``persist_now`` (a preemption notice) reports synchronously and returns
+    once the controller has committed the checkpoint (Ray's ``get_all_reported_checkpoints``): a report the
+    controller has not yet taken in dies with the node, and the run would restart from the one before."""
 
     def __init__(self, upload_async: bool = False) -> None:
         self.upload_async = upload_async
@@ -42,6 +44,10 @@ class RayTrainSession:
         if not self.upload_async or persist_now:
             found = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=found)
+            if persist_now:  # uploaded is not enough: the controller must have registered it before the node goes
+                from ray.train import CheckpointConsistencyMode
+
+                ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             return
         found = None
         if checkpoint_dir:  # the caller deletes its folder on return: hand Ray the files under another name

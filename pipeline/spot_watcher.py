@@ -73,11 +73,13 @@ class Metadata:
         return None
 
 
-def ray_drain(address: str) -> Callable[[Notice, int], None]:
-    """Drain this node through Ray's CLI (``ray drain-node``: the node the command runs on, reason PREEMPTION)."""
+def ray_drain(address: str, node_id: str | None = None) -> Callable[[Notice, int], None]:
+    """Drain a node through Ray's CLI (``ray drain-node``, reason PREEMPTION): ``node_id``, by default the node
+    the command runs on."""
     def drain(notice: Notice, seconds_left: int) -> None:
         ray = Path(sys.executable).with_name("ray")  # the environment's own Ray CLI
-        subprocess.run([str(ray), "drain-node", f"--address={address}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        node = [f"--node-id={node_id}"] if node_id else []
+        subprocess.run([str(ray), "drain-node", f"--address={address}", *node, "--reason=DRAIN_NODE_REASON_PREEMPTION",
                         f"--reason-message=spot interruption notice: {notice.action} at {notice.time.isoformat()}",
                         f"--deadline-remaining-seconds={seconds_left}"], check=True, timeout=60)
     return drain

@@ -148,15 +148,18 @@ class PreemptionCheckpointer:
         self.reporter, self.watch, self.saved = reporter, watch, False
 
     def __call__(self, progress: engine.EpochProgress, training: engine.Training) -> None:
+        injected, rank = self.reporter.argument.faults, self.reporter.rank
+        faults.held_until_notice(injected, progress.epoch, progress.step, rank, self.watch.check)
         if self.saved or not self.watch.check():
             return
         self.saved = True
         report = _checkpointed({**self.reporter.last, PREEMPTION_STEP: progress.step}, MID_EPOCH_RANK)
         config = to_dict(self.reporter.argument.config)
         self.reporter.report_checkpoint(report, checkpoint.capture(training, progress.epoch - 1, config, progress))
-        if self.reporter.rank == 0:
+        if rank == 0:
             print(f"[preemption] a node of this run is being reclaimed: checkpointed within epoch {progress.epoch} "
                   f"after step {progress.step}")
+        faults.hold_until_gone(injected, progress.epoch, progress.step, rank)
 
 
 def restored(argument: WorkerArgument, session: Session) -> tuple[dict | None, RunRecord]:
