@@ -24,7 +24,8 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
     """Rebuild the model of the checkpoint in ``path`` (a folder holding state.pt, or the file; local, shared,
     a bucket URI, or a registered model ``models:/NAME/VERSION``, whose run's final checkpoint is used) with the
     config stored in it (``overrides`` may change evaluation settings) and run ``Evaluator.final`` on CPU or
-    GPU (one process)."""
+    GPU (one process). A mid-epoch checkpoint (a preemption notice) is evaluated as it stands, with
+    ``steps_into_next_epoch`` beside its ``epoch``."""
     with _checkpoint_folder(path, overrides) as folder:
         state = _load_state(folder, path)
     config = stored_config(state["config"], overrides)
@@ -36,7 +37,8 @@ def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), 
     preprocess = ColorAugment(files.channel_mean, files.channel_std).to(device)
     evaluator = Evaluator(config, files, dataset_splits(config.data, files),
                           autocast_dtype(config.optim.precision, device))
-    return {"epoch": state["epoch"], **evaluator.final(model, preprocess, device)[0]}
+    within = {"steps_into_next_epoch": state["progress"]["step"]} if "progress" in state else {}  # mid-epoch
+    return {"epoch": state["epoch"], **within, **evaluator.final(model, preprocess, device)[0]}
 
 
 @contextmanager
