@@ -246,9 +246,10 @@ class RayConfig:
                                                    "counted apart from ray.max_failures; -1 = unlimited "
                                                    "(Ray Train's FailureConfig.max_preemption_failures)")
     checkpoint_every: int = operational(1, "epochs between checkpoints (the last epoch is always checkpointed)")
-    preemption_check_steps: int = operational(200, "steps between asks for a preemption notice (Ray Train's "
-                                                   "get_preemption_info, a collective over the workers): on a "
-                                                   "notice rank 0 checkpoints within the epoch; 0 = never ask")
+    preemption_check_steps: int = operational(200, "training steps (counted across epochs) between asks for a "
+                                                   "preemption notice (Ray Train's get_preemption_info, a "
+                                                   "collective), also asked at each epoch's end: on a notice rank 0 "
+                                                   "checkpoints within the epoch; 0 = never ask")
     checkpoint_upload: str = operational("sync", "sync | async: Ray uploads the checkpoint in the background while "
                                              "training goes on (Ray Train's CheckpointUploadMode.ASYNC; worth it for "
                                              "bucket storage)")

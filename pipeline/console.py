@@ -69,11 +69,15 @@ class EpochPrinter:
 
 @contextmanager
 def report_queue(on_report: Callable[[dict], None]) -> Iterator:
-    """A Ray queue (an actor with no CPU) whose items reach ``on_report`` on this process, in order, drained by
-    a thread until the block ends; pass it to ``ray_train.run_training(console_queue=...)``."""
+    """A Ray queue (an actor with no CPU, on this process's node: one placed on a spot node would die with it
+    and silence the console for the rest of the run) whose items reach ``on_report`` on this process, in order,
+    drained by a thread until the block ends; pass it to ``ray_train.run_training(console_queue=...)``."""
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     done = threading.Event()
 
     def pump() -> None:

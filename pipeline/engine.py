@@ -129,12 +129,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
     ``pipeline.distributed``). The model runs under ``amp_dtype`` autocast when given; the loss is float32
     regardless. Nothing in a step reads the device back (``tests/test_sync_free.py``): metrics stay there until
     the epoch ends. ``resumed``: the progress of this epoch before an interruption (``batches`` then starts at
-    its step); ``mid_epoch(progress)`` runs after every ``mid_epoch_every``-th step of the epoch but its last.
+    its step); ``mid_epoch(progress)`` runs after every ``mid_epoch_every``-th step of the training (counted over
+    the epochs, so epochs shorter than that are asked within too) but an epoch's last.
     """
     model.train()
     scale = distributed.loss_scale_for_global_batch()
     progress = resumed if resumed is not None else EpochProgress(epoch)
-    last_step = len(batches)
+    hooked = mid_epoch is not None and mid_epoch_every > 0
+    last_step = len(batches) if hooked else 0
+    before = (epoch - 1) * last_step  # steps of the epochs before (every epoch has len(batches) steps)
     start = time.perf_counter() - progress.elapsed_s
     for view1, view2, labels, index in batches:
         labels = to_device(labels, device)
@@ -152,8 +155,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
             progress.totals[key] = progress.totals.get(key, 0) + value
         progress.step += 1
         progress.images += labels.shape[0] * scale
-        if mid_epoch is not None and mid_epoch_every > 0 and progress.step % mid_epoch_every == 0 \
-                and progress.step < last_step:
+        if hooked and (before + progress.step) % mid_epoch_every == 0 and progress.step < last_step:
             progress.elapsed_s = time.perf_counter() - start
             mid_epoch(progress)
     if progress.step == 0:
@@ -224,11 +226,11 @@ def fit(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m, resume: dict | None = None,
         on_final_features: Callable[[FinalFeatures], None] | None = None,
         mid_epoch: Callable[[EpochProgress, Training], None] | None = None, mid_epoch_every: int = 0) -> Training:
-    """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs
-    on every rank after every epoch with the same metrics; epoch 0 reports the randomly initialised encoder.
-    ``resume`` (a ``pipeline.checkpoint`` state) continues after its epoch, or within it from the step a
-    mid-epoch state holds (the loader skips the batches already trained). ``mid_epoch(progress, training)`` runs
-    on every rank after every ``mid_epoch_every``-th step of an epoch but its last. Every rank evaluates its shard
+    """Train until ``config.optim.epochs`` epochs are complete. ``on_epoch_end(epoch, metrics, training)`` runs on every
+    rank after every epoch with the same metrics; epoch 0 reports the randomly initialised encoder. ``resume`` (a
+    ``pipeline.checkpoint`` state) continues after its epoch, or within it from the step a mid-epoch state holds
+    (the loader skips the batches already trained). ``mid_epoch(progress, training)`` runs on every rank after
+    every ``mid_epoch_every``-th step of the training but an epoch's last. Every rank evaluates its shard
     (``pipeline.evaluator``): the validation monitor when due, the final evaluation after the last epoch, which
     first hands the gathered test features to ``on_final_features``; ``eval_time_s`` is logged beside
     ``epoch_time_s``. Each epoch first applies the temperature schedule. A NaN or infinite epoch loss raises

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -86,6 +87,9 @@ class PreemptionWatch:
         return self.noticed
 
 
+EPOCH_RANK_FLOOR = 0.0  # above MID_EPOCH_RANK
+
+
 def _checkpointed(report: dict, rank: float) -> dict:
     """A report that carries a checkpoint, with the rank Ray Train keeps checkpoints by (``CHECKPOINT_RANK``)."""
     return {**report, CHECKPOINT_RANK: rank}
@@ -96,7 +100,9 @@ class EpochReporter:
     checkpoint every ``ray.checkpoint_every`` epochs, at the end and, once a preemption notice was seen, every
     epoch, stored before the report returns; each holds the plots drawn so far), then lets a test's faults act.
     ``last`` is the latest report, repeated with the reason if the loss diverges. A checkpoint ranks by the
-    validation monitor, or without validation by its epoch (the latest two are kept)."""
+    validation monitor, or without validation by its epoch (the latest two are kept), never below
+    ``EPOCH_RANK_FLOOR`` (a monitor not yet measured is -inf), so always above a mid-epoch checkpoint. With
+    ``ray.preemption_check_steps`` it also asks for a notice at every epoch's end, however short the epoch."""
 
     def __init__(self, argument: WorkerArgument, session: Session, record: RunRecord, monitor_key: str | None,
                  plots_folder: Path, resumed: bool, watch: PreemptionWatch) -> None:
@@ -109,23 +115,26 @@ class EpochReporter:
         self.record.add(epoch, metrics)
         self.record.epoch = epoch
         self.last = self.record.report(self.monitor_key)
+        if epoch > 0 and config.ray.preemption_check_steps > 0:
+            self.watch.check()  # at least once an epoch, however short (a collective: every rank is here)
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs
                              or self.watch.noticed)
         if due:
-            rank = self.last.get(MONITOR, float(epoch))
-            self.report_checkpoint(_checkpointed(self.last, rank), checkpoint.capture(training, epoch, to_dict(config)))
+            rank = max(self.last.get(MONITOR, float(epoch)), EPOCH_RANK_FLOOR)
+            self.report_checkpoint(_checkpointed(self.last, rank),
+                                   lambda: checkpoint.capture(training, epoch, to_dict(config)))
         else:
             self.session.report(dict(self.last), None)
         if self.rank == 0:
             faults.after_epoch(self.argument.faults, epoch, self.resumed, unwrap(training.model))
 
-    def report_checkpoint(self, report: dict, state: dict) -> None:
-        """Report on every rank, rank 0 with ``state`` and the record as a checkpoint."""
+    def report_checkpoint(self, report: dict, state_of: Callable[[], dict]) -> None:
+        """Report on every rank, rank 0 with the state (``state_of()``) and the record as a checkpoint."""
         if self.rank != 0:
             self.session.report(report, None, persist_now=self.watch.noticed)
             return
         with tempfile.TemporaryDirectory() as folder:
-            checkpoint.save(folder, state, self.record)
+            checkpoint.save(folder, state_of(), self.record)
             if any(self.plots_folder.iterdir()):
                 shutil.copytree(self.plots_folder, Path(folder) / checkpoint.PLOTS_FOLDER)
             self.session.report(report, folder, persist_now=self.watch.noticed)
@@ -138,24 +147,26 @@ class EpochReporter:
 
 class PreemptionCheckpointer:
     """``engine.fit``'s mid-epoch hook: asks for a preemption notice (every ``ray.preemption_check_steps`` steps,
-    on every rank alike); on the notice, rank 0 checkpoints the state within the epoch once (the step and the
+    on every rank alike); on a notice seen here, rank 0 checkpoints the state within the epoch (the step and the
     epoch's running sums, ``checkpoint.MID_EPOCH_FORMAT``), stored before training goes on; from then on every
-    epoch's end is checkpointed (``EpochReporter``). The report
+    epoch's end is checkpointed (``EpochReporter``, which also asks at each epoch's end). The report
     repeats the last epoch's metrics with ``PREEMPTION_STEP``: it is no epoch (whoever reads reports skips it),
     and it ranks below every epoch's checkpoint (``MID_EPOCH_RANK``)."""
 
     def __init__(self, reporter: EpochReporter, watch: PreemptionWatch) -> None:
-        self.reporter, self.watch, self.saved = reporter, watch, False
+        self.reporter, self.watch = reporter, watch
 
     def __call__(self, progress: engine.EpochProgress, training: engine.Training) -> None:
+        if self.watch.noticed:  # seen here before, or at an epoch's end, whose checkpoint followed it
+            return
         injected, rank = self.reporter.argument.faults, self.reporter.rank
         faults.held_until_notice(injected, progress.epoch, progress.step, rank, self.watch.check)
-        if self.saved or not self.watch.check():
+        if not self.watch.check():
             return
-        self.saved = True
         report = _checkpointed({**self.reporter.last, PREEMPTION_STEP: progress.step}, MID_EPOCH_RANK)
         config = to_dict(self.reporter.argument.config)
-        self.reporter.report_checkpoint(report, checkpoint.capture(training, progress.epoch - 1, config, progress))
+        self.reporter.report_checkpoint(report, lambda: checkpoint.capture(training, progress.epoch - 1, config,
+                                                                           progress))
         if rank == 0:
             print(f"[preemption] a node of this run is being reclaimed: checkpointed within epoch {progress.epoch} "
                   f"after step {progress.step}")

@@ -125,10 +125,13 @@ def meet_in_pairs(work, monkeypatch, module, name) -> list:
     both are in flight: a scan that runs them one at a time breaks the barrier. Returns the list of calls that
     met (a one-item level, such as the root's listing, runs in the calling thread and is not paired)."""
     barrier = threading.Barrier(2, timeout=patience(30))
-    met = []
+    met, entered, lock = [], [], threading.Lock()
 
     def paired(item):
-        if threading.current_thread() is not threading.main_thread() and len(met) < 2:
+        with lock:  # a slot is taken before waiting, so a third call never waits alone
+            waits = threading.current_thread() is not threading.main_thread() and sum(entered) < 2
+            entered.append(waits)
+        if waits:
             met.append(barrier.wait())
         return work(item)
     monkeypatch.setattr(module, name, paired)
@@ -161,11 +164,13 @@ MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
 fs-0123.efs.us-east-1.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0
 /dev/nvme1n1 /mnt/efs/local\\040copy ext4 rw 0 0
 s3fs /mnt/bucket fuse.s3fs rw 0 0
+/dev/sdb1 /mnt/usb fuseblk rw 0 0
 """
 
 
 @pytest.mark.parametrize("path, threads", [("/mnt/efs/imagenet", 32), ("/mnt/efs", 32), ("/mnt/bucket/x", 32),
-                                           ("/mnt/efs/local copy/imagenet", 1), ("/mnt/efsx", 1), ("/data", 1)])
+                                           ("/mnt/efs/local copy/imagenet", 1), ("/mnt/efsx", 1), ("/data", 1),
+                                           ("/mnt/usb/x", 1)])
 def test_auto_scan_threads_follow_the_file_system_of_the_source(path, threads):
     assert file_scan.scan_threads(Path(path), 0, MOUNTS) == threads
     assert file_scan.scan_threads(Path(path), 5, MOUNTS) == 5  # a configured count is kept

@@ -110,15 +110,16 @@ def test_a_notice_checkpoints_within_the_epoch_and_the_resume_ends_where_an_unin
                                         "ray.preemption_check_steps=1"])
     reference = InMemorySession()
     run_worker(argument(config, digits_files, "run-a", "trial-a"), reference)
-    assert [r[EPOCH] for r in reference.reports] == [0, 1, 2, 3] and reference.asks == 9  # 3 asks per 4-step epoch
+    # 4 steps an epoch: asks after steps 1-3 and at the epoch's end
+    assert [r[EPOCH] for r in reference.reports] == [0, 1, 2, 3] and reference.asks == 12
 
-    noticed = InMemorySession(notice_from=5)  # the notice comes at step 2 of epoch 2
+    noticed = InMemorySession(notice_from=6)  # the notice comes at step 2 of epoch 2
     run_worker(argument(config, digits_files, "run-a", "trial-a"), noticed)
     assert [r.get(PREEMPTION_STEP) for r in noticed.reports] == [None, None, 2, None, None]
     mid = noticed.reports[2]
     assert mid[EPOCH] == 1 and mid[CHECKPOINT_RANK] == MID_EPOCH_RANK  # the last epoch's metrics, ranked last
     assert noticed.persisted_now == [False, False, True, True, True]  # stored at once from the notice on
-    assert noticed.asks == 5  # the notice is remembered, not asked again
+    assert noticed.asks == 6  # the notice is remembered, not asked again
     # epoch 3 is checkpointed although ray.checkpoint_every=2: the node is going
     records = [read_record(c) for c in noticed.checkpoints]
     assert [r.epoch for r in records] == [1, 2, 3]
@@ -135,3 +136,16 @@ def test_a_notice_checkpoints_within_the_epoch_and_the_resume_ends_where_an_unin
     for epoch in (2, 3):
         assert resumed.reports[epoch - 2]["train_loss"] == pytest.approx(reference.reports[epoch]["train_loss"],
                                                                          rel=1e-5)
+
+
+def test_epochs_shorter_than_the_check_cadence_are_asked_within_and_at_their_end(digits_files):
+    config = load_config(None, SHORT + ["optim.epochs=3", "optim.global_batch_size=256",
+                                        "ray.checkpoint_every=3", "ray.preemption_check_steps=3"])
+    session = InMemorySession(notice_from=4)  # asks: epoch 1 step 3, its end, epoch 2 step 2 (global 6), its end
+    run_worker(argument(config, digits_files, "run-a", "trial-a"), session)
+    assert [r.get(PREEMPTION_STEP) for r in session.reports] == [None, None, None, None]
+    assert session.asks == 4 and len(session.checkpoints) == 2  # noticed at epoch 2's end: 2 and 3 checkpointed
+    assert [read_record(c).epoch for c in session.checkpoints] == [2, 3]
+    early = InMemorySession(notice_from=3)
+    run_worker(argument(config, digits_files, "run-a", "trial-a"), early)
+    assert [r.get(PREEMPTION_STEP) for r in early.reports] == [None, None, 2, None, None]  # global step 6

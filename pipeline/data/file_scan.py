@@ -3,7 +3,7 @@
 Over NFS (EFS) each of these is a network round trip (AWS: "as low as 250 us"), so one thread spends its time
 waiting: 1.33 M files cost tens of minutes per pass. ``data.scan_threads`` threads keep that many round trips in
 flight (the GIL is released while each waits). On a local disk the same threads only contend for the GIL (each
-file's syscalls hand it over: ~3.5x slower on 2 cores, ``bench/source_scan.py``), so ``auto`` (0) takes
+file's syscalls hand it over: 3.4-3.9x slower on 2 cores, ``bench/source_scan.py``), so ``auto`` (0) takes
 ``NETWORK_THREADS`` for a network file system and one thread otherwise. Results come back in the input's order,
 so what is recorded from them (fingerprints, sample order) does not depend on the thread count.
 """
@@ -32,7 +32,7 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str:
             mounts = Path("/proc/self/mounts").read_text()
         except OSError:
             return ""
-    target, kind = Path(os.path.abspath(path)), ""
+    target, kind = Path(os.path.realpath(path)), ""  # a link into a mount counts as the mount
     longest = -1
     for line in mounts.splitlines():
         fields = line.split()
@@ -50,7 +50,8 @@ def scan_threads(path: Path, configured: int, mounts: str | None = None) -> int:
     if configured > 0:
         return configured
     kind = filesystem_type(path, mounts)
-    return NETWORK_THREADS if kind in NETWORK_FILESYSTEMS or kind.startswith("fuse") else 1
+    network = kind in NETWORK_FILESYSTEMS or (kind.startswith("fuse") and kind != "fuseblk")  # fuseblk: local disks
+    return NETWORK_THREADS if network else 1
 
 
 def map_in_order(work: Callable[[Item], Result], items: Sequence[Item], threads: int,
@@ -58,7 +59,8 @@ def map_in_order(work: Callable[[Item], Result], items: Sequence[Item], threads:
     """``[work(item) for item in items]`` on ``threads`` threads (1: in this thread), with a progress bar when
     ``desc`` is given. Each task is a run of consecutive items (about four per thread, at most
     ``MAX_CHUNK``), so a future's cost is paid per run, not per file. An exception of ``work`` is raised here, for
-    the first failing run in order."""
+    the first failing run in order, once the runs in flight end; the others are not started. Parallelism is per
+    run of items: the files of one folder are listed by one thread."""
     quiet = {"disable": True} if desc is None else {}  # else tqdm's own default (TQDM_DISABLE may set it)
     bar = tqdm(total=len(items), desc=desc, unit=unit, mininterval=2, **quiet)
     with bar:
@@ -73,12 +75,16 @@ def map_in_order(work: Callable[[Item], Result], items: Sequence[Item], threads:
 
         def run(part: Sequence[Item]) -> list[Result]:
             return [work(item) for item in part]
-        with ThreadPoolExecutor(max_workers=min(threads, len(runs)), thread_name_prefix="varcon-scan") as pool:
+        pool = ThreadPoolExecutor(max_workers=min(threads, len(runs)), thread_name_prefix="varcon-scan")
+        try:
             results = []
-            for part in pool.map(run, runs):
+            for future in [pool.submit(run, part) for part in runs]:
+                part = future.result()
                 results += part
                 bar.update(len(part))
             return results
+        finally:  # on an exception the runs not started are dropped, not worked through
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 FileRecord = tuple[tuple[str, ...], int, int]  # (path parts relative to the root, size, mtime in ns)

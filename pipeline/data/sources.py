@@ -202,7 +202,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _unreadable(path: Path) -> str | None:
-    """None if ``path`` opens as an image and passes PIL's ``verify``, else the exception's name."""
+    """None if ``path`` opens as an image and passes PIL's ``verify``, else the exception's name (a test replaces
+    this function to watch the threads that call it)."""
     from PIL import Image
 
     try:
@@ -237,14 +238,18 @@ def _scan_class_folders(split_dir: Path, on_bad_image: str, class_names: list[st
             raise DataError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
                             f"add images or remove the folder")
         candidates += [(path, name) for path in files]
-    problems = map_in_order(_unreadable, [path for path, _ in candidates], threads, f"checking {split_dir.name}/",
-                            unit="img")
+    def readable_or_fail(path: Path) -> str | None:  # data.on_bad_image=fail: the scan stops at the first
+        problem = _unreadable(path)
+        if problem is not None and on_bad_image == "fail":
+            raise DataError(f"unreadable image {path} ({problem}): remove or replace it, or set "
+                            f"data.on_bad_image=skip")
+        return problem
+
+    problems = map_in_order(readable_or_fail, [path for path, _ in candidates], threads,
+                            f"checking {split_dir.name}/", unit="img")
     paths, labels, skipped = [], [], 0
     for (path, name), problem in zip(candidates, problems):
         if problem is not None:
-            if on_bad_image == "fail":
-                raise DataError(f"unreadable image {path} ({problem}): remove or replace it, "
-                                f"or set data.on_bad_image=skip")
             skipped += 1
             continue
         paths.append(path)
