@@ -246,6 +246,9 @@ class RayConfig:
                                                    "counted apart from ray.max_failures; -1 = unlimited "
                                                    "(Ray Train's FailureConfig.max_preemption_failures)")
     checkpoint_every: int = operational(1, "epochs between checkpoints (the last epoch is always checkpointed)")
+    checkpoint_at_epochs: list[int] = operational(factory=list, help="epochs checkpointed besides every "
+                                                  "checkpoint_every (sweeps: the scheduler's rungs, so the result "
+                                                  "that stops a trial is in its checkpoint and its MLflow run)")
     preemption_check_steps: int = operational(200, "training steps (counted across epochs) between asks for a "
                                                    "preemption notice (Ray Train's get_preemption_info, a "
                                                    "collective), also asked at each epoch's end: on a notice rank 0 "
@@ -487,6 +490,8 @@ def validate(config: ExperimentConfig) -> None:
     need(r.max_preemption_failures >= -1, "ray.max_preemption_failures must be >= 0, or -1 for unlimited")
     need(config.tracking.outage_wait_s >= 0, "tracking.outage_wait_s must be >= 0")
     need(r.max_failures >= 0 and r.checkpoint_every >= 1, "ray.max_failures must be >= 0, ray.checkpoint_every >= 1")
+    need(all(1 <= epoch <= o.epochs for epoch in r.checkpoint_at_epochs),
+         f"ray.checkpoint_at_epochs={r.checkpoint_at_epochs} must list epochs between 1 and optim.epochs={o.epochs}")
     need(r.preemption_check_steps >= 0, "ray.preemption_check_steps must be >= 0 (0 = never ask for a notice)")
     need(config.tracking.system_metrics in ("always", "never", "auto"),
          f"tracking.system_metrics={config.tracking.system_metrics!r} must be always, never or auto")

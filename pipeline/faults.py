@@ -12,8 +12,13 @@ travel to the workers inside that argument and nowhere else. Keys:
   (the test drains the node); after the checkpoint on that notice rank 0 writes ``folder/checkpointed`` and the
   ranks wait until the node is gone (the test removes it). Each wait ends after ``HOLD_LIMIT_S`` with an error;
   an attempt after the checkpoint passes there without waiting.
+- ``upload_in_flight_at_stop: {"epoch": e, "signals": folder}`` (``ray.checkpoint_upload: async``): rank 0's
+  upload of epoch e-1's checkpoint waits until epoch e's checkpoint was handed to Ray, so whatever epoch e-1's
+  result makes a scheduler do comes while epoch e's upload is in flight; that upload stores its files, writes
+  the run key to ``folder/held`` and never reports (the trial is stopped or the wait ends after ``HOLD_LIMIT_S``).
 - ``runs: [i, ...]``: only the i-th distinct runs to ask get the faults, counted from 1 (in a sweep with
   ``tune.max_concurrent_trials=1``: the i-th trial); a run gets the same answer on every later attempt.
+  ``runs: {i: {faults}, ...}`` gives the i-th run its own faults.
 - ``exit_sweep_after_trials: n``: the sweep driver dies (exit code 3) once n trials have completed, as with a
   lost head node (``sweep_callbacks``).
 
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import ray.train
     import torch
     from ray.tune.experiment import Trial
 
@@ -54,7 +60,10 @@ def for_run(run_key: str) -> dict:
         if run_key not in askers:
             askers.append(run_key)
             path.write_text(json.dumps(faults))
-        return faults if askers.index(run_key) + 1 in faults["runs"] else {}
+        position = askers.index(run_key) + 1
+        if isinstance(faults["runs"], dict):  # JSON's keys are strings
+            return faults["runs"].get(str(position), {})
+        return faults if position in faults["runs"] else {}
 
 
 def after_epoch(faults: dict, epoch: int, resumed: bool, model: torch.nn.Module) -> None:
@@ -86,7 +95,7 @@ def _hold(until: Callable[[], bool], what: str) -> None:
     started = time.monotonic()
     while not until():
         if time.monotonic() - started > HOLD_LIMIT_S:
-            raise RuntimeError(f"injected preemption: no {what} after {HOLD_LIMIT_S:.0f} s (preempt_in_epoch)")
+            raise RuntimeError(f"injected fault: no {what} after {HOLD_LIMIT_S:.0f} s")
         time.sleep(0.2)
 
 
@@ -97,7 +106,7 @@ def held_until_notice(faults: dict, epoch: int, step: int, rank: int, notice: Ca
         return
     if rank == 0:
         (Path(found["signals"]) / "holding").touch()
-    _hold(notice, "preemption notice")
+    _hold(notice, "preemption notice (preempt_in_epoch)")
 
 
 def hold_until_gone(faults: dict, epoch: int, step: int, rank: int) -> None:
@@ -107,7 +116,38 @@ def hold_until_gone(faults: dict, epoch: int, step: int, rank: int) -> None:
         return
     if rank == 0:
         (Path(found["signals"]) / "checkpointed").touch()
-    _hold(lambda: False, "end of the node")
+    _hold(lambda: False, "end of the node (preempt_in_epoch)")
+
+
+def upload_function(faults: dict, epoch: int) -> Callable | None:
+    """Rank 0's ``checkpoint_upload_fn`` for the async upload of epoch ``epoch``'s checkpoint under
+    ``upload_in_flight_at_stop``; ``None`` (Ray's own upload) otherwise."""
+    found = faults.get("upload_in_flight_at_stop")
+    if not found or epoch not in (found["epoch"] - 1, found["epoch"]):
+        return None
+    signals = Path(found["signals"])
+
+    def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint | None:
+        import ray.train
+
+        if epoch < found["epoch"]:
+            _hold((signals / "handed_over").exists, "next checkpoint (upload_in_flight_at_stop)")
+        context = ray.train.get_context()
+        persisted = context.get_storage().persist_current_checkpoint(checkpoint, name)
+        if epoch < found["epoch"]:
+            return persisted
+        (signals / "held").write_text(context.get_experiment_name())  # the run key
+        _hold(lambda: False, "stop of the trial (upload_in_flight_at_stop)")
+
+    return upload
+
+
+def handed_over(faults: dict, epoch: int) -> None:
+    """After rank 0 handed epoch ``epoch``'s checkpoint to Ray: lets ``upload_in_flight_at_stop``'s first
+    upload go on."""
+    found = faults.get("upload_in_flight_at_stop")
+    if found and epoch == found["epoch"]:
+        (Path(found["signals"]) / "handed_over").touch()
 
 
 def sweep_callbacks() -> list:

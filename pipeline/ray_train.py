@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline import faults
 from pipeline.config import ExperimentConfig
-from pipeline.names import CHECKPOINT_RANK
+from pipeline.names import CHECKPOINT_RANK, EPOCH
 from pipeline.storage import Location
 from pipeline.worker import WorkerArgument, monitored, run_worker
 
@@ -34,8 +35,8 @@ class RayTrainSession:
     once the controller has committed the checkpoint (Ray's ``get_all_reported_checkpoints``): a report the
     controller has not yet taken in dies with the node, and the run would restart from the one before."""
 
-    def __init__(self, upload_async: bool = False) -> None:
-        self.upload_async = upload_async
+    def __init__(self, upload_async: bool = False, injected: dict | None = None) -> None:
+        self.upload_async, self.injected = upload_async, injected or {}
 
     def report(self, metrics: dict, checkpoint_dir: str | None, persist_now: bool = False) -> None:
         import ray.train
@@ -56,7 +57,11 @@ class RayTrainSession:
             os.rename(checkpoint_dir, staged)
             os.mkdir(checkpoint_dir)
             found = ray.train.Checkpoint.from_directory(staged)  # Ray deletes it once uploaded
-        ray.train.report(metrics, checkpoint=found, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        epoch = metrics.get(EPOCH, 0)
+        ray.train.report(metrics, checkpoint=found, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=faults.upload_function(self.injected, epoch) if found else None)
+        if found:
+            faults.handed_over(self.injected, epoch)
 
     def preemption_notice(self) -> bool:
         """Ray Train's ``get_preemption_info`` (rank 0's answer, broadcast): a node of the run is draining for
@@ -121,7 +126,8 @@ def train_loop_per_worker(argument: WorkerArgument) -> str | None:
     node = f"node{context.get_node_rank()}-{socket.gethostname()}"
     with monitored(argument, context.get_local_rank(), node):
         upload_async = argument.config.ray.checkpoint_upload == "async"
-        return run_worker(argument, RayTrainSession(upload_async))  # rank 0's: the Result's ``return_value``
+        # rank 0's return value: the Result's ``return_value``
+        return run_worker(argument, RayTrainSession(upload_async, argument.faults))
 
 
 def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: str, storage_path: str,

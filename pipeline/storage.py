@@ -114,8 +114,20 @@ class Location:
         return sorted((self.on_same(f.path) for f in found if f.type == pafs.FileType.File
                        and f.base_name.endswith(suffix)), key=lambda loc: loc.path)
 
+    def folders(self, prefix: str = "") -> list[Location]:
+        """The folders directly in this folder whose names start with ``prefix``, by name; none if it does not
+        exist."""
+        if not self.is_dir():
+            return []
+        found = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted((self.on_same(f.path) for f in found if f.type == pafs.FileType.Directory
+                       and f.base_name.startswith(prefix)), key=lambda loc: loc.path)
+
     def delete(self) -> None:
         self.filesystem.delete_file(self.path)
+
+    def delete_folder(self) -> None:
+        self.filesystem.delete_dir(self.path)
 
     @contextmanager
     def as_local_folder(self) -> Iterator[Path]:

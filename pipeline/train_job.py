@@ -114,6 +114,17 @@ def checkpoints_in(run_folder: Location | str | Path | None, epochs_only: bool =
     return sorted((c for c in found if not (epochs_only and c.mid_epoch)), key=lambda c: (c.record.epoch, c.mid_epoch))
 
 
+def drop_unregistered(run_folder: Location) -> list[Location]:
+    """Delete the checkpoint folders in a finished run's folder that Ray Train never registered (an upload in
+    flight when the run or trial was stopped: its files may be whole or partial, and no restore reads them);
+    returns them. Only once the run is over: a folder being uploaded now is not registered yet either."""
+    registered = {folder.path.rstrip("/") for folder in kept_checkpoints(run_folder)}
+    dropped = [folder for folder in run_folder.folders("checkpoint_") if folder.path.rstrip("/") not in registered]
+    for folder in dropped:
+        folder.delete_folder()
+    return dropped
+
+
 @dataclass
 class OpenRun:
     plan: RunPlan

@@ -97,8 +97,9 @@ def _checkpointed(report: dict, rank: float) -> dict:
 
 class EpochReporter:
     """``engine.fit``'s end-of-epoch callback: adds the epoch to the record, reports on every rank (rank 0 with a
-    checkpoint every ``ray.checkpoint_every`` epochs, at the end and, once a preemption notice was seen, every
-    epoch, stored before the report returns; each holds the plots drawn so far), then lets a test's faults act.
+    checkpoint every ``ray.checkpoint_every`` epochs, at ``ray.checkpoint_at_epochs``, at the end and, once a
+    preemption notice was seen, every epoch, stored before the report returns; each holds the plots drawn so
+    far), then lets a test's faults act.
     ``last`` is the latest report, repeated with the reason if the loss diverges. A checkpoint ranks by the
     validation monitor, or without validation by its epoch (the latest two are kept), never below
     ``EPOCH_RANK_FLOOR`` (a monitor not yet measured is -inf), so always above a mid-epoch checkpoint. With
@@ -118,7 +119,7 @@ class EpochReporter:
         if epoch > 0 and config.ray.preemption_check_steps > 0:
             self.watch.check()  # at least once an epoch, however short (a collective: every rank is here)
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs
-                             or self.watch.noticed)
+                             or epoch in config.ray.checkpoint_at_epochs or self.watch.noticed)
         if due:
             rank = max(self.last.get(MONITOR, float(epoch)), EPOCH_RANK_FLOOR)
             self.report_checkpoint(_checkpointed(self.last, rank),

@@ -47,7 +47,7 @@ def write_asha_sweep(tmp_path):
     through.)"""
     path = tmp_path / "asha.yaml"
     path.write_text(f"""experiment: {REPO_ROOT / 'configs' / 'digits.yaml'}
-experiment_overrides: {{optim.epochs: 3, optim.warmup_epochs: 0, ray.num_workers: 1}}
+experiment_overrides: {{optim.epochs: 3, optim.warmup_epochs: 0, ray.num_workers: 1, ray.checkpoint_upload: async}}
 tune: {{name: t-asha, searcher: random, scheduler: asha, num_samples: 4, grace_period: 2, reduction_factor: 2,
         seed: {ASHA_SEED}, registered_model_name: t-asha-best, max_concurrent_trials: 1}}
 space:
@@ -137,10 +137,15 @@ def trained_epochs(home, run):
 def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable_best_config(
         varcon_home, tmp_path, inject_faults):
     """The second trial (lr 1e-5) gets a NaN into its weights after epoch 1: it ends at epoch 2 with the reason,
-    is not retried, its epoch-1 checkpoint stays, and the other trials go on. What the product promises for
-    every trial, whatever the timing of a scheduler's stop: every epoch its checkpoints cover is logged exactly
-    once, and its MLflow status says why it ended."""
-    inject_faults(nan_after_epoch=1, runs=[2])
+    is not retried, its epoch-1 checkpoint stays, and the other trials go on. The third (lr 20) is stopped at the
+    rung while its epoch-3 checkpoint is being uploaded (checkpoints upload asynchronously, as in the CIFAR
+    sweep): its record ends at the rung, and the stored but never registered epoch-3 folder is removed. What the
+    product promises for every trial, whatever the timing of a scheduler's stop: every epoch its checkpoints
+    cover is logged exactly once, and its MLflow status says why it ended."""
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    inject_faults(runs={2: {"nan_after_epoch": 1},
+                        3: {"upload_in_flight_at_stop": {"epoch": 3, "signals": str(signals)}}})
     printed = succeeded(varcon("tune", "--config", str(write_asha_sweep(tmp_path)), *SHORT_EVAL))
     client = store(varcon_home)
     parent, children = sweep_runs(client, "t-asha")
@@ -165,6 +170,13 @@ def test_asha_sweep_stops_trials_survives_a_diverging_one_and_writes_a_trainable
 
     stopped = [run for run in children if run.data.tags.get("varcon.early_stopped") == "true"]
     assert stopped and all(run.info.status == "KILLED" and "varcon.error" not in run.data.tags for run in stopped)
+    # the third trial's epoch-3 upload was stored, and in flight at the stop
+    (held,) = [run for run in children if run.data.tags["varcon.run_key"] == (signals / "held").read_text()]
+    assert held in stopped and trained_epochs(varcon_home, held) == 2
+    assert [m.step for m in client.get_metric_history(held.info.run_id, "train_loss")] == [1, 2]
+    run_folder = varcon_home / ".cache" / "ray_results" / held.data.tags["varcon.run_key"]
+    kept = checkpoints_in(run_folder)
+    assert sorted(p.name for p in run_folder.glob("checkpoint_*") if p.is_dir()) == sorted(c.folder.name for c in kept)
     assert all(float(run.data.params["optim.lr"]) == 20.0 for run in stopped)
     finished = [run for run in children if run.info.status == "FINISHED"]
     assert finished and len(finished) + len(stopped) == 3

@@ -101,6 +101,9 @@ def test_faults_reach_only_the_runs_they_name(inject_faults):
     assert faults.for_run("third") == {} and faults.for_run("second")["nan_after_epoch"] == 1  # same answer again
     inject_faults()
     assert faults.for_run("second") == {}
+    inject_faults(runs={2: {"nan_after_epoch": 1}, 3: {"fail_after_epoch": 2}})  # each run its own
+    assert [faults.for_run(key) for key in ("first", "second", "third", "second")] == [
+        {}, {"nan_after_epoch": 1}, {"fail_after_epoch": 2}, {"nan_after_epoch": 1}]
 
 
 def test_a_notice_checkpoints_within_the_epoch_and_the_resume_ends_where_an_uninterrupted_run_does(digits_files):
@@ -139,13 +142,14 @@ def test_a_notice_checkpoints_within_the_epoch_and_the_resume_ends_where_an_unin
 
 
 def test_epochs_shorter_than_the_check_cadence_are_asked_within_and_at_their_end(digits_files):
-    config = load_config(None, SHORT + ["optim.epochs=3", "optim.global_batch_size=256",
-                                        "ray.checkpoint_every=3", "ray.preemption_check_steps=3"])
+    config = load_config(None, SHORT + ["optim.epochs=3", "optim.global_batch_size=256", "ray.checkpoint_every=3",
+                                        "ray.checkpoint_at_epochs=[1]", "ray.preemption_check_steps=3"])
     session = InMemorySession(notice_from=4)  # asks: epoch 1 step 3, its end, epoch 2 step 2 (global 6), its end
     run_worker(argument(config, digits_files, "run-a", "trial-a"), session)
     assert [r.get(PREEMPTION_STEP) for r in session.reports] == [None, None, None, None]
-    assert session.asks == 4 and len(session.checkpoints) == 2  # noticed at epoch 2's end: 2 and 3 checkpointed
-    assert [read_record(c).epoch for c in session.checkpoints] == [2, 3]
+    # epoch 1 is listed in ray.checkpoint_at_epochs; noticed at epoch 2's end: 2 and 3 checkpointed
+    assert session.asks == 4 and [read_record(c).epoch for c in session.checkpoints] == [1, 2, 3]
+    assert session.persisted_now == [False, False, True, True]
     early = InMemorySession(notice_from=3)
     run_worker(argument(config, digits_files, "run-a", "trial-a"), early)
     assert [r.get(PREEMPTION_STEP) for r in early.reports] == [None, None, 2, None, None]  # global step 6

@@ -107,7 +107,9 @@ class SweepSpec:
     def trial_config(self, sampled: dict, trial_id: str) -> ExperimentConfig:
         """The experiment of one trial: sampled values applied (a recipe's values expanded, the replicate's
         seed), named ``<sweep>-<trial id>`` (its Ray Train run and MLflow run key, so a resumed sweep continues
-        the same trial run), evaluated only where its scheduler reads the monitor (``evaluation_epochs``)."""
+        the same trial run), evaluated only where its scheduler reads the monitor (``evaluation_epochs``) and
+        checkpointed there too: the result a scheduler stops a trial on is then in its last checkpoint, so in its
+        MLflow run (metrics reach MLflow with the checkpoint that covers them)."""
         name = f"{self.settings.name}-{trial_id}"
         values = {}
         for key, value in sampled.items():
@@ -120,6 +122,8 @@ class SweepSpec:
         values.update({"name": name, "ray.run_name": name})
         if not self.experiment["eval"]["at_epochs"]:
             values["eval.at_epochs"] = self.evaluation_epochs()
+        values["ray.checkpoint_at_epochs"] = sorted({*self.experiment["ray"]["checkpoint_at_epochs"],
+                                                     *self.evaluation_epochs()})
         if self.population_based:  # one process per trial; every epoch a checkpoint PBT can hand over
             values.update({"ray.num_workers": 1, "ray.checkpoint_every": 1})
         return build_config(with_values(self.experiment, values))

@@ -34,6 +34,7 @@ from pipeline.train_job import (
     OpenRun,
     RunPlan,
     checkpoints_in,
+    drop_unregistered,
     end_run,
     finish_run,
     outcome_from_checkpoints,
@@ -307,6 +308,7 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: R
                        for c in found}.values(), key=lambda c: c.record.epoch)
     else:
         kept = checkpoints_in(plan.run_folder)
+        drop_unregistered(plan.run_folder)  # a stopped trial's upload that was in flight
     outcome = outcome_from_checkpoints(opened, (result.metrics or {}).get(DIVERGED, ""), kept)
     for earlier in kept[:-1]:  # a PBT trial's own epochs before an exploit are only in its own earlier records
         if earlier.record.run_id == run_id:
@@ -344,7 +346,8 @@ def best_config(spec: SweepSpec, best: TrialRow, record) -> dict:
     base = spec.base
     config["name"] = f"{spec.settings.name}-best"
     config["seed"], config["eval"] = base.seed, to_dict(base)["eval"]
-    config["ray"].update(run_name="", num_workers=base.ray.num_workers, checkpoint_every=base.ray.checkpoint_every)
+    config["ray"].update(run_name="", num_workers=base.ray.num_workers, checkpoint_every=base.ray.checkpoint_every,
+                         checkpoint_at_epochs=base.ray.checkpoint_at_epochs)
     if spec.population_based:
         schedule = as_piecewise(lineage_schedule(record))
         config["loss"]["schedule"] = {**config["loss"]["schedule"], **schedule}
