@@ -127,10 +127,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
     Each step: x = [aug(view1); aug(view2)] ``[2n, 3, S, S]`` (drawn by epoch and global sample index),
     z = model(x), the loss over the views of all workers (gathered), backward of ``world_size * loss`` (see
     ``pipeline.distributed``). The model runs under ``amp_dtype`` autocast when given; the loss is float32
-    regardless. Nothing in a step reads the device back (``tests/test_sync_free.py``): metrics stay there until
-    the epoch ends. ``resumed``: the progress of this epoch before an interruption (``batches`` then starts at
-    its step); ``mid_epoch(progress)`` runs after every ``mid_epoch_every``-th step of the training (counted over
-    the epochs, so epochs shorter than that are asked within too) but an epoch's last.
+    regardless. ``train_grad_norm`` is the mean over steps of ||g||_2, g the gradient of the global loss (after
+    DDP's all-reduce: the same on every rank, whatever the worker count), before the optimiser's step (tau1
+    rescales it: a temperature schedule is partly a learning-rate schedule). Nothing in a step reads the device
+    back (``tests/test_sync_free.py``): metrics stay there until the epoch ends. ``resumed``: the progress of
+    this epoch before an interruption (``batches`` then starts at its step); ``mid_epoch(progress)`` runs after
+    every ``mid_epoch_every``-th step of the training (counted over the epochs, so epochs shorter than that are
+    asked within too) but an epoch's last.
     """
     model.train()
     scale = distributed.loss_scale_for_global_batch()
@@ -149,6 +152,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
         loss, stats = loss_fn(distributed.gather_with_local_grad(out), distributed.gather_with_local_grad(y))
         optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
+        stats = {**stats, "grad_norm": torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None])}
         optimizer.step()
         scheduler.step()
         for key, value in {"loss": loss.detach(), **stats}.items():

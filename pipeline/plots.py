@@ -74,12 +74,15 @@ LEARNING_CURVES = {
     "kNN top-1 (validation; test where logged)": None,  # every *_knn_top1_k* metric
     "VarCon temperature and confidence": ("train_tau2_mean", "train_confidence_mean"),
     "learning rate": ("lr",),
+    "gradient norm (mean over the epoch's steps)": ("train_grad_norm",),
 }
 
 
 def learning_curves_plot(history: History, path: str | Path) -> Path:
     """One panel per group of ``LEARNING_CURVES``, each metric against its epoch."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), dpi=100)
+    for ax in axes.flat[len(LEARNING_CURVES):]:
+        ax.set_visible(False)
     for ax, (title, keys) in zip(axes.flat, LEARNING_CURVES.items()):
         keys = keys or tuple(sorted(k for k in history if "_knn_top1_k" in k))
         for key in keys:

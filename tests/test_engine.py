@@ -253,3 +253,43 @@ def test_the_monitor_follows_validation_whatever_the_test_split_holds(digits_fil
     assert [r[MONITOR] for r in own] == [r[MONITOR] for r in foreign]
     assert [r[MONITOR] for r in own] == [r["val_knn_top1_k20"] for r in own]
     assert own[-1]["test_knn_top1_k20"] != foreign[-1]["test_knn_top1_k20"]
+
+
+def test_the_gradient_norm_is_the_mean_norm_of_each_steps_gradient():
+    """train_grad_norm against a naive loop: the same two steps on a copy of the model, ||g||_2 summed by hand in
+    float64 over every parameter's gradient after backward, averaged over the steps."""
+    import copy
+
+    from pipeline.data.augment import ColorAugment
+    from pipeline.losses import build_loss
+    from pipeline.models import build_model
+
+    config = load_config(None, ["ray.num_workers=1", "optim.global_batch_size=16"])
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=10).to(memory_format=torch.channels_last)
+    naive_model = copy.deepcopy(model)
+    augment = ColorAugment([0.5] * 3, [0.25] * 3, 0.4, 0.8, 0.2, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (16, 3, 32, 32), generator=gen, dtype=torch.uint8),
+                torch.randint(0, 256, (16, 3, 32, 32), generator=gen, dtype=torch.uint8),
+                torch.randint(0, 10, (16,), generator=gen), torch.arange(16) + 16 * step) for step in range(2)]
+    loss_fn = build_loss(config.loss, 10)
+
+    def optimiser_of(module):
+        optimizer = engine.build_optimizer(module, config.optim)
+        return optimizer, engine.warmup_cosine(optimizer, 2, 8, 4)
+
+    metrics = engine.train_one_epoch(model, batches, augment, loss_fn, *optimiser_of(model), torch.device("cpu"))
+    optimizer, scheduler = optimiser_of(naive_model)
+    norms = []
+    for view1, view2, labels, index in batches:
+        x = torch.cat([augment(view1, 1, index, view=0), augment(view2, 1, index, view=1)])
+        loss, _ = loss_fn(naive_model(x), torch.cat([labels, labels]))
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in naive_model.parameters()
+                                   if p.grad is not None)))
+        optimizer.step()
+        scheduler.step()
+    assert norms[0] != pytest.approx(norms[1], rel=1e-3)  # two different steps: the mean is over both
+    assert metrics["train_grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-4)
