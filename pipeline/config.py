@@ -218,6 +218,11 @@ class EvalConfig:
     test_every_epochs: int = operational(0, "a test kNN curve every n epochs (never selects); 0 = the test split at "
                                             "the "
                                         "end only")
+    final_split: str = operational("test", "test | val: the split of the final dispersion, few-shot episodes, "
+                                           "embedding plots and confusion matrix; val reads no test split at all, "
+                                           "kNN and probes score validation only (a search trial: selection on "
+                                           "validation, the test split left to the chosen configuration's "
+                                           "retraining); needs data.val_fraction > 0 and eval.test_every_epochs 0")
     probe: str = operational("features", "final linear probe: features (standardised frozen features) | reference "
                                          "(frozen"
                                      " encoder, training crops, the papers' SGD schedule) | both")
@@ -517,6 +522,9 @@ def validate(config: ExperimentConfig) -> None:
              f"eval.probe={e.probe} needs eval.reference_probe_epochs >= 1 and eval.reference_probe_lr > 0")
     need(0.0 <= e.initial_fraction <= 1.0, f"eval.initial_fraction={e.initial_fraction} must lie in [0, 1]")
     need(e.test_every_epochs >= 0, "eval.test_every_epochs must be >= 0")
+    need(e.final_split in ("test", "val"), f"eval.final_split={e.final_split!r} must be test or val")
+    need(e.final_split == "test" or (config.data.val_fraction > 0 and e.test_every_epochs == 0),
+         "eval.final_split=val reads no test split: it needs data.val_fraction > 0 and eval.test_every_epochs=0")
     need(all(1 <= epoch <= o.epochs for epoch in e.at_epochs),
          f"eval.at_epochs={e.at_epochs} must list epochs between 1 and optim.epochs={o.epochs}")
     need(

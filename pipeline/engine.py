@@ -237,7 +237,7 @@ def fit(config: ExperimentConfig, files: PreparedDataset, device: torch.device,
     (the loader skips the batches already trained). ``mid_epoch(progress, training)`` runs on every rank after
     every ``mid_epoch_every``-th step of the training but an epoch's last. Every rank evaluates its shard
     (``pipeline.evaluator``): the validation monitor when due, the final evaluation after the last epoch, which
-    first hands the gathered test features to ``on_final_features``; ``eval_time_s`` is logged beside
+    first hands the gathered final split's features to ``on_final_features``; ``eval_time_s`` is logged beside
     ``epoch_time_s``. Each epoch first applies the temperature schedule. A NaN or infinite epoch loss raises
     ``NonFiniteLossError`` before that epoch is reported.
     """

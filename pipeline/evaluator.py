@@ -3,8 +3,9 @@
 Splits (``pipeline.data.splits``): ``bank`` (the training split minus validation: the kNN memory bank and the
 probes' training set), ``val`` (what selects: the monitor, hence the best checkpoint and a sweep's scheduler),
 ``test`` (the dataset's test split: evaluated after the last epoch, as a curve only with
-``eval.test_every_epochs``, and never selecting). Every metric is named after its split: ``val_knn_top1_k20``,
-``test_knn_top1_k20``, ``test_probe_top1``, ``test_dispersion_intra_cos``, ...
+``eval.test_every_epochs``, and never selecting; with ``eval.final_split=val`` never read at all, the final
+dispersion, few-shot episodes and plots then on validation). Every metric is named after its split:
+``val_knn_top1_k20``, ``test_knn_top1_k20``, ``test_probe_top1``, ``test_dispersion_intra_cos``, ...
 """
 from __future__ import annotations
 
@@ -46,13 +47,15 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class FinalFeatures:
-    """The whole test split after training (gathered from the ranks, in file order): unit encoder features
-    ``[N, F]``, labels ``[N]`` and the kNN predictions ``[N]`` with ``knn_k`` neighbours (for plots)."""
+    """The whole final split after training (``split``: test, or validation with ``eval.final_split=val``;
+    gathered from the ranks, in file order): unit encoder features ``[N, F]``, labels ``[N]`` and the kNN
+    predictions ``[N]`` with ``knn_k`` neighbours (for plots)."""
 
     features: torch.Tensor
     labels: torch.Tensor
     knn_predictions: torch.Tensor
     knn_k: int
+    split: str = "test"
 
 
 class Evaluator:
@@ -66,7 +69,9 @@ class Evaluator:
         self.has_validation = len(split.val) > 0
         self.batch_size = batch_size
         self.distributed = distributed.world_size() > 1
-        indices = {"bank": split.bank, "test": None, **({"val": split.val} if self.has_validation else {})}
+        self.final_split = config.eval.final_split
+        indices = {"bank": split.bank, **({"test": None} if self.final_split == "test" else {}),
+                   **({"val": split.val} if self.has_validation else {})}
         self.loaders = eval_loaders(config, files, batch_size, self.distributed, indices)
 
     def monitor_due(self, epoch: int) -> bool:
@@ -123,22 +128,24 @@ class Evaluator:
 
     def final(self, model: nn.Module, preprocess: nn.Module,
               device: torch.device) -> tuple[dict[str, float], FinalFeatures]:
-        """After the last epoch: kNN on validation and test, test dispersion, the probes (``eval.probe``) and
-        few-shot episodes on test; and the gathered test features for plots. The reference probe runs
+        """After the last epoch: kNN on validation and test, dispersion, the probes (``eval.probe``) and
+        few-shot episodes on the final split (``eval.final_split``: test; val leaves the test split unread), and
+        its gathered features for plots. The reference probe runs
         ``eval.reference_probe_batch_per_worker`` images per worker per step at ``eval.reference_probe_lr`` scaled
         from ``eval.reference_probe_lr_batch`` to that global batch; both are reported beside its top-1
         (``refprobe_lr``, ``refprobe_global_batch``). One process (``varcon eval``) takes the run's global batch,
         per worker x ``ray.num_workers``, so that it trains the probe the run trained."""
         e = self.eval_config
         shards = self._shards(model, preprocess, device, self.loaders)
-        bank, test = shards["bank"], shards["test"]
+        target = self.final_split
+        bank, final = shards["bank"], shards[target]
         evaluated = {name: shards[name] for name in ("val", "test") if name in shards}
         metrics, predicted = {}, None
         for name, shard in evaluated.items():
             found, first = self._knn(bank, shard, name)
             metrics.update(found)
-            predicted = first if name == "test" else predicted
-        metrics.update({f"test_{key}": value for key, value in dispersion(test, self.num_classes).items()})
+            predicted = first if name == target else predicted
+        metrics.update({f"{target}_{key}": value for key, value in dispersion(final, self.num_classes).items()})
         if e.probe in ("features", "both") and e.linear_probe_epochs:
             metrics.update(linear_probe(bank, evaluated, self.num_classes, epochs=e.linear_probe_epochs,
                                         seed=self.seed))
@@ -153,15 +160,16 @@ class Evaluator:
                                                evaluated, self.num_classes, e.reference_probe_epochs, lr,
                                                seed=self.seed))
             metrics.update(refprobe_lr=lr, refprobe_global_batch=float(global_batch))  # beside its top-1
-        gathered = self._gather(test, predicted)
+        gathered = self._gather(final, predicted)
         for shots in (1, 5) if e.few_shot_episodes else ():
-            metrics[f"test_fewshot_5way_{shots}shot"] = few_shot_ncm(gathered.features, gathered.labels, shots=shots,
-                                                                     episodes=e.few_shot_episodes, seed=self.seed)
+            metrics[f"{target}_fewshot_5way_{shots}shot"] = few_shot_ncm(
+                gathered.features, gathered.labels, shots=shots, episodes=e.few_shot_episodes, seed=self.seed)
         return metrics, gathered
 
-    def _gather(self, test: Shard, predicted: torch.Tensor) -> FinalFeatures:
-        index = distributed.all_gather_uneven(test.index)
+    def _gather(self, shard: Shard, predicted: torch.Tensor) -> FinalFeatures:
+        index = distributed.all_gather_uneven(shard.index)
         order = index.argsort()
         features, labels, predictions = (distributed.all_gather_uneven(t)[order]
-                                         for t in (test.features, test.labels, predicted))
-        return FinalFeatures(features.cpu(), labels.cpu(), predictions.cpu(), self.eval_config.knn_k[0])
+                                         for t in (shard.features, shard.labels, predicted))
+        return FinalFeatures(features.cpu(), labels.cpu(), predictions.cpu(), self.eval_config.knn_k[0],
+                             self.final_split)

@@ -230,13 +230,14 @@ def run_worker(argument: WorkerArgument, session: Session) -> str | None:
 
 
 def _draw_final_plots(final: FinalFeatures, num_classes: int, folder: Path) -> None:
-    """PCA and t-SNE of the test features, and the kNN confusion matrix, as PNGs in ``folder``. Plots are a
-    by-product: a failure is reported, never raised."""
+    """PCA and t-SNE of the final split's features, and the kNN confusion matrix, as PNGs in ``folder``. Plots
+    are a by-product: a failure is reported, never raised."""
     try:
         features, labels = final.features.numpy(), final.labels.numpy()
         for method in ("pca", "tsne"):
             plots.embedding_plot(features, labels, method, folder / f"embedding_{method}.png")
         plots.confusion_matrix_plot(labels, final.knn_predictions.numpy(), num_classes,
-                                    folder / "knn_confusion_matrix.png", f"kNN (k={final.knn_k}) confusion, test split")
+                                    folder / "knn_confusion_matrix.png",
+                                    f"kNN (k={final.knn_k}) confusion, {final.split} split")
     except Exception as exc:  # noqa: BLE001
         print(f"[plots] could not draw the final plots: {exc}")

@@ -49,6 +49,10 @@ def test_flatten_gives_dotted_string_params():
     (["model.encoder=vgg"], "model.encoder='vgg' is unknown"),
     (["no_equals_sign"], "must look like section.key=value"),
     (["name=my run's/1"], "may hold only letters, digits"),
+    (["eval.final_split=val", "data.val_fraction=0"], "eval.final_split=val reads no test split: it needs"),
+    (["eval.final_split=val", "eval.test_every_epochs=1"], "eval.final_split=val reads no test split: it needs"),
+    (["eval.final_split=train"], "eval.final_split='train' must be test or val"),
+    (["ray.checkpoint_at_epochs=[0]"], "ray.checkpoint_at_epochs=[0] must list epochs between 1 and"),
 ])
 def test_bad_values_name_the_fix(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as info:

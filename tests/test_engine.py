@@ -293,3 +293,26 @@ def test_the_gradient_norm_is_the_mean_norm_of_each_steps_gradient():
         scheduler.step()
     assert norms[0] != pytest.approx(norms[1], rel=1e-3)  # two different steps: the mean is over both
     assert metrics["train_grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-4)
+
+
+def test_a_final_evaluation_on_validation_never_reads_the_test_split(digits_files, tmp_path):
+    """eval.final_split=val (a search trial): the test file is gone and the training still ends, with the final
+    dispersion, few-shot episodes, probe and plot features on validation and no test metric at all."""
+    from dataclasses import replace
+
+    from pipeline.data import DataError
+
+    one_epoch = DETERMINISTIC + ["optim.epochs=1", "optim.warmup_epochs=0"]
+    config = load_config(None, one_epoch + ["eval.final_split=val", "eval.few_shot_episodes=5",
+                                            "eval.linear_probe_epochs=2"])
+    files = replace(digits_files, test=str(tmp_path / "no-such-test.beton"))
+    reports, final = [], []
+    engine.fit(config, files, torch.device("cpu"), lambda epoch, metrics, _: reports.append(metrics),
+               on_final_features=final.append)
+    last = reports[-1]
+    assert not [key for key in last if key.startswith("test_")]
+    assert {"val_knn_top1_k20", "val_probe_top1", "val_dispersion_intra_cos", "val_fewshot_5way_1shot"} <= set(last)
+    (features,) = final
+    assert features.split == "val" and len(features.labels) == digits_files.num_val
+    with pytest.raises(DataError, match="no-such-test.beton does not exist"):  # on the test split it is read
+        engine.fit(load_config(None, one_epoch), files, torch.device("cpu"), lambda *_: None)
