@@ -187,6 +187,23 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)  # None: unset again
 
 
+@contextlib.contextmanager
+def using_experiment(experiment_id: str) -> Iterator[None]:
+    """MLflow files a logged model (``log_model``, MLflow 3's LoggedModel) under the process's active experiment
+    before its source run's: without one the Default experiment, whose artifact root on a local store is
+    ``./mlruns`` in whatever folder the process runs. Name the run's experiment for the call only (MLflow's own
+    ``$MLFLOW_EXPERIMENT_ID``), restoring what was there."""
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
 def as_metrics(entries: list) -> list:
     """``[step, key, value, timestamp_ms]`` entries as MLflow ``Metric`` entities."""
     from mlflow.entities import Metric
@@ -270,7 +287,8 @@ class TrackedRun:
         signature = infer_signature(example_input.numpy(), output.numpy())
         requirements = [f"torch=={torch.__version__.split('+')[0]}",
                         f"torchvision=={torchvision.__version__.split('+')[0]}"]
-        with using_tracking_uri(self.tracking_uri):
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        with using_tracking_uri(self.tracking_uri), using_experiment(experiment_id):
             info = mlflow.pytorch.log_model(model, name=name, run_id=self.run_id, signature=signature,
                                             input_example=example_input.numpy(), pip_requirements=requirements,
                                             serialization_format="pt2")

@@ -92,16 +92,26 @@ def test_sender_hands_back_what_a_dead_store_never_took():
     assert sender.close(timeout_s=0.2) == [(1, {"a": 1.0}), (2, {"a": 2.0, "b": 0.5})]
 
 
-def test_logged_encoder_loads_back_and_registers(store, tmp_path):
+def test_logged_encoder_loads_back_and_registers(store, tmp_path, monkeypatch):
     """The encoder is logged as an exported graph (MLflow's pt2, no pickle to run at load) that reproduces its
-    features at another batch size than the one it was exported with."""
+    features at another batch size than the one it was exported with. It belongs to its run's experiment (MLflow
+    files a model by the process's active experiment first: the Default one, whose local artifact root is
+    ./mlruns in the working directory), and nothing is written where the process happens to run."""
     from pipeline.config import load_config
     from pipeline.models import build_model
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     run = create_run(store, "varcon", "model-run", "model-run", {})
     encoder = build_model(load_config(None, []), 10).encoder.eval()
     example = torch.zeros(2, 3, 32, 32)
     model_uri = run.log_pytorch_model(encoder, "encoder", example)
+    experiment_id = MlflowClient(store).get_run(run.run_id).info.experiment_id
+    (model,) = MlflowClient(store).search_logged_models(experiment_ids=[experiment_id])
+    assert model.source_run_id == run.run_id and model.model_uri == model_uri
+    assert list(elsewhere.iterdir()) == []  # no ./mlruns
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     with using_tracking_uri(store):
         logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path)))
     assert sorted(path.name for path in (logged / "data").iterdir()) == ["model.pt2"]
