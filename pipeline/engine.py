@@ -116,6 +116,14 @@ class EpochProgress:
                    state["images"], state["elapsed_s"])
 
 
+def gradient_norm(model: nn.Module) -> torch.Tensor:
+    """||g||_2 over every parameter's gradient (one device), a 0-d tensor left on it: the per-tensor norms in one
+    multi-tensor kernel, as ``clip_grad_norm_`` takes them (``get_total_norm`` would also move each norm to the
+    first gradient's device, a ``.to`` per step that tests/test_host_copies.py cannot tell from a host copy)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     device: torch.device, amp_dtype: torch.dtype | None = None, epoch: int = 1,
@@ -152,8 +160,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, augment: nn.Module, los
         loss, stats = loss_fn(distributed.gather_with_local_grad(out), distributed.gather_with_local_grad(y))
         optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
-        stats = {**stats, "grad_norm": torch.nn.utils.get_total_norm(
-            [p.grad for p in model.parameters() if p.grad is not None])}
+        stats = {**stats, "grad_norm": gradient_norm(model)}
         optimizer.step()
         scheduler.step()
         for key, value in {"loss": loss.detach(), **stats}.items():

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import ray.train
     import torch
     from ray.tune.experiment import Trial
 
@@ -119,27 +118,22 @@ def hold_until_gone(faults: dict, epoch: int, step: int, rank: int) -> None:
     _hold(lambda: False, "end of the node (preempt_in_epoch)")
 
 
-def upload_function(faults: dict, epoch: int) -> Callable | None:
-    """Rank 0's ``checkpoint_upload_fn`` for the async upload of epoch ``epoch``'s checkpoint under
-    ``upload_in_flight_at_stop``; ``None`` (Ray's own upload) otherwise."""
+def held_upload(faults: dict, epoch: int) -> tuple[Callable[[], None], Callable[[str], None]] | None:
+    """``upload_in_flight_at_stop`` for rank 0's async upload of epoch ``epoch``'s checkpoint: what to run before
+    its files are stored and after (given the run key); ``None`` where the fault does not apply."""
     found = faults.get("upload_in_flight_at_stop")
     if not found or epoch not in (found["epoch"] - 1, found["epoch"]):
         return None
     signals = Path(found["signals"])
+    if epoch < found["epoch"]:
+        return (lambda: _hold((signals / "handed_over").exists, "next checkpoint (upload_in_flight_at_stop)"),
+                lambda _: None)
 
-    def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint | None:
-        import ray.train
-
-        if epoch < found["epoch"]:
-            _hold((signals / "handed_over").exists, "next checkpoint (upload_in_flight_at_stop)")
-        context = ray.train.get_context()
-        persisted = context.get_storage().persist_current_checkpoint(checkpoint, name)
-        if epoch < found["epoch"]:
-            return persisted
-        (signals / "held").write_text(context.get_experiment_name())  # the run key
+    def stored(run_key: str) -> None:
+        (signals / "held").write_text(run_key)
         _hold(lambda: False, "stop of the trial (upload_in_flight_at_stop)")
 
-    return upload
+    return lambda: None, stored
 
 
 def handed_over(faults: dict, epoch: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,8 +59,9 @@ class RayTrainSession:
             os.mkdir(checkpoint_dir)
             found = ray.train.Checkpoint.from_directory(staged)  # Ray deletes it once uploaded
         epoch = metrics.get(EPOCH, 0)
+        held = faults.held_upload(self.injected, epoch) if found else None
         ray.train.report(metrics, checkpoint=found, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                         checkpoint_upload_fn=faults.upload_function(self.injected, epoch) if found else None)
+                         checkpoint_upload_fn=_held_upload(*held) if held else None)
         if found:
             faults.handed_over(self.injected, epoch)
 
@@ -89,6 +91,21 @@ class RayTrainSession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
+
+
+def _held_upload(before: Callable[[], None], after: Callable[[str], None]) -> Callable:
+    """A ``checkpoint_upload_fn`` that stores the checkpoint as Ray would, between a test's ``before()`` and
+    ``after(run key)`` (``faults.held_upload``)."""
+    def upload(checkpoint: Checkpoint, name: str) -> Checkpoint:
+        import ray.train
+
+        context = ray.train.get_context()
+        before()
+        persisted = context.get_storage().persist_current_checkpoint(checkpoint, name)
+        after(context.get_experiment_name())
+        return persisted
+
+    return upload
 
 
 def kept_checkpoints(run_folder: Location) -> list[Location]:
