@@ -34,7 +34,8 @@ class RayTrainSession:
     barrier while rank 0's checkpoint uploads; the report reaches the controller (and ``RecordForwarder``) once
     the checkpoint is persisted, in order. ``persist_now`` (a preemption notice) reports synchronously and returns
     once the controller has committed the checkpoint (Ray's ``get_all_reported_checkpoints``): a report the
-    controller has not yet taken in dies with the node, and the run would restart from the one before."""
+    controller has not yet taken in dies with the node, and the run would restart from the one before.
+    ``injected``: the run's faults (``pipeline.faults``; a test's held upload)."""
 
     def __init__(self, upload_async: bool = False, injected: dict | None = None) -> None:
         self.upload_async, self.injected = upload_async, injected or {}
@@ -96,6 +97,7 @@ class RayTrainSession:
 def _held_upload(before: Callable[[], None], after: Callable[[str], None]) -> Callable:
     """A ``checkpoint_upload_fn`` that stores the checkpoint as Ray would, between a test's ``before()`` and
     ``after(run key)`` (``faults.held_upload``)."""
+
     def upload(checkpoint: Checkpoint, name: str) -> Checkpoint:
         import ray.train
 

@@ -105,23 +105,22 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
-    def files(self, suffix: str = "") -> list[Location]:
-        """The files directly in this folder whose names end with ``suffix``, by name; none if it does not
-        exist."""
+    def _entries(self, kind: pafs.FileType, chosen: Callable[[str], bool]) -> list[Location]:
+        """The entries of ``kind`` directly in this folder whose names are ``chosen``, by name; none if it does
+        not exist."""
         if not self.is_dir():
             return []
         found = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=False))
-        return sorted((self.on_same(f.path) for f in found if f.type == pafs.FileType.File
-                       and f.base_name.endswith(suffix)), key=lambda loc: loc.path)
+        return sorted((self.on_same(f.path) for f in found if f.type == kind and chosen(f.base_name)),
+                      key=lambda loc: loc.path)
+
+    def files(self, suffix: str = "") -> list[Location]:
+        """The files directly in this folder whose names end with ``suffix``, by name."""
+        return self._entries(pafs.FileType.File, lambda name: name.endswith(suffix))
 
     def folders(self, prefix: str = "") -> list[Location]:
-        """The folders directly in this folder whose names start with ``prefix``, by name; none if it does not
-        exist."""
-        if not self.is_dir():
-            return []
-        found = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=False))
-        return sorted((self.on_same(f.path) for f in found if f.type == pafs.FileType.Directory
-                       and f.base_name.startswith(prefix)), key=lambda loc: loc.path)
+        """The folders directly in this folder whose names start with ``prefix``, by name."""
+        return self._entries(pafs.FileType.Directory, lambda name: name.startswith(prefix))
 
     def delete(self) -> None:
         self.filesystem.delete_file(self.path)
