@@ -18,7 +18,6 @@ lint: setup
 	.venv/bin/ruff check pipeline tune tests bench
 
 test: lint
-	bash scripts/check_job_submit.sh
 	$(UNIT_TIER); unit=$$?; \
 	.venv/bin/python -m pytest -m cluster; cluster=$$?; \
 	exit $$(( unit || cluster ))  # both tiers run whatever the first gave

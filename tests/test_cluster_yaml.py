@@ -19,9 +19,10 @@ def test_cluster_yaml_validates_against_ray_schema():
     validate_config(config)
     assert config["head_node_type"] in config["available_node_types"]
     commands = " ".join(config["setup_commands"] + config["head_start_ray_commands"])
-    assert "scripts/node_setup.sh" in commands and "mlflow server" in commands
+    assert "scripts/node_setup.sh" in commands and "scripts/start_node.sh head" in commands
     assert "scripts/setup.sh" not in commands  # the developer set-up (browser, database server, test extra)
-    assert "--dashboard-host=127.0.0.1" in commands and "0.0.0.0" not in commands
+    start = (REPO_ROOT / "scripts" / "start_node.sh").read_text()
+    assert "mlflow server" in start and "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
 
 
 def test_schema_check_rejects_unknown_fields():
@@ -168,8 +169,8 @@ def test_the_commented_efa_set_up_gives_every_network_card_an_efa_in_one_placeme
 
 def test_every_start_command_closes_the_doors():
     """Ray's token authentication on every ``ray start``, the token and the tracking credentials copied to where Ray's
-    and MLflow's own clients read them on every node, MLflow behind its basic-auth app, and start commands that stop
-    only what they started (a pid file; no ``pkill -f``)."""
+    and MLflow's own clients read them on every node, MLflow behind its basic-auth app, and node scripts that stop
+    only what they started (a pid file and its session; no ``ray stop``, no pkill by name)."""
     from pathlib import Path
 
     from mlflow.utils.credentials import _get_credentials_path
@@ -177,13 +178,33 @@ def test_every_start_command_closes_the_doors():
 
     config = load_prepared()
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
-    ray_starts = [c for c in starts if "ray start" in c]
-    assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    assert starts == ["bash ~/varcon/scripts/start_node.sh head", "bash ~/varcon/scripts/start_node.sh worker"]
+    scripts = REPO_ROOT / "scripts"
+    start = (scripts / "start_node.sh").read_text()
+    ray_starts = [line for line in start.splitlines() if line.lstrip().startswith("ray start")]
+    assert len(ray_starts) == 2 and "export PATH" in start and "RAY_AUTH_MODE=token" in start
     home = Path.home()
     mounts = {str(home / Path(remote).expanduser().relative_to(home)) for remote in config["file_mounts"]
               if remote.startswith("~")}
     assert {str(_get_default_token_path()), _get_credentials_path()} <= mounts
-    (mlflow,) = [c for c in starts if "mlflow server" in c]
-    assert "--app-name basic-auth" in mlflow and "MLFLOW_AUTH_CONFIG_PATH=" in mlflow
-    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=\"$(cat ~/.varcon/mlflow_secret_key)\"" in mlflow
-    assert not any("pkill" in c for c in starts + config["setup_commands"])
+    assert "--app-name basic-auth" in start and "MLFLOW_AUTH_CONFIG_PATH=" in start
+    assert 'MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat ~/.varcon/mlflow_secret_key)"' in start
+    node_scripts = [(scripts / name).read_text() for name in ("start_node.sh", "node_env.sh", "node_setup.sh",
+                                                              "node_mounts.sh")]
+    assert not any("pkill -f" in text or "ray stop" in text.replace("`ray stop`", "")
+                   for text in node_scripts + config["setup_commands"])
+
+
+@pytest.mark.parametrize("script", ["start_node.sh head", "start_node.sh worker", "node_mounts.sh"])
+def test_a_node_without_its_cluster_env_is_one_line_naming_the_fix(tmp_path, script):
+    """The node commands read the cluster's values from ~/.varcon/cluster.env: without it, one line, exit 2, and
+    nothing started or written on the node."""
+    import subprocess
+
+    name, *args = script.split()
+    done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / name), *args], env={"HOME": str(tmp_path),
+                          "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "cluster.env is missing" in line and "cluster.env.example" in line, line
+    assert list(tmp_path.iterdir()) == []
