@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from timing import timed
 
 from pipeline.config import DataConfig
 from pipeline.data import file_scan, sources
@@ -40,12 +41,6 @@ def write_tree(root: Path, classes: int, per_class: int) -> None:
             folder.mkdir(parents=True)
             for i in range(per_class // (1 if split == "train" else 5) or 1):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(folder / f"{i}.JPEG")
-
-
-def timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def main() -> None:

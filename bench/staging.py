@@ -23,8 +23,9 @@ import os
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from timing import timed
 
 from pipeline.data import staging
 from pipeline.data.manifest import manifest_path, sha256_of
@@ -40,12 +41,6 @@ ASSUMPTIONS = {
     "epoch_s": (1_281_167 / (32 * 2445), "1.28 M images / (32 GPUs x 2,445 img/s: the H200 model-only step, "
                                          "bench/results/2026-12-04-h200-gpu_throughput-bc46e1e.md)"),
 }
-
-
-def timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def main() -> None:
