@@ -28,12 +28,14 @@ run_head() {  # the supervisor of the head's services (in its own session)
     --artifacts-destination "$VARCON_MLFLOW_ARTIFACTS" &
   ray start --head --block --port="$VARCON_RAY_PORT" --dashboard-host=127.0.0.1 \
     --dashboard-port="$VARCON_DASHBOARD_PORT" --ray-client-server-port="$VARCON_RAY_CLIENT_PORT" \
-    --object-manager-port="$VARCON_OBJECT_MANAGER_PORT" --autoscaling-config="$HOME/ray_bootstrap_config.yaml" &
+    --object-manager-port="$VARCON_OBJECT_MANAGER_PORT" --dashboard-agent-listen-port="$VARCON_DASHBOARD_AGENT_PORT" \
+    --autoscaling-config="$HOME/ray_bootstrap_config.yaml" &
   supervise $!
 }
 
 run_worker() {
-  ray start --block --address="$RAY_HEAD_IP:$VARCON_RAY_PORT" --object-manager-port="$VARCON_OBJECT_MANAGER_PORT" &
+  ray start --block --address="$RAY_HEAD_IP:$VARCON_RAY_PORT" --object-manager-port="$VARCON_OBJECT_MANAGER_PORT" \
+    --dashboard-agent-listen-port="$VARCON_DASHBOARD_AGENT_PORT" &
   supervise $!
 }
 
@@ -55,12 +57,16 @@ mkdir -p "$VARCON_RUN"
 stop_started "$ROLE"
 setsid nohup bash "${BASH_SOURCE[0]}" "$ROLE" --supervise > "$VARCON_RUN/$ROLE.log" 2>&1 < /dev/null &
 echo $! > "$VARCON_RUN/$ROLE.pid"
-# ready when Ray says it started (and, on the head, the tracking server answers): `ray up` goes on only then, and a
+# ready when Ray says it started, the node's dashboard agent (which runs submitted jobs; the head refuses a job
+# while it has none) answers and, on the head, the tracking server answers: `ray up` goes on only then, and a
 # service that cannot start fails this command with its log instead of a cluster that never works
+agent_answers() { python -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)" \
+                    "$VARCON_DASHBOARD_AGENT_PORT" 2> /dev/null; }
+mlflow_answers() { python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+                     "$MLFLOW_TRACKING_URI/health" 2> /dev/null; }
 for _ in $(seq 240); do
-  if grep -q "Ray runtime started" "$VARCON_RUN/$ROLE.log" && { [ "$ROLE" = worker ] ||
-       python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-         "$MLFLOW_TRACKING_URI/health" 2> /dev/null; }; then
+  if grep -q "Ray runtime started" "$VARCON_RUN/$ROLE.log" && agent_answers &&
+     { [ "$ROLE" = worker ] || mlflow_answers; }; then
     log "started (log: $VARCON_RUN/$ROLE.log)"
     exit 0
   fi

@@ -150,6 +150,7 @@ def test_ray_up_on_loopback_runs_cluster_yaml_and_a_submitted_training_lands_in_
         f"VARCON_MLFLOW_HOST=127.0.0.1\nVARCON_MLFLOW_PORT={mlflow_port}\nVARCON_MLFLOW_WORKERS=1\n"
         f"VARCON_RAY_PORT={free_port()}\nVARCON_DASHBOARD_PORT={dashboard_port}\n"
         f"VARCON_RAY_CLIENT_PORT={free_port()}\nVARCON_OBJECT_MANAGER_PORT={free_port()}\n"
+        f"VARCON_DASHBOARD_AGENT_PORT={free_port()}\n"
         f"VARCON_PREBUILT_VENV={VENV_BIN.parent}\n")
     (varcon_dir / "mlflow_database_uri").write_text(database.create_database(f"{name}_runs".replace("-", "_")))
     (varcon_dir / "mlflow_auth.ini").write_text(
