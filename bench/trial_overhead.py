@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -323,6 +324,24 @@ def cluster_trial(compile_s: dict[str, float] | None = None) -> None:
         needed = (fixed["startup"] + fixed["initial"] + fixed["final"]) / 0.1
         print(f"  10% needs a trial's fixed {needed / 10:.0f} s (start-up, epoch 0, stop) over >= {needed:.0f} s of "
               f"training: {needed / per_epoch:.0f} epochs at {per_epoch:.2f} s")
+        population_restart(img_s, compile_s["after"])
+
+
+def population_restart(img_s: float, compile_s: float) -> None:
+    """A PBT/PB2 trial pauses at every perturbation (``synch``): its worker group stops, and it starts again as a
+    new Ray Train run (``tune.train_reports``) that loads its start checkpoint. The cost of one restart against the
+    training between two perturbations, for the CIFAR-100 trial of the model (4 GPUs) and an ImageNet-1K population
+    of 4 trials x 8 GPUs on the 32-GPU cluster (its start-up taken as the CIFAR trial's: an assumption)."""
+    a = {k: v.value for k, v in ASSUMPTIONS.items()}
+    parts = trial_seconds(10, img_s, compile_s, 10, light_controller=True)
+    restart = a["stop_s"] + parts["startup"] + STATE_MIB / a["upload_mib_s"]  # stop, start, read the checkpoint
+    imagenet_epoch = 1_281_167 / (8 * 2445)  # 8 GPUs at the H200's model-only ImageNet step (staging.py's figure)
+    print(f"  a population trial's restart at each perturbation: {restart:.0f} s (stop {a['stop_s']:.0f} s, "
+          f"start-up {parts['startup']:.0f} s, the start checkpoint read {STATE_MIB / a['upload_mib_s']:.1f} s)")
+    for label, epoch in (("CIFAR-100, 4 GPUs", parts["training"] / 10), ("ImageNet-1K, 8 GPUs", imagenet_epoch)):
+        shares = ", ".join(f"{interval}: {restart / (interval * epoch):.0%}" for interval in (2, 5, 10, 20, 50))
+        print(f"    {label} ({epoch:.2f} s an epoch): restart / training by perturbation_interval {shares}; "
+              f"<= 10% from {math.ceil(restart / (0.1 * epoch))} epochs")
 
 
 # ----------------------------------------------------------------------------------------------- GPU probe ---

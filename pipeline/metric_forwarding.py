@@ -96,8 +96,8 @@ class MetricSender:
 class RecordForwarding:
     """Sends the new entries of each persisted checkpoint's ``RunRecord`` to its MLflow run, in the background
     (``MetricSender``: an outage is retried, never blocks). Runs where the report stream arrives: Ray Train's
-    controller (``pipeline.ray_callbacks.RecordForwarder``) or a sweep's driver (Tune's ``on_checkpoint``). What
-    it cannot send is still in the checkpoint: the run's owner re-sends the final record when it finishes it."""
+    controller (``pipeline.ray_callbacks.RecordForwarder``). What it cannot send is still in the checkpoint: the
+    run's owner re-sends the final record when it finishes it."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
@@ -118,8 +118,9 @@ class RecordForwarding:
         self._senders[record.run_id].submit(record.own_entries(self._sent_through.get(record.run_id, -1)))
         self._sent_through[record.run_id] = record.epoch
 
-    def flush(self, timeout_s: float) -> None:
-        """Wait, ``timeout_s`` at most in all, until every sender has sent what it holds."""
+    def flush(self, timeout_s: float, while_failing: bool = True) -> None:
+        """Wait, ``timeout_s`` at most in all, until every sender has sent what it holds (``while_failing=False``:
+        not while the store is down)."""
         deadline = time.monotonic() + timeout_s
         for sender in self._senders.values():
-            sender.flush(max(0.0, deadline - time.monotonic()))
+            sender.flush(max(0.0, deadline - time.monotonic()), while_failing)

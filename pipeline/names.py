@@ -15,7 +15,8 @@ MODEL_URI_TAG = "varcon.model_uri"  # where the run's final encoder was logged (
 REGISTERED_TAG = "varcon.registered_model"  # NAME/VERSION of the registered encoder
 ERROR_TAG = "varcon.error"  # why a run failed (or diverged)
 EARLY_STOPPED_TAG = "varcon.early_stopped"  # "true": a sweep's scheduler ended the trial before its last epoch
-EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id}: the PBT/PB2 lineage of the run's weights
+EXPLOITS_TAG = "varcon.exploits"  # JSON list of {epoch, donor_run_id, donor_checkpoint, donor_state_sha256}: the
+# PBT/PB2 lineage of the run's weights
 SWEEP_TAG = "varcon.sweep"  # the sweep a parent run or trial run belongs to
 TRIAL_ID_TAG = "varcon.trial_id"  # Tune's id of the trial a run trains
 KIND_TAG = "varcon.kind"  # "sweep" on a sweep's parent run

@@ -35,10 +35,11 @@ class RayTrainSession:
     the checkpoint is persisted, in order. ``persist_now`` (a preemption notice) reports synchronously and returns
     once the controller has committed the checkpoint (Ray's ``get_all_reported_checkpoints``): a report the
     controller has not yet taken in dies with the node, and the run would restart from the one before.
-    ``injected``: the run's faults (``pipeline.faults``; a test's held upload)."""
+    ``injected``: the run's faults (``pipeline.faults``; a test's held upload). ``start_checkpoint``: the checkpoint
+    (a path or URI) ``last_checkpoint`` gives while the run has none of its own (``WorkerArgument``)."""
 
-    def __init__(self, upload_async: bool = False, injected: dict | None = None) -> None:
-        self.upload_async, self.injected = upload_async, injected or {}
+    def __init__(self, upload_async: bool = False, injected: dict | None = None, start_checkpoint: str = "") -> None:
+        self.upload_async, self.injected, self.start_checkpoint = upload_async, injected or {}, start_checkpoint
 
     def report(self, metrics: dict, checkpoint_dir: str | None, persist_now: bool = False) -> None:
         import ray.train
@@ -76,7 +77,10 @@ class RayTrainSession:
     def last_checkpoint(self) -> Checkpoint | None:
         import ray.train
 
-        return ray.train.get_checkpoint()
+        own = ray.train.get_checkpoint()  # the run's own latest: after a worker failure within this run
+        if own is None and self.start_checkpoint:
+            return ray.train.Checkpoint(self.start_checkpoint)
+        return own
 
     def rank(self) -> int:
         import ray.train
@@ -146,23 +150,25 @@ def train_loop_per_worker(argument: WorkerArgument) -> str | None:
     with monitored(argument, context.get_local_rank(), node):
         upload_async = argument.config.ray.checkpoint_upload == "async"
         # rank 0's return value: the Result's ``return_value``
-        return run_worker(argument, RayTrainSession(upload_async, argument.faults))
+        return run_worker(argument, RayTrainSession(upload_async, argument.faults, argument.start_checkpoint))
 
 
-def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: str, storage_path: str,
-                 callbacks: list | tuple = (), console_queue: Queue | None = None) -> Result:
-    """Fit under Ray Train; returns Ray's ``Result`` (``.return_value``: why the loss diverged, else ``None``;
-    ``.checkpoint``: the last one). Running again with the same ``run_key`` and storage path continues from the
-    last checkpoint. The controller forwards metrics to MLflow (``RecordForwarder``) and, given a
+def run_training(config: ExperimentConfig, argument: WorkerArgument, run_name: str, storage_path: str,
+                 callbacks: list | tuple = (), console_queue: Queue | None = None,
+                 metrics_before_next: bool = False) -> Result:
+    """Fit under Ray Train as the run ``run_name`` (its folder in ``storage_path``); returns Ray's ``Result``
+    (``.return_value``: why the loss diverged, else ``None``; ``.checkpoint``: the last one). Running again with the
+    same ``run_name`` and storage path continues from the run's last checkpoint. The controller forwards metrics to
+    MLflow (``RecordForwarder``; ``metrics_before_next``: each checkpoint's before the next report) and, given a
     ``console_queue`` (``pipeline.console.report_queue``), rank 0's reports to it; ``callbacks`` follow (a Tune
-    trial passes Ray's ``TuneReportCallback``)."""
+    trial passes ``pipeline.ray_callbacks.TrialReportSender``)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_callbacks import RecordForwarder, ReportSender
 
     r = config.ray
-    own = [RecordForwarder(argument.tracking_uri)]
+    own = [RecordForwarder(argument.tracking_uri, metrics_before_next)]
     if console_queue is not None:  # a Ray queue is falsy while empty (its __len__)
         own.append(ReportSender(console_queue))
     trainer = TorchTrainer(
@@ -171,7 +177,7 @@ def run_training(config: ExperimentConfig, argument: WorkerArgument, run_key: st
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)},
                                      placement_strategy=r.placement_strategy),
-        run_config=RunConfig(name=run_key, storage_path=storage_path, callbacks=[*own, *callbacks],
+        run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=[*own, *callbacks],
                              failure_config=FailureConfig(max_failures=r.max_failures,
                                                           max_preemption_failures=r.max_preemption_failures),
                              checkpoint_config=_checkpoint_config()),

@@ -64,10 +64,11 @@ class RunRecord:
     def at(self, step: int) -> dict[str, float]:
         return {key: value for s, key, value, _ in self.entries if s == step}
 
-    def continued_by(self, run_id: str, run_key: str, identity: str) -> RunRecord:
+    def continued_by(self, run_id: str, run_key: str, identity: str, source: dict | None = None) -> RunRecord:
         """This record as the start of another run that continues from the same weights (a PBT/PB2 exploit):
-        the lineage is kept, the link recorded, nothing of it is this run's own."""
-        link = {"epoch": self.epoch, "donor_run_id": self.run_id}
+        the lineage is kept, the link recorded (with ``source``: where the state came from), nothing of it is
+        this run's own."""
+        link = {"epoch": self.epoch, "donor_run_id": self.run_id, **(source or {})}
         return RunRecord(run_id, run_key, identity, self.epoch, list(self.entries), self.exploits + [link],
                          self.epoch)
 

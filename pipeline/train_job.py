@@ -114,15 +114,31 @@ def checkpoints_in(run_folder: Location | str | Path | None, epochs_only: bool =
     return sorted((c for c in found if not (epochs_only and c.mid_epoch)), key=lambda c: (c.record.epoch, c.mid_epoch))
 
 
-def drop_unregistered(run_folder: Location) -> list[Location]:
+def drop_unregistered(run_folder: Location, registered: list[Checkpointed]) -> list[Location]:
     """Delete the checkpoint folders in a finished run's folder that Ray Train never registered (an upload in
     flight when the run or trial was stopped: its files may be whole or partial, and no restore reads them);
-    returns them. Only once the run is over: a folder being uploaded now is not registered yet either."""
-    registered = {folder.path.rstrip("/") for folder in kept_checkpoints(run_folder)}
+    ``registered``: its ``checkpoints_in(run_folder, epochs_only=False)``. Returns them. Only once the run is over: a
+    folder being uploaded now is not registered yet either."""
+    registered = {c.folder.path.rstrip("/") for c in registered}
     dropped = [folder for folder in run_folder.folders("checkpoint_") if folder.path.rstrip("/") not in registered]
     for folder in dropped:
         folder.delete_folder()
     return dropped
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The Ray Train run that trains a run now: ``run_name`` (its folder in ``ray.storage_path``) and ``start``, the
+    checkpoint (a path or URI) it starts from while it has none of its own. A run's own segment is its run key with no
+    start: running it again continues its own last checkpoint. A population trial restarts as a new segment from the
+    checkpoint its scheduler hands it (its own, or a donor's after an exploit): a Ray Train run of the same name would
+    resume the trial's own checkpoints instead (``tune.train_reports``). ``metrics_before_next``: a segment that may
+    be ended without warning sends each checkpoint's metrics before it takes the next report
+    (``pipeline.ray_callbacks.RecordForwarder``)."""
+
+    run_name: str
+    start: str = ""
+    metrics_before_next: bool = False
 
 
 @dataclass
@@ -229,9 +245,10 @@ def start_run(plan: RunPlan, log: Callable[[str], None] = print, parent_run_id: 
 
 
 def train_opened(opened: OpenRun, log: Callable[[str], None] = print, callbacks: list | tuple = (),
-                 console_queue: Queue | None = None) -> TrainOutcome:
+                 console_queue: Queue | None = None, segment: Segment | None = None) -> TrainOutcome:
     """Train an opened run under Ray Train (or nothing, when its checkpoints hold every epoch already); rank 0's
-    reports go to ``console_queue`` (``pipeline.console.report_queue``) if given."""
+    reports go to ``console_queue`` (``pipeline.console.report_queue``) if given. A ``segment`` trains it as a Ray
+    Train run of its own from a given checkpoint (a population trial's restart), else as the run of its run key."""
     plan, config = opened.plan, opened.plan.config
     if opened.trained_every_epoch:
         log(f"run {plan.run_key} has trained all {config.optim.epochs} epochs already: nothing to train (a "
@@ -241,8 +258,10 @@ def train_opened(opened: OpenRun, log: Callable[[str], None] = print, callbacks:
     log(f"{'continuing' if opened.latest else 'starting'} Ray Train run {plan.run_key} (MLflow run "
         f"{opened.run.run_id} in {plan.tracking_uri}); effective learning rate {config.optim.lr} for a global "
         f"batch of {config.optim.global_batch_size} images on {config.ray.num_workers} workers")
-    argument = worker_argument(config, opened.data, opened.run.run_id, plan.run_key, plan.identity)
-    result = run_training(config, argument, plan.run_key, str(plan.storage_path), callbacks, console_queue)
+    segment = segment or Segment(plan.run_key)
+    argument = worker_argument(config, opened.data, opened.run.run_id, plan.run_key, plan.identity, segment.start)
+    result = run_training(config, argument, segment.run_name, str(plan.storage_path), callbacks, console_queue,
+                          segment.metrics_before_next)
     return outcome_from_checkpoints(opened, diverged=result.return_value or "")
 
 

@@ -1,7 +1,7 @@
 """One training worker's life, apart from Ray: restore, train, report every epoch, checkpoint, stop on divergence.
 
-``run_worker`` runs in every Ray Train worker (``pipeline.ray_train``) and in a single-process population trial
-(``tune.trainables``): it needs only a small ``Session`` (report, last checkpoint, rank, device, model wrapper).
+``run_worker`` runs in every Ray Train worker (``pipeline.ray_train``; engine tests give it a session of their own):
+it needs only a small ``Session`` (report, last checkpoint, rank, device, model wrapper).
 What crosses the process boundary to it is one ``WorkerArgument``. Workers do not talk to MLflow about metrics:
 rank 0 writes each checkpoint with the run's ``RunRecord`` (every metric value so far), and whoever reads the
 report stream forwards it (``pipeline.metric_forwarding``). A worker of local rank 0 may watch its node's system
@@ -21,6 +21,7 @@ import torch
 
 from pipeline import checkpoint, engine, faults, plots, system_metrics
 from pipeline.config import ExperimentConfig, to_dict
+from pipeline.data.manifest import sha256_of
 from pipeline.data.prepare import PreparedDataset
 from pipeline.evaluator import FinalFeatures
 from pipeline.models import unwrap
@@ -30,7 +31,7 @@ from pipeline.tracking import resolve_tracking_uri
 
 
 class Session(Protocol):
-    """What the training loop needs from Ray (Train or Tune). ``report(..., persist_now=True)``: the checkpoint is
+    """What the training loop needs from Ray Train. ``report(..., persist_now=True)``: the checkpoint is
     stored before ``report`` returns, even where uploads are otherwise asynchronous (a node about to go).
     ``preemption_notice`` is a collective: every rank asks at the same steps and gets the same answer."""
 
@@ -45,8 +46,10 @@ class Session(Protocol):
 @dataclass(frozen=True)
 class WorkerArgument:
     """Everything a worker is given (pickled to each worker process): the resolved config, the prepared data, the
-    run's MLflow run id, run key and identity, the tracking URI the driver resolved, and the faults a test
-    injects into this run (``pipeline.faults``)."""
+    run's MLflow run id, run key and identity, the tracking URI the driver resolved, the faults a test injects into
+    this run (``pipeline.faults``), and ``start_checkpoint``: the URI of a checkpoint to start from while the Ray
+    Train run has none of its own (a population trial's restart: its own last checkpoint, or a donor's after an
+    exploit)."""
 
     config: ExperimentConfig
     dataset: PreparedDataset
@@ -55,13 +58,15 @@ class WorkerArgument:
     identity: str
     tracking_uri: str
     faults: dict = field(default_factory=dict)
+    start_checkpoint: str = ""
 
 
 def worker_argument(config: ExperimentConfig, data: PreparedDataset, run_id: str, run_key: str,
-                    identity: str) -> WorkerArgument:
+                    identity: str, start_checkpoint: str = "") -> WorkerArgument:
     """The ``WorkerArgument`` of a run, with the faults a test injects into it."""
     return WorkerArgument(config, data, run_id, run_key, identity,
-                          resolve_tracking_uri(config.tracking.tracking_uri), faults.for_run(run_key))
+                          resolve_tracking_uri(config.tracking.tracking_uri), faults.for_run(run_key),
+                          start_checkpoint)
 
 
 def monitored(argument: WorkerArgument, local_rank: int, node: str | None = None
@@ -154,8 +159,8 @@ class PreemptionCheckpointer:
     repeats the last epoch's metrics with ``PREEMPTION_STEP``: it is no epoch (whoever reads reports skips it),
     and it ranks below every epoch's checkpoint (``MID_EPOCH_RANK``)."""
 
-    def __init__(self, reporter: EpochReporter, watch: PreemptionWatch) -> None:
-        self.reporter, self.watch = reporter, watch
+    def __init__(self, reporter: EpochReporter) -> None:
+        self.reporter, self.watch = reporter, reporter.watch
 
     def __call__(self, progress: engine.EpochProgress, training: engine.Training) -> None:
         if self.watch.noticed:  # seen here before, or at an epoch's end, whose checkpoint followed it
@@ -183,13 +188,16 @@ def restored(argument: WorkerArgument, session: Session) -> tuple[dict | None, R
         return None, record
     with found.as_directory() as folder:
         state, record = checkpoint.load(folder), checkpoint.load_record(folder)
+        # a donor's checkpoint (an exploit): which one, and the state's digest, for the lineage
+        source = {} if record.run_id == argument.run_id else {
+            "donor_checkpoint": found.path, "donor_state_sha256": sha256_of(Path(folder) / checkpoint.STATE_FILE)}
     if record.run_id != argument.run_id and record.run_key == argument.run_key:
         raise RuntimeError(f"the checkpoint of run {record.run_key} belongs to MLflow run {record.run_id}, "
                            f"which this tracking store does not hold: point tracking.tracking_uri at the store "
                            f"that holds it, or start a fresh run")
     if record.run_id != argument.run_id:  # another run's weights: a PBT/PB2 exploit
         print(f"[pbt] continuing from run {record.run_id}'s checkpoint after epoch {record.epoch}")
-        record = record.continued_by(argument.run_id, argument.run_key, argument.identity)
+        record = record.continued_by(argument.run_id, argument.run_key, argument.identity, source)
     return state, record
 
 
@@ -220,7 +228,7 @@ def run_worker(argument: WorkerArgument, session: Session) -> str | None:
     try:
         engine.fit(config, data, device, reporter, wrap_model=session.wrap_model, resume=state,
                    on_final_features=on_final_features if session.rank() == 0 else None,
-                   mid_epoch=PreemptionCheckpointer(reporter, watch), mid_epoch_every=config.ray.preemption_check_steps)
+                   mid_epoch=PreemptionCheckpointer(reporter), mid_epoch_every=config.ray.preemption_check_steps)
     except engine.NonFiniteLossError as exc:
         reporter.diverged(str(exc))
         return str(exc)

@@ -223,5 +223,7 @@ def test_trial_drivers_take_a_driver_slot_only_where_the_cluster_declares_one(tm
     with_cpu = load_sweep(None, ["tune.trial_driver_cpus=1"])
     assert trial_bundles(with_cpu, pinned)[0] == {"CPU": 1.0, TRIAL_DRIVER_SLOT: 1.0}
     assert pinned.problem(trial_bundles(with_cpu, pinned))  # the head takes no CPU: no node type hosts that driver
-    population = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml")
-    assert TRIAL_DRIVER_SLOT not in trial_resources(population, pinned)[0]  # it trains in its own process
+    population = load_sweep(REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml", ["ray.num_workers=2"])
+    # one trial kind: a population trial is a Ray Train run of ray.num_workers workers, its driver on a kept node
+    assert trial_bundles(population, pinned) == [{TRIAL_DRIVER_SLOT: 1.0}, *workers[:1] * 2]
+    assert population.trial_config({"loss.tau1": 0.1, "loss.eps": 0.02}, "t1").ray.num_workers == 2

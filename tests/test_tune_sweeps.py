@@ -8,6 +8,7 @@ Each trial is 1 worker x 1 CPU; epochs are few and evaluation is cut short.
 import csv
 import json
 import statistics
+from pathlib import Path
 
 import optuna
 import pytest
@@ -19,6 +20,7 @@ from varcon_process import succeeded, varcon
 from pipeline import checkpoint, engine
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data import prepare_dataset
+from pipeline.data.manifest import sha256_of
 from pipeline.names import EXPLOITS_TAG
 from pipeline.train_job import checkpoints_in
 from tune import space
@@ -231,11 +233,15 @@ def test_the_sweep_driver_ends_a_trial_the_scheduler_stopped_as_killed(varcon_ho
 
 
 @pytest.mark.cluster
-def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home):
+def test_pbt_trials_are_two_node_ray_train_runs_and_an_exploit_starts_from_the_donor_checkpoint(varcon_home,
+                                                                                               ray_session):
+    """PBT's trials are Ray Train runs of 2 workers on the session's two nodes (STRICT_SPREAD: one per node), as
+    FIFO/ASHA trials are. Every trial pauses at epoch 2; the bottom half restarts as a new Ray Train run from the top
+    half's Train checkpoint, named by its Tune checkpoint: the state it loaded is that checkpoint's, byte for byte."""
     overrides = ["--config", "configs/tune/digits_pbt.yaml", "tune.name=t-pbt", "tune.num_samples=2",
                  "tune.quantile_fraction=0.5", "tune.perturbation_interval=2", "optim.epochs=3",
-                 "optim.warmup_epochs=0", *SHORT_EVAL]
-    succeeded(varcon("tune", *overrides))
+                 "optim.warmup_epochs=0", "ray.num_workers=2", "ray.placement_strategy=STRICT_SPREAD", *SHORT_EVAL]
+    succeeded(varcon("tune", *overrides, env={"RAY_ADDRESS": ray_session.address}))  # joins the 2-node cluster
     client = store(varcon_home)
     parent, children = sweep_runs(client, "t-pbt")
     assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
@@ -243,10 +249,22 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home):
     exploited = [run for run in children if EXPLOITS_TAG in run.data.tags]
     assert len(exploited) == 1  # of two, the bottom half copies the top half once, after epoch 2
     (link,) = json.loads(exploited[0].data.tags[EXPLOITS_TAG])
-    # the run id inside the restored state.pt is the donor's: the weights and optimiser state came from it
     assert link["epoch"] == 2 and link["donor_run_id"] in by_id and link["donor_run_id"] != exploited[0].info.run_id
-    steps = [m.step for m in client.get_metric_history(exploited[0].info.run_id, "train_loss")]
-    assert steps == [1, 2, 3]  # no epoch logged twice across the exploit
+    donor_key = by_id[link["donor_run_id"]].data.tags["varcon.run_key"]
+    donor_checkpoint = Path(link["donor_checkpoint"])
+    # the donor's own Train checkpoint of epoch 2, in one of its segments (a Ray Train run per start of the trial)
+    assert donor_checkpoint.parent.name.startswith(f"{donor_key}-")
+    assert checkpoint.load_record(donor_checkpoint).epoch == 2
+    assert checkpoint.load_record(donor_checkpoint).run_id == link["donor_run_id"]
+    assert sha256_of(donor_checkpoint / checkpoint.STATE_FILE) == link["donor_state_sha256"]
+    results = varcon_home / ".cache" / "ray_results"
+    for run in children:  # each trial restarted after the pause as a new segment, from which it trained epoch 3
+        key = run.data.tags["varcon.run_key"]
+        (final,) = [c for c in results.glob(f"{key}-*/checkpoint_*")
+                    if c.is_dir() and checkpoint.load_record(c).epoch == 3]
+        assert final.parent.name != donor_checkpoint.parent.name and final.parent.name.startswith(f"{key}-")
+        # every epoch once, across the pause and the exploit (the receiver's epochs 1-2 are its own, before it)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(exploited[0].info.run_id, "plots")}
     assert {"plots/discovered_schedule.png", "plots/temperature_schedule.png"} <= artifacts
 
@@ -254,6 +272,7 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint(varcon_home):
     schedule = best_config.loss.schedule
     assert schedule.kind == "piecewise" and schedule.epochs[0] == 1
     assert all(0 <= eps < tau1 for tau1, eps in zip(schedule.tau1_values, schedule.eps_values))
+    assert best_config.ray.num_workers == 2
 
 
 @pytest.mark.cluster

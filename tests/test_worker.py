@@ -10,6 +10,7 @@ from ray.train import Checkpoint
 
 from pipeline import checkpoint, faults
 from pipeline.config import load_config
+from pipeline.data.manifest import sha256_of
 from pipeline.identity import identity_digest
 from pipeline.names import CHECKPOINT_RANK, DIVERGED, EPOCH, MID_EPOCH_RANK, PREEMPTION_STEP
 from pipeline.record import read_record
@@ -71,7 +72,10 @@ def test_the_record_holds_every_epoch_and_an_exploit_continues_the_lineage(digit
     run_worker(argument(config, digits_files, "run-b", "trial-b"), exploiting)
     assert [r[EPOCH] for r in exploiting.reports] == [2]
     record = read_record(exploiting.checkpoints[-1])
-    assert record.run_id == "run-b" and record.exploits == [{"epoch": 1, "donor_run_id": "run-a"}]
+    donor_state = sha256_of(Path(donor.checkpoints[0].path) / checkpoint.STATE_FILE)
+    assert record.run_id == "run-b" and record.exploits == [  # which state, by content: the lineage's provenance
+        {"epoch": 1, "donor_run_id": "run-a", "donor_checkpoint": donor.checkpoints[0].path,
+         "donor_state_sha256": donor_state}]
     assert {e[0] for e in record.own_entries()} == {2}  # epochs 0-1 are a's, never sent to b's run
     assert sorted({e[0] for e in record.entries}) == [0, 1, 2]  # but they describe b's weights
 

@@ -67,7 +67,9 @@ class TuneSettings:
     max_failures: int = setting(1, "Tune-level retries of a trial whose driver died")
     grace_period: int = setting(1, "ASHA: epochs every trial gets before it may be stopped")
     reduction_factor: int = setting(2, "ASHA: keep the top 1/reduction_factor at each rung")
-    perturbation_interval: int = setting(2, "PBT/PB2: epochs between exploit/explore steps")
+    perturbation_interval: int = setting(10, "PBT/PB2: epochs between exploit/explore steps; each restarts every "
+                                             "trial's worker group (~43 s on GPUs, bench/trial_overhead.py): <= 10% "
+                                             "of an ImageNet trial's training from 7 epochs")
     quantile_fraction: float = setting(0.25, "PBT/PB2: bottom fraction that copies the top fraction")
     resample_probability: float = setting(0.25, "PBT: chance to resample instead of perturbing by 0.8/1.2")
     mutate: list[str] = setting(factory=lambda: list(POPULATION_KEYS), help="PBT/PB2: keys changed in training")
@@ -124,8 +126,6 @@ class SweepSpec:
             values["eval.at_epochs"] = self.evaluation_epochs()
         values["ray.checkpoint_at_epochs"] = sorted({*self.experiment["ray"]["checkpoint_at_epochs"],
                                                      *self.evaluation_epochs()})
-        if self.population_based:  # one process per trial; every epoch a checkpoint PBT can hand over
-            values.update({"ray.num_workers": 1, "ray.checkpoint_every": 1})
         return build_config(with_values(self.experiment, values))
 
     def evaluation_epochs(self) -> list[int]:

@@ -17,20 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from ray.tune import Callback
 
 from pipeline import cluster, faults, plots, storage
 from pipeline.config import ConfigError, to_dict
 from pipeline.data.preflight import prepare
 from pipeline.data.prepare import dataset_key
-from pipeline.metric_forwarding import RecordForwarding
 from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
-from pipeline.record import read_record
 from pipeline.run_status import COMPLETED, EARLY_STOPPED, Ending, RunStatus
 from pipeline.startup import driver_started
 from pipeline.tracking import TrackedRun, child_runs, find_or_create_run
 from pipeline.train_job import (
-    Checkpointed,
     OpenRun,
     RunPlan,
     checkpoints_in,
@@ -52,7 +48,8 @@ from tune.results import (
     write_trials_csv,
 )
 from tune.spec import REPLICATE, SweepSpec
-from tune.trainables import kept_records, population_trial, records_folder, train_trial
+from tune.train_reports import drop_other_segments, pointed_checkpoints
+from tune.trainables import train_trial
 
 # bytes a trial's Ray Train driver process reserves when it takes no CPU: its imports alone (tune.trainables,
 # ray.train.torch) peak at 0.9 GiB resident (CPU torch, measured here); its Train controller (~0.2 GiB) reserves none
@@ -70,13 +67,10 @@ class SweepOutcome:
 
 
 def trial_resources(spec: SweepSpec, maximum: cluster.ClusterMaximum | None = None) -> tuple[dict, float, float]:
-    """Tune resources of one trial's own process, and the CPUs and GPUs one whole trial occupies. Where the
-    cluster's ``maximum`` declares ``TRIAL_DRIVER_SLOT``, a Ray Train trial's driver takes one: it runs on a node
-    that is never preempted (a PBT/PB2 trial trains in its own process, where its worker's resources are)."""
+    """Tune resources of one trial's own process (the driver of its Ray Train runs), and the CPUs and GPUs one whole
+    trial occupies. Where the cluster's ``maximum`` declares ``TRIAL_DRIVER_SLOT``, a trial's driver takes one: it
+    runs on a node that is never preempted."""
     r = spec.base.ray
-    if spec.population_based:  # the trial process trains itself
-        own = {"CPU": r.cpus_per_worker, "GPU": int(r.use_gpu)}
-        return own, r.cpus_per_worker, float(r.use_gpu)
     # Ray cannot schedule an empty request: a driver that takes no CPU reserves the memory it uses instead
     own = {"CPU": spec.settings.trial_driver_cpus} if spec.settings.trial_driver_cpus else {"memory": DRIVER_MEMORY}
     if maximum is not None and maximum.declares(cluster.TRIAL_DRIVER_SLOT):
@@ -89,8 +83,6 @@ def trial_bundles(spec: SweepSpec, maximum: cluster.ClusterMaximum | None = None
     workers."""
     own, _, _ = trial_resources(spec, maximum)
     r = spec.base.ray
-    if spec.population_based:
-        return [{k: float(v) for k, v in own.items() if v}]
     driver = {k: float(v) for k, v in own.items() if k != "memory" and v}
     return ([driver] if driver else []) + cluster.training_bundles(r.num_workers, r.cpus_per_worker, r.use_gpu)
 
@@ -133,26 +125,14 @@ def _scheduler(spec: SweepSpec):
     return FIFOScheduler()
 
 
-class ForwardTrialRecords(Callback):
-    """Population trials report their checkpoints to Tune: the driver forwards each one's record to MLflow
-    (``pipeline.metric_forwarding.RecordForwarding``), also the checkpoint at which a trial is paused for an exploit."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        self.forwarding = RecordForwarding(tracking_uri)
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        self.forwarding.forward(checkpoint)
-
-
 def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: dict,
-           forwarder: ForwardTrialRecords | None, maximum: cluster.ClusterMaximum | None):
+           maximum: cluster.ClusterMaximum | None):
     """A new ``Tuner``, or the interrupted one restored from its storage folder (no finished trial repeats)."""
     from ray import tune
 
     s, base = spec.settings, spec.base
     own, _, _ = trial_resources(spec, maximum)
-    function = population_trial if spec.population_based else train_trial
-    trainable = tune.with_resources(tune.with_parameters(function, spec=spec, parent_run_id=parent_run_id,
+    trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec, parent_run_id=parent_run_id,
                                                          prepared=prepared), own)
     place = storage.location(base.ray.storage_path)
     path = place / s.name
@@ -160,7 +140,6 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
         return tune.Tuner.restore(path.uri, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False), True
     search = None if spec.population_based else space.searcher(spec)
-    callbacks = [forwarder] if forwarder is not None else []
     return tune.Tuner(
         trainable,
         param_space=space.param_space(spec),
@@ -170,7 +149,7 @@ def _tuner(spec: SweepSpec, parent_run_id: str, max_concurrent: int, prepared: d
         run_config=tune.RunConfig(name=s.name, storage_path=place.uri, progress_reporter=_reporter(spec), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                                  callbacks=callbacks + faults.sweep_callbacks()),
+                                  callbacks=faults.sweep_callbacks()),
     ), False
 
 
@@ -223,18 +202,19 @@ def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome
     side_by_side = cluster.trials_that_fit(maximum, trial, s.max_concurrent_trials or space.trial_count(spec))
     with driver_started(base, trial * side_by_side, trial, log, verbose, {"tune.output_dir": s.output_dir}
                         ) as (data, have):
-        max_concurrent = side_by_side if maximum is not None else concurrency(spec, have)
+        fits = side_by_side if maximum is not None else concurrency(spec, have)
+        # Tune's cap on live trials: as many as fit side by side, except for a population scheduler, whose whole
+        # population must exist (a paused trial is live: a cap would shrink the population to what fits); the trials
+        # that do not fit wait, and synchronous PBT/PB2 let them take turns up to each perturbation
+        max_concurrent = s.num_samples if spec.population_based else fits
         prepared = {dataset_key(base.data): data}  # once, before trials start
         parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
                                              spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
-        forwarder = ForwardTrialRecords(tracking_uri) if spec.population_based else None
-        tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, forwarder, maximum)
+        tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, maximum)
         log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher "
-            f"{s.searcher}, scheduler {s.scheduler}, up to {max_concurrent} at a time (MLflow parent run "
+            f"{s.searcher}, scheduler {s.scheduler}, up to {fits} at a time (MLflow parent run "
             f"{parent.run_id})")
         results = tuner.fit()
-    if forwarder is not None:  # what it still holds is in the trials' checkpoints too: a bounded wait
-        forwarder.forwarding.flush(base.tracking.outage_wait_s)
     return summarise(spec, results, parent, prepared, log)
 
 
@@ -302,21 +282,17 @@ def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: R
     plan = RunPlan.of(config, own_checkpoints=not spec.population_based)
     data = prepared.get(dataset_key(config.data)) or prepare(config, log=lambda *_: None)
     opened = OpenRun(plan, data, TrackedRun(plan.tracking_uri, run_id), None)
-    if spec.population_based:  # Tune keeps their checkpoints: the last one and the best few
-        found = [c for c, _ in result.best_checkpoints] + ([result.checkpoint] if result.checkpoint else [])
-        kept = sorted({c.path: Checkpointed(plan.storage_path.on_same(c.path), read_record(c))
-                       for c in found}.values(), key=lambda c: c.record.epoch)
+    if spec.population_based:  # the Train checkpoints that the Tune checkpoints Tune kept name (the last few)
+        kept = pointed_checkpoints(result)
+        drop_other_segments(plan, kept)
     else:
-        kept = checkpoints_in(plan.run_folder)
-        drop_unregistered(plan.run_folder)  # a stopped trial's upload that was in flight
+        registered = checkpoints_in(plan.run_folder, epochs_only=False)
+        drop_unregistered(plan.run_folder, registered)  # a stopped trial's upload that was in flight
+        kept = [c for c in registered if not c.mid_epoch]
     outcome = outcome_from_checkpoints(opened, (result.metrics or {}).get(DIVERGED, ""), kept)
     for earlier in kept[:-1]:  # a PBT trial's own epochs before an exploit are only in its own earlier records
-        if earlier.record.run_id == run_id:
+        if earlier.record.run_id == run_id:  # sent again: the store keeps one row per (key, step, time, value)
             opened.run.log_entries(earlier.record.own_entries())
-    if spec.population_based:  # every record the trial reported, also one Tune dropped at an exploit
-        for record in kept_records(records_folder(spec, trial_id)):
-            if record.run_id == run_id:  # sent again: the store keeps one row per (key, step, time, value)
-                opened.run.log_entries(record.own_entries())
     completed = status.completed
     finish_run(opened, outcome, completed=completed)
     if completed and spec.population_based:
