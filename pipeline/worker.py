@@ -190,7 +190,8 @@ def restored(argument: WorkerArgument, session: Session) -> tuple[dict | None, R
         state, record = checkpoint.load(folder), checkpoint.load_record(folder)
         # a donor's checkpoint (an exploit): which one, and the state's digest, for the lineage
         source = {} if record.run_id == argument.run_id else {
-            "donor_checkpoint": found.path, "donor_state_sha256": sha256_of(Path(folder) / checkpoint.STATE_FILE)}
+            "donor_checkpoint": argument.start_checkpoint or found.path,  # the URI a segment started from
+            "donor_state_sha256": sha256_of(Path(folder) / checkpoint.STATE_FILE)}
     if record.run_id != argument.run_id and record.run_key == argument.run_key:
         raise RuntimeError(f"the checkpoint of run {record.run_key} belongs to MLflow run {record.run_id}, "
                            f"which this tracking store does not hold: point tracking.tracking_uri at the store "

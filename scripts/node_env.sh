@@ -16,16 +16,18 @@ set +a
 : "${VARCON_DASHBOARD_PORT:=8265}" "${VARCON_RAY_CLIENT_PORT:=10001}" "${VARCON_OBJECT_MANAGER_PORT:=8076}"
 : "${VARCON_DASHBOARD_AGENT_PORT:=52365}"
 : "${VARCON_PREBUILT_VENV:=}" "${VARCON_WHEELHOUSE:=}"
-[ -n "$MLFLOW_S3_ENDPOINT_URL" ] || unset MLFLOW_S3_ENDPOINT_URL  # empty: boto3's own (AWS)
-[ -n "$VARCON_MLFLOW_HOST" ] || VARCON_MLFLOW_HOST=$(hostname -I | awk '{print $1}')
+[ -n "${MLFLOW_S3_ENDPOINT_URL:-}" ] || unset MLFLOW_S3_ENDPOINT_URL  # empty: boto3's own (AWS)
+# empty VARCON_MLFLOW_HOST: the head's private address (start_node.sh: this node's on the head, $RAY_HEAD_IP else)
 VARCON_CHECKOUT=$HOME/varcon  # cluster.yaml's file_mounts: the project, as `ray up` copied it
 VARCON_RUN=$HOME/.varcon-run   # this node's pid files and service logs
 
-stop_started() {  # stop_started NAME: ends the process whose pid NAME.pid holds and its session, if it still runs
+stop_started() {  # stop_started NAME: ends the supervisor whose pid NAME.pid holds and its session, if it still runs
   local pidfile="$VARCON_RUN/$1.pid" pid
   pid=$(cat "$pidfile" 2> /dev/null || true)
   [ -n "$pid" ] || return 0
-  if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ]; then  # still the session leader this script started
+  # still the session leader start_node.sh started (its command line: a reused pid is left alone)
+  if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] &&
+     ps -o args= -p "$pid" | grep -q "start_node.sh $1 --supervise"; then
     kill -TERM -- "-$pid" 2> /dev/null || true
     for _ in $(seq 60); do pgrep -s "$pid" > /dev/null || break; sleep 0.5; done
     pkill -KILL -s "$pid" 2> /dev/null || true

@@ -46,6 +46,8 @@ fi
 # Re-install only when what defines the environment changed.
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  # a superset of a node's runtime: reusable as a prebuilt one (scripts/node_setup.sh checks this stamp)
+  runtime_stamp "$VENV" > "$VENV/$RUNTIME_STAMP_FILE"
   log "environment up to date ($VENV)"
   exit 0
 fi
@@ -53,6 +55,6 @@ log "installing the project and its pinned dependencies into $VENV (first time: 
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=24" "setuptools>=77" wheel
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
 "$VENV/bin/python" -m pip check
-runtime_stamp "$VENV" > "$VENV/$RUNTIME_STAMP_FILE"  # a superset of a node's runtime: reusable as a prebuilt one
+runtime_stamp "$VENV" > "$VENV/$RUNTIME_STAMP_FILE"
 echo "$want" > "$STAMP"
 log "done"

@@ -8,8 +8,20 @@
 # user's Ray processes; the supervisor then stops the tracking server and exits, so nothing of this node's user is
 # left running. Every `ray start` uses Ray's token authentication (the token file_mounts copied to ~/.ray/auth_token).
 set -euo pipefail
-ROLE=${1:?usage: start_node.sh head|worker}
+ROLE=${1:-}
+if [ "$ROLE" != head ] && [ "$ROLE" != worker ]; then
+  echo "usage: start_node.sh head|worker" >&2
+  exit 2
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/node_env.sh"
+if [ -z "$VARCON_MLFLOW_HOST" ]; then  # the head's private address: the tracking server listens there
+  if [ "$ROLE" = head ]; then VARCON_MLFLOW_HOST=$(hostname -I | awk '{print $1}'); else VARCON_MLFLOW_HOST=$RAY_HEAD_IP; fi
+fi
+if [ "$ROLE" = head ] && [ -z "$VARCON_MLFLOW_ARTIFACTS" ]; then
+  echo "[start-head] VARCON_MLFLOW_ARTIFACTS is empty in $CLUSTER_ENV: name the store of MLflow's artifacts" \
+       "(e.g. s3://<bucket>/mlflow; cluster.env.example)" >&2
+  exit 2
+fi
 VENV_BIN=$VARCON_CHECKOUT/.venv/bin
 log() { printf '[start-%s] %s\n' "$ROLE" "$*"; }
 
@@ -51,10 +63,12 @@ supervise() {  # supervise RAY_PID: ends the session once `ray start --block` ha
 
 if [ "${2:-}" = "--supervise" ]; then
   "run_$ROLE"
+  exit 1  # not reached: supervise ends this session, this shell with it
 fi
 
 mkdir -p "$VARCON_RUN"
 stop_started "$ROLE"
+: > "$VARCON_RUN/$ROLE.log"  # the readiness checks below read this run's log only
 setsid nohup bash "${BASH_SOURCE[0]}" "$ROLE" --supervise > "$VARCON_RUN/$ROLE.log" 2>&1 < /dev/null &
 echo $! > "$VARCON_RUN/$ROLE.pid"
 # ready when Ray says it started, the node's dashboard agent (which runs submitted jobs; the head refuses a job

@@ -52,6 +52,14 @@ def test_bad_sweep_settings_are_rejected(overrides, message):
         load_sweep(None, overrides)
 
 
+def test_a_population_capped_below_its_size_is_refused():
+    """A paused PBT trial stays live in Tune: a cap below the population would shrink the population to it."""
+    pbt = REPO_ROOT / "configs" / "tune" / "digits_pbt.yaml"
+    with pytest.raises(ConfigError, match=r"tune.max_concurrent_trials=2 is below the population \(tune.num_samples=4"):
+        load_sweep(pbt, ["tune.max_concurrent_trials=2"])
+    assert load_sweep(pbt, ["tune.max_concurrent_trials=4"]).settings.max_concurrent_trials == 4
+
+
 def write_sweep(tmp_path, space_yaml: str, tune_yaml: str = "") -> str:
     path = tmp_path / "sweep.yaml"
     path.write_text(f"experiment: {load_config.__globals__['DEFAULT_CONFIG']}\n"

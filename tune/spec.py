@@ -298,6 +298,10 @@ def _validate(spec: SweepSpec) -> None:
              "tune.mutate keys must be uniform or loguniform in the space")
         need(base.loss.schedule.kind == "constant" and not any(k.startswith("loss.schedule") for k in sampled),
              f"tune.scheduler={s.scheduler} discovers the temperature schedule itself: keep loss.schedule constant")
+        need(not s.max_concurrent_trials or s.max_concurrent_trials >= s.num_samples,
+             f"tune.max_concurrent_trials={s.max_concurrent_trials} is below the population (tune.num_samples="
+             f"{s.num_samples}): a paused trial stays live, so a cap would shrink the population; drop the cap "
+             f"(trials that do not fit wait and take turns) or lower tune.num_samples")
         need(s.perturbation_interval < epochs, f"tune.perturbation_interval={s.perturbation_interval} must be "
                                                f"smaller than optim.epochs={epochs}")
     if s.scheduler == "asha":

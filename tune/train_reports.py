@@ -20,6 +20,7 @@ run.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import tempfile
 import threading
@@ -40,8 +41,10 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # in a result: the persisted Train chec
 
 def relay(train: Callable[[], Any], queue, report: Callable[[dict, str | None], None], poll_s: float = 0.5) -> Any:
     """Run ``train()`` in a thread and hand every item of ``queue`` to ``report`` here, in order, until the training
-    ended and the queue is empty; returns what ``train`` returned (raises what it raised). Tune ends a trial it stops
-    from within ``report`` (``ray.tune.report``): the training thread is a daemon and dies with the trial's process."""
+    ended and the queue is empty; returns what ``train`` returned (raises what it raised). Tune stops or pauses a
+    trial from within ``report``: ``ray.tune.report`` raises ``SystemExit`` here, the trial's function ends, and the
+    trial's actor exits; the training thread is a daemon, and the Ray Train controller and workers it started (owned
+    by this process) end with it."""
     from ray.util.queue import Empty
 
     ended, box = threading.Event(), {}
@@ -124,10 +127,12 @@ def drop_other_segments(plan: RunPlan, kept: list[Checkpointed]) -> list[Locatio
     trial, ``Handover.segment``) that hold none of its ``kept`` checkpoints; returns them. Only once the sweep is
     over: until then another trial may still start from one (an exploit's lineage keeps the donor checkpoint's
     URI and its state's sha256, not the files)."""
+    if not kept:  # no checkpoint read back (an errored trial): nothing to tell the segments apart by
+        return []
     segment = re.compile(rf"{re.escape(plan.run_key)}-[0-9a-f]{{8}}")
-    holding = {c.folder.path.rstrip("/").rsplit("/", 1)[0] for c in kept}
+    holding = {posixpath.dirname(posixpath.normpath(c.folder.path)) for c in kept}
     dropped = [folder for folder in plan.storage_path.folders(f"{plan.run_key}-")
-               if segment.fullmatch(folder.name) and folder.path.rstrip("/") not in holding]
+               if segment.fullmatch(folder.name) and posixpath.normpath(folder.path) not in holding]
     for folder in dropped:
         folder.delete_folder()
     return dropped

@@ -31,8 +31,10 @@ def handover(spec: SweepSpec, plan: RunPlan) -> Handover:
 
 
 def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
+    import ray
     import ray.tune
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = spec.trial_config(sampled, trial_id)
@@ -44,7 +46,9 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
         return
     given = handover(spec, plan)
     segment = given.segment(plan.run_key)
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # on this trial's node (kept, never preempted: tune.sweep.trial_resources), as the console's queue
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     try:
         outcome = relay(lambda: train_opened(opened, lambda *_: None, callbacks=[TrialReportSender(reports)],
                                              segment=segment), reports, given.report)
