@@ -12,8 +12,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from pipeline.names import EPOCH, PREEMPTION_STEP
+
+if TYPE_CHECKING:
+    from ray.util.queue import Queue
 
 
 def epoch_line(report: dict, total: int, monitor_key: str | None, eta_s: float | None) -> str:
@@ -67,17 +71,24 @@ class EpochPrinter:
         self.log(line)
 
 
-@contextmanager
-def report_queue(on_report: Callable[[dict], None]) -> Iterator:
-    """A Ray queue (an actor with no CPU, on this process's node: one placed on a spot node would die with it
-    and silence the console for the rest of the run) whose items reach ``on_report`` on this process, in order,
-    drained by a thread until the block ends; pass it to ``ray_train.run_training(console_queue=...)``."""
+def queue_on_this_node(maxsize: int) -> Queue:
+    """A Ray queue (an actor with no CPU) on this process's node: one placed on a spot node would die with it and
+    lose what the run reports through it for the rest of the run."""
     import ray
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    return Queue(maxsize=maxsize, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
+@contextmanager
+def report_queue(on_report: Callable[[dict], None]) -> Iterator:
+    """A Ray queue on this process's node (``queue_on_this_node``) whose items reach ``on_report`` on this process,
+    in order, drained by a thread until the block ends; pass it to ``ray_train.run_training(console_queue=...)``."""
+    from ray.util.queue import Empty
+
+    queue = queue_on_this_node(10_000)
     done = threading.Event()
 
     def pump() -> None:

@@ -1,6 +1,6 @@
 # Sourced by the node scripts (node_setup.sh, node_mounts.sh, start_node.sh): the cluster's own values from
 # ~/.varcon/cluster.env (cluster.env.example lists them; file_mounts copies ~/.varcon to every node), with defaults
-# for what a cluster need not set, and stopping what a start command started before (its pid file only).
+# for what a cluster need not set.
 CLUSTER_ENV=${VARCON_CLUSTER_ENV:-$HOME/.varcon/cluster.env}
 if [ ! -f "$CLUSTER_ENV" ]; then
   echo "[node] $CLUSTER_ENV is missing: copy cluster.env.example to ~/.varcon/cluster.env on the machine you run" \
@@ -19,18 +19,3 @@ set +a
 [ -n "${MLFLOW_S3_ENDPOINT_URL:-}" ] || unset MLFLOW_S3_ENDPOINT_URL  # empty: boto3's own (AWS)
 # empty VARCON_MLFLOW_HOST: the head's private address (start_node.sh: this node's on the head, $RAY_HEAD_IP else)
 VARCON_CHECKOUT=$HOME/varcon  # cluster.yaml's file_mounts: the project, as `ray up` copied it
-VARCON_RUN=$HOME/.varcon-run   # this node's pid files and service logs
-
-stop_started() {  # stop_started NAME: ends the supervisor whose pid NAME.pid holds and its session, if it still runs
-  local pidfile="$VARCON_RUN/$1.pid" pid
-  pid=$(cat "$pidfile" 2> /dev/null || true)
-  [ -n "$pid" ] || return 0
-  # still the session leader start_node.sh started (its command line: a reused pid is left alone)
-  if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] &&
-     ps -o args= -p "$pid" | grep -q "start_node.sh $1 --supervise"; then
-    kill -TERM -- "-$pid" 2> /dev/null || true
-    for _ in $(seq 60); do pgrep -s "$pid" > /dev/null || break; sleep 0.5; done
-    pkill -KILL -s "$pid" 2> /dev/null || true
-  fi
-  rm -f "$pidfile"
-}

@@ -23,7 +23,22 @@ if [ "$ROLE" = head ] && [ -z "$VARCON_MLFLOW_ARTIFACTS" ]; then
   exit 2
 fi
 VENV_BIN=$VARCON_CHECKOUT/.venv/bin
+VARCON_RUN=$HOME/.varcon-run   # this node's pid files and service logs
 log() { printf '[start-%s] %s\n' "$ROLE" "$*"; }
+
+stop_started() {  # stop_started NAME: ends the supervisor whose pid NAME.pid holds and its session, if it still runs
+  local pidfile="$VARCON_RUN/$1.pid" pid
+  pid=$(cat "$pidfile" 2> /dev/null || true)
+  [ -n "$pid" ] || return 0
+  # still the session leader start_node.sh started (its command line: a reused pid is left alone)
+  if [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] &&
+     ps -o args= -p "$pid" | grep -q "start_node.sh $1 --supervise"; then
+    kill -TERM -- "-$pid" 2> /dev/null || true
+    for _ in $(seq 60); do pgrep -s "$pid" > /dev/null || break; sleep 0.5; done
+    pkill -KILL -s "$pid" 2> /dev/null || true
+  fi
+  rm -f "$pidfile"
+}
 
 # What every service of this node inherits: the environment's tools, the node's copy of the project before any
 # installed one (a prebuilt environment's project may be an older checkout), Ray's token authentication.

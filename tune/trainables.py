@@ -14,6 +14,7 @@ it (the divergence would repeat), and the sweep driver records it as failed with
 """
 from __future__ import annotations
 
+from pipeline.console import queue_on_this_node
 from pipeline.data.prepare import PreparedDataset
 from pipeline.names import SWEEP_TAG, TRIAL_ID_TAG, monitor_source
 from pipeline.ray_callbacks import TrialReportSender
@@ -26,15 +27,8 @@ def trial_tags(spec: SweepSpec, trial_id: str) -> dict[str, str]:
     return {SWEEP_TAG: spec.settings.name, TRIAL_ID_TAG: trial_id}
 
 
-def handover(spec: SweepSpec, plan: RunPlan) -> Handover:
-    return Handover(spec.population_based, plan.storage_path)
-
-
 def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: dict[str, PreparedDataset]) -> None:
-    import ray
     import ray.tune
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = spec.trial_config(sampled, trial_id)
@@ -44,11 +38,9 @@ def train_trial(sampled: dict, spec: SweepSpec, parent_run_id: str, prepared: di
         # trained before a restored sweep's driver recorded it: Tune gets the final result again
         ray.tune.report(opened.latest.record.report(monitor_source(config.eval)))
         return
-    given = handover(spec, plan)
+    given = Handover(spec.population_based, plan.storage_path)
     segment = given.segment(plan.run_key)
-    # on this trial's node (kept, never preempted: tune.sweep.trial_resources), as the console's queue
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    reports = queue_on_this_node(1)  # the trial's node: kept, never preempted (tune.sweep.trial_resources)
     try:
         outcome = relay(lambda: train_opened(opened, lambda *_: None, callbacks=[TrialReportSender(reports)],
                                              segment=segment), reports, given.report)
