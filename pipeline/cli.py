@@ -15,7 +15,8 @@ DESCRIPTION = """\
 VarCon training and tuning pipeline (Ray Train + Ray Tune + FFCV + MLflow).
 
 Every command takes an optional --config YAML file (default: the bundled digits demo, configs/digits.yaml;
-for `tune` a sweep file, configs/tune/digits_asha.yaml) followed by dotted overrides, e.g.:
+for `tune` a sweep file, configs/tune/digits_asha.yaml; for `study` a study file, configs/study/digits.yaml)
+followed by dotted overrides, e.g.:
   varcon train loss.tau1=0.07 optim.epochs=30 ray.num_workers=4
   varcon tune --config configs/tune/digits_pbt.yaml tune.num_samples=8 optim.epochs=12
 Relative paths in a config resolve against $VARCON_HOME, else the current directory.
@@ -27,6 +28,8 @@ COMMANDS = {
     "prepare": "write the dataset's FFCV .beton files and manifests (cached; rewritten when settings change)",
     "train": "train one model under Ray Train (DDP) and record it in MLflow",
     "tune": "search tau1, eps, optimisation settings and temperature schedules with Ray Tune",
+    "study": "does tuning the temperature pay? the paper's constant against a tuned constant, a tuned schedule and "
+             "a PBT-discovered one, retrained with paired seeds, with verdicts",
     "eval": "evaluate a saved checkpoint: kNN, linear probe, few-shot, dispersion",
     "ui": "serve the MLflow UI for the configured tracking store on 127.0.0.1:5000",
     "config": "print the resolved config as YAML; --keys lists every key with its type, default and meaning",
@@ -39,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        default = "configs/tune/digits_asha.yaml" if name == "tune" else DEFAULT_CONFIG.relative_to(REPO_ROOT)
-        sub.add_argument("--config", default=None, metavar="FILE",
-                         help=f"{'sweep' if name == 'tune' else 'experiment'} YAML (default: {default})")
+        default, kind = {"tune": ("configs/tune/digits_asha.yaml", "sweep"),
+                         "study": ("configs/study/digits.yaml", "study")}.get(
+            name, (DEFAULT_CONFIG.relative_to(REPO_ROOT), "experiment"))
+        sub.add_argument("--config", default=None, metavar="FILE", help=f"{kind} YAML (default: {default})")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
         sub.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-        if name in ("train", "tune"):
+        if name in ("train", "tune", "study"):
             sub.add_argument("--verbose", action="store_true", help="also stream Ray's own worker, controller and "
                                                                     "autoscaler output (else: its log folder)")
         if name == "config":
@@ -120,6 +124,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from tune.study import StudyFailed, run_study
+    from tune.study_spec import load_study
+
+    study = load_study(args.config, args.overrides)  # every check before Ray starts or anything is written
+    try:
+        outcome = run_study(study, verbose=args.verbose)
+    except StudyFailed as exc:
+        print(f"varcon: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nMLflow parent run: {outcome.parent_run_id} (the searches and the retraining nested in it)")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.eval_job import evaluate_checkpoint
 
@@ -134,16 +152,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     from pipeline.config import describe_keys, to_dict
 
-    sweep = _is_sweep_file(args.config)
+    kind = _file_kind(args.config)
     if args.keys:
         from tune.spec import TuneSettings
+        from tune.study_spec import StudySettings
 
-        rows = (describe_keys(TuneSettings, "tune.") if sweep else []) + describe_keys()
+        own = {"sweep": describe_keys(TuneSettings, "tune."), "study": describe_keys(StudySettings, "study.")}
+        rows = own.get(kind, []) + describe_keys()
         width = max(len(key) for key, *_ in rows)
         for key, kind, default, text in rows:
             print(f"{key.ljust(width)}  {kind} = {default}\n{' ' * (width + 2)}{text}")
         return 0
-    if sweep:
+    if kind == "sweep":
         from dataclasses import asdict
 
         from tune.spec import load_sweep
@@ -151,23 +171,30 @@ def _cmd_config(args: argparse.Namespace) -> int:
         spec = load_sweep(args.config, args.overrides)
         resolved = {"tune": vars(spec.settings), "space": {p.key: {k: v for k, v in asdict(p).items() if k != "key"}
                                                            for p in spec.space}, "experiment": to_dict(spec.base)}
+    elif kind == "study":
+        from tune.study_spec import load_study, resolved_study
+
+        resolved = resolved_study(load_study(args.config, args.overrides))
     else:
         resolved = to_dict(load_config(args.config, args.overrides))
     print(yaml.safe_dump(resolved, sort_keys=False), end="")
     return 0
 
 
-def _is_sweep_file(path: str | None) -> bool:
-    """Whether ``path`` is a sweep file (it names an ``experiment`` and a ``space``), not an experiment."""
+def _file_kind(path: str | None) -> str:
+    """``sweep`` (it names an ``experiment`` and a ``space``), ``study`` (an ``experiment`` and a ``study``) or
+    ``experiment``."""
     import yaml
 
     if not path or not os.path.isfile(path):
-        return False
+        return "experiment"
     try:
         raw = yaml.safe_load(open(path).read())
     except yaml.YAMLError:
-        return False
-    return isinstance(raw, dict) and "experiment" in raw and "space" in raw
+        return "experiment"
+    if isinstance(raw, dict) and "experiment" in raw:
+        return "sweep" if "space" in raw else "study" if "study" in raw else "experiment"
+    return "experiment"
 
 
 def _cmd_ui(config: ExperimentConfig) -> int:
@@ -182,8 +209,9 @@ def _cmd_ui(config: ExperimentConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("eval", "tune", "config"):
-            return {"eval": _cmd_eval, "tune": _cmd_tune, "config": _cmd_config}[args.command](args)
+        if args.command in ("eval", "tune", "study", "config"):
+            return {"eval": _cmd_eval, "tune": _cmd_tune, "study": _cmd_study, "config": _cmd_config}[args.command](
+                args)
         config = load_config(args.config, args.overrides)
         if args.command == "train":
             return _cmd_train(config, args.verbose)

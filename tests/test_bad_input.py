@@ -7,10 +7,12 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from services import free_port
 
 from pipeline.cli import main
+from pipeline.config import REPO_ROOT
 
 
 def imagefolder(root, bad_image=False, empty=False, lonely=False):
@@ -53,6 +55,16 @@ def malformed_yaml(home):
     path = home / "broken.yaml"
     path.write_text("loss:\n  tau1: 0.1\n   eps: [0.02\n")
     return ["train", "--config", str(path)]
+
+
+def impossible_periodic_study(home):
+    """The bundled study, its schedule space allowing eps 0.04 with tau1 0.05 (each bound alone is fine)."""
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "study" / "digits.yaml").read_text())
+    raw["experiment"] = str(REPO_ROOT / "configs" / "digits.yaml")
+    raw["schedule"]["loss.eps"]["high"] = 0.04
+    path = home / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return ["study", "--config", str(path)]
 
 
 CASES = {
@@ -106,6 +118,12 @@ CASES = {
                       f"data.root={imagefolder(home / 'lonely', lonely=True)}"],
         "leaves class 'b' (1 training sample) none to train on"),
     "sweep without validation": (["tune", "data.val_fraction=0"], "data.val_fraction=0 leaves none"),
+    "study without validation": (["study", "data.val_fraction=0"], "a study selects on the validation split, and "
+                                                                   "data.val_fraction=0 leaves none"),
+    "study baseline that is no arm": (["study", "study.baselines=[paper, sgd]"],
+                                      "study.baselines=['paper', 'sgd'] must name arms"),
+    "study verdicts over 2 seeds": (["study", "study.seeds=2"], "a verdict needs at least 3 seeds"),
+    "study with an impossible periodic schedule": (impossible_periodic_study, "tau1 - eps must stay >= 0.02"),
     "unknown probe": (["train", "eval.probe=knn"], "eval.probe='knn' must be one of features, reference, both"),
     "reference probe batch per worker below 1": (
         ["train", "eval.probe=reference", "eval.reference_probe_batch_per_worker=0"],

@@ -37,6 +37,7 @@ def bundled_work():
     from pipeline.cluster import ClusterMaximum, training_bundles
     from pipeline.config import load_config
     from tune.spec import load_sweep
+    from tune.study_spec import ARMS, PAPER, SEARCHED, load_study
     from tune.sweep import trial_bundles
 
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
@@ -45,6 +46,11 @@ def bundled_work():
     maximum = ClusterMaximum.from_config(REPO_ROOT / "cluster.yaml")  # trial drivers take its driver slots
     for path in sorted((REPO_ROOT / "configs" / "tune").glob("*.yaml")):
         yield f"tune/{path.name}", trial_bundles(load_sweep(path), maximum)
+    for path in sorted((REPO_ROOT / "configs" / "study").glob("*.yaml")):  # a study's trials: its sweeps' trials
+        study = load_study(path)
+        for arm in SEARCHED:
+            yield f"study/{path.name}:{arm}", trial_bundles(study.search(arm), maximum)
+        yield f"study/{path.name}:retraining", trial_bundles(study.retraining({a: PAPER for a in ARMS}), maximum)
 
 
 def test_cluster_yaml_can_grow_to_hold_every_bundled_config():
@@ -55,6 +61,8 @@ def test_cluster_yaml_can_grow_to_hold_every_bundled_config():
     assert max(sum(b.get("GPU", 0) for b in bundles) for bundles in work.values()) == 32  # imagenet1k
     for name, bundles in work.items():
         assert maximum.problem(bundles) is None, name
+    cifar_study = work["study/cifar100_resnet50.yaml:population"]  # a PBT trial of the CIFAR-100 study: 4 GPUs
+    assert sum(b.get("GPU", 0) for b in cifar_study) == 4 and maximum.problem(cifar_study * 8) is None  # all 8 live
     assert maximum.most("GPU") == 32 and maximum.problem([{"CPU": 10, "GPU": 1}] * 33) is not None
     types = load_prepared()["available_node_types"]
     assert all("resources" in t and (t["resources"] or name == "head") for name, t in types.items())

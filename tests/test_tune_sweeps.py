@@ -306,30 +306,68 @@ def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, tmp
 
 
 @pytest.mark.cluster
-def test_the_loss_comparison_reports_each_recipe_over_its_seeds(varcon_home):
-    """Three recipes x two seeds: six trials, and a table of mean +- sd per recipe on validation and test,
-    printed and logged to the parent run, whose figures are the trials' own."""
-    printed = succeeded(varcon("tune", "--config", str(REPO_ROOT / "configs" / "tune" / "digits_loss_comparison.yaml"),
-                               "tune.name=t-cmp", "tune.seeds=2", "tune.baseline=", "optim.epochs=1",
-                               "optim.warmup_epochs=0",
+def test_the_ci_study_runs_every_arm_and_only_its_retrainings_read_the_test_split(varcon_home):
+    """configs/study/digits_ci.yaml: three 2-trial searches (FIFO, FIFO, PBT) of 2 epochs each and the four arms'
+    choices retrained with seeds 1-3, nested in one study run. Searches read no test split and train equal
+    trial-epochs; PBT's exploit after epoch 1 leaves every epoch once in MLflow (none at the last epoch, which
+    would hand the receiver the donor's run); the discovered schedule replays; the verdicts and the gains over
+    random initialisation logged to the study run are the retrained runs' own figures, paired by seed."""
+    printed = succeeded(varcon("study", "--config", str(REPO_ROOT / "configs" / "study" / "digits_ci.yaml"),
                                *SHORT_EVAL))
+    assert printed.index("estimated GPU-hours: 0") < printed.index("starting study digits-study-ci")
     client = store(varcon_home)
-    parent, children = sweep_runs(client, "t-cmp")
-    assert {run.info.status for run in children} == {"FINISHED"}
-    assert sorted((run.data.params["loss.name"], run.data.params["seed"]) for run in children) == sorted(
-        (loss, seed) for loss in ("varcon", "supcon", "cross_entropy") for seed in ("0", "1"))
-    assert all(run.data.params["data.val_fraction"] == "0.1" for run in children)
-    lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("recipe=")}
-    assert set(lines) == {"recipe=varcon", "recipe=supcon", "recipe=cross_entropy"}
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.txt", "comparison.csv", "trials.csv"} <= artifacts
-    with open(client.download_artifacts(parent.info.run_id, "comparison.csv", str(varcon_home))) as handle:
-        table = {row["configuration"]: row for row in csv.DictReader(handle)}
-    for loss in ("varcon", "supcon", "cross_entropy"):
-        runs = [run for run in children if run.data.params["loss.name"] == loss]
-        values = [run.data.metrics["test_knn_top1_k20"] for run in runs]
-        row = table[f"recipe={loss}"]
-        assert float(row["test_knn_top1_k20_mean"]) == pytest.approx(statistics.fmean(values))
-        assert float(row["test_knn_top1_k20_sd"]) == pytest.approx(statistics.stdev(values))
-        assert row["test_knn_top1_k20_n"] == "2" and row["val_knn_top1_k20_n"] == "2"
-        assert f"{statistics.fmean(values):.4f} +- {statistics.stdev(values):.4f} (2)" in lines[f"recipe={loss}"]
+    experiment = client.get_experiment_by_name("varcon").experiment_id
+    (study,) = client.search_runs([experiment], "tags.`varcon.kind` = 'study'")
+    assert study.info.status == "FINISHED"
+    nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{study.info.run_id}'")
+    arms = ("constant", "schedule", "population")
+    assert sorted(run.data.tags["varcon.sweep"] for run in nested) == sorted(
+        [f"digits-study-ci-{arm}" for arm in arms] + ["digits-study-ci-retrain"])
+    for arm in arms:
+        _, trials = sweep_runs(client, f"digits-study-ci-{arm}")
+        assert len(trials) == 2 and {run.info.status for run in trials} == {"FINISHED"}
+        for run in trials:
+            assert not [key for key in run.data.metrics if key.startswith("test_")], run.data.metrics
+            assert run.data.params["seed"] == "0" and run.data.params["eval.final_split"] == "val"
+            for key in ("train_loss", "train_grad_norm"):  # every epoch once: 2 trials x 2 epochs per arm
+                assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], (arm, key)
+    _, population = sweep_runs(client, "digits-study-ci-population")
+    (exploited,) = [run for run in population if EXPLOITS_TAG in run.data.tags]
+    assert [link["epoch"] for link in json.loads(exploited.data.tags[EXPLOITS_TAG])] == [1]
+
+    retrain, retrained = sweep_runs(client, "digits-study-ci-retrain")
+    assert {run.info.status for run in retrained} == {"FINISHED"}
+    assert all("test_knn_top1_k20" in run.data.metrics for run in retrained)
+    by_id = {run.info.run_id: run for run in retrained}
+    with open(client.download_artifacts(retrain.info.run_id, "trials.csv", str(varcon_home))) as handle:
+        runs = {}  # arm -> seed -> its retrained MLflow run
+        for row in csv.DictReader(handle):
+            run = by_id[row["mlflow_run_id"]]
+            runs.setdefault(row["arm"], {})[int(run.data.params["seed"])] = run
+    assert {arm: sorted(seeds) for arm, seeds in runs.items()} == {
+        arm: [1, 2, 3] for arm in ("paper", "constant", "schedule", "population")}  # fresh seeds, paired
+    assert {r.data.params["loss.schedule.kind"] for r in runs["population"].values()} == {"piecewise"}
+    assert {r.data.params["loss.tau1"] for r in runs["paper"].values()} == {"0.1"}
+    with open(client.download_artifacts(study.info.run_id, "verdicts.csv", str(varcon_home))) as handle:
+        verdicts = {(row["configuration"], row["baseline"], row["metric"]): row for row in csv.DictReader(handle)}
+    assert {(c, b) for c, b, _ in verdicts} == {("arm=constant", "arm=paper"), ("arm=schedule", "arm=paper"),
+                                                ("arm=population", "arm=paper"), ("arm=schedule", "arm=constant"),
+                                                ("arm=population", "arm=constant")}
+    assert {m for *_, m in verdicts} >= {"val_knn_top1_k20", "test_knn_top1_k20", "test_probe_top1"}
+    for (configuration, baseline, metric), row in verdicts.items():
+        mine, base = runs[configuration.removeprefix("arm=")], runs[baseline.removeprefix("arm=")]
+        differences = [mine[seed].data.metrics[metric] - base[seed].data.metrics[metric] for seed in (1, 2, 3)]
+        assert float(row["mean_difference"]) == pytest.approx(statistics.fmean(differences))
+    with open(client.download_artifacts(study.info.run_id, "initial_gain.csv", str(varcon_home))) as handle:
+        gains = {row["configuration"]: row for row in csv.DictReader(handle)}
+
+    def monitor(run, step):
+        return [m.value for m in client.get_metric_history(run.info.run_id, "val_knn_top1_k20") if m.step == step]
+
+    for arm, seeds in runs.items():  # each run's final monitor minus its own epoch-0 monitor
+        differences = [monitor(run, 2)[0] - monitor(run, 0)[0] for run in seeds.values()]
+        assert float(gains[f"arm={arm}"]["mean_difference"]) == pytest.approx(statistics.fmean(differences))
+    assert "verdicts.png" in {a.path for a in client.list_artifacts(study.info.run_id)}
+    assert "study digits-study-ci: paired over 3 seeds" in printed
+
+

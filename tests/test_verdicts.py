@@ -13,7 +13,7 @@ from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.run_status import COMPLETED, RunStatus
 from tune.results import TrialRow, compare, comparison_metrics, write_comparisons
 from tune.spec import REPLICATE, load_sweep
-from tune.verdicts import HURTS, NO_EVIDENCE, PAYS, holm, paired_interval, paired_verdicts
+from tune.verdicts import HURTS, NO_EVIDENCE, PAYS, against, holm, paired_interval, paired_verdicts
 
 COMPARISON = REPO_ROOT / "configs" / "tune" / "digits_loss_comparison.yaml"
 
@@ -51,7 +51,8 @@ def test_configurations_are_paired_by_seed_and_judged_against_the_minimum_gain()
                     "worse": [v - g for v, g in zip(base, (0.06, 0.05, 0.07, 0.06, 0.06))],
                     "noise": [v + g for v, g in zip(base[:4], (0.02, -0.03, 0.01, -0.01))] + [None]})
     # the last replicate of "noise" failed: its pair is dropped
-    found = {v.configuration: v for v in paired_verdicts(rows, "recipe=a", ["val_knn_top1_k20"], min_gain=0.01)}
+    found = {v.configuration: v for v in paired_verdicts(rows, against(rows, "recipe=a"), ["val_knn_top1_k20"],
+                                                         min_gain=0.01)}
     assert set(found) == {"recipe=better", "recipe=worse", "recipe=noise"}
     assert found["recipe=better"].verdict == PAYS and found["recipe=worse"].verdict == HURTS
     assert found["recipe=noise"].verdict == NO_EVIDENCE
@@ -59,7 +60,7 @@ def test_configurations_are_paired_by_seed_and_judged_against_the_minimum_gain()
     assert found["recipe=better"].differences == pytest.approx((0.05, 0.04, 0.06, 0.05, 0.05))
     # three comparisons on one metric: Holm multiplies the smallest p by 3
     assert min(v.p_adjusted for v in found.values()) == pytest.approx(3 * min(v.p for v in found.values()))
-    strict = paired_verdicts(rows, "recipe=a", ["val_knn_top1_k20"], min_gain=0.08)
+    strict = paired_verdicts(rows, against(rows, "recipe=a"), ["val_knn_top1_k20"], min_gain=0.08)
     assert {v.configuration: v.verdict for v in strict}["recipe=better"] == NO_EVIDENCE  # gain below the minimum
 
 

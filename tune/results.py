@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.run_status import RunStatus
 from tune.spec import REPLICATE, SweepSpec
-from tune.verdicts import paired_verdicts, plot_differences, verdict_table, write_verdicts_csv
+from tune.verdicts import against, paired_verdicts, plot_differences, verdict_table, write_verdicts_csv
 
 
 @dataclass
@@ -113,13 +113,13 @@ def write_comparisons(spec: SweepSpec, rows: list[TrialRow], compared: list[Comp
         (folder / "comparison.txt").write_text(table + "\n")
         write_comparison_csv(compared, metrics, folder / "comparison.csv")
     if s.baseline:
-        verdicts = paired_verdicts(rows, s.baseline, metrics, s.min_gain)
-        table = verdict_table(verdicts, s.baseline, s.min_gain)
+        verdicts = paired_verdicts(rows, against(rows, s.baseline), metrics, s.min_gain)
+        table = verdict_table(verdicts, s.min_gain)
         log(f"\npaired against {s.baseline} over {s.seeds} seeds (tune.verdicts):\n{table}")
         (folder / "verdicts.txt").write_text(table + "\n")
         write_verdicts_csv(verdicts, folder / "verdicts.csv")
         if verdicts:
-            plot_differences(verdicts, s.baseline, folder / "verdicts.png")
+            plot_differences(verdicts, folder / "verdicts.png")
 
 
 def print_trial_table(rows: list[TrialRow], metric: str, best: TrialRow | None, log) -> None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import random
 
-from tune.spec import REPLICATE, Param, SweepSpec
-
-BELOW_MARGIN = 1.0 - 1e-3  # a `below` key stays at most 99.9% of its partner (eps < tau1 strictly)
+from tune.spec import BELOW_MARGIN, REPLICATE, Param, SweepSpec
 
 
 def ordered(space: list[Param]) -> list[Param]:

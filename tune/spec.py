@@ -16,6 +16,7 @@ import copy
 import functools
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ DEFAULT_SWEEP = REPO_ROOT / "configs" / "tune" / "digits_asha.yaml"
 SEARCHERS = ("random", "optuna", "grid")
 SCHEDULERS = ("fifo", "asha", "pbt", "pb2")
 PARAM_TYPES = ("uniform", "loguniform", "choice", "randint", "grid")
+BELOW_MARGIN = 1.0 - 1e-3  # a `below` key stays at most 99.9% of its partner (eps < tau1 strictly)
 REPLICATE = "__trial_index__"  # the replicate of a configuration (Tune's Repeater sets it): seed = seed + replicate
 POPULATION_KEYS = ("loss.tau1", "loss.eps")  # what PBT/PB2 may change during training (see README)
 
@@ -193,11 +195,21 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] | tuple[str,
             tune_raw[key.removeprefix("tune.")] = yaml.safe_load(value) if value.strip() else ""
         else:
             experiment_overrides.append(item)
-    settings = build_dataclass(TuneSettings, tune_raw, "tune.")
+    experiment = load_experiment(path, raw, experiment_overrides)
+    return sweep_spec(tune_raw, experiment, raw["space"], str(path))
+
+
+def load_experiment(path: Path, raw: dict, overrides: list[str]) -> dict:
+    """The experiment a sweep or study file at ``path`` names (``experiment``, relative to the file), with its
+    ``experiment_overrides`` and the command line's ``overrides`` applied, as a raw dict."""
     base = to_dict(load_config(path.parent / str(raw["experiment"])))
-    experiment = to_dict(build_config(with_values(base, raw.get("experiment_overrides") or {}), experiment_overrides))
-    space = [_param(key, value) for key, value in raw["space"].items()]
-    spec = SweepSpec(settings, experiment, space, str(path))
+    return to_dict(build_config(with_values(base, raw.get("experiment_overrides") or {}), overrides))
+
+
+def sweep_spec(tune_raw: dict, experiment: dict, space_raw: dict, source: str) -> SweepSpec:
+    """A checked sweep of ``experiment`` (raw) from its ``tune`` settings and ``space`` mappings."""
+    settings = build_dataclass(TuneSettings, tune_raw, "tune.")
+    spec = SweepSpec(settings, experiment, [_param(key, value) for key, value in space_raw.items()], source)
     _validate(spec)
     return spec
 
@@ -265,16 +277,16 @@ def _validate(spec: SweepSpec) -> None:
                  f"{p.key} must be uniform")
             need(p.low < target.low, f"space.{p.key}.low={p.low} must be below space.{p.below}.low={target.low} "
                                      f"so that every sample can satisfy {p.key} < {p.below}")
-    for p in spec.space:
-        for value in _probe_values(p):  # every key and value must make a valid experiment
-            try:
-                spec.trial_config({p.key: value, **_probe_partner(p, sampled, value)}, "check")
-            except ConfigError as exc:
-                raise ConfigError(f"space.{p.key}={value!r} does not make a valid experiment: {exc}") from None
     loss_names = sampled["loss.name"].values if "loss.name" in sampled else [base.loss.name]
     need(set(loss_names) == {"varcon"} or not any(k.startswith("loss.schedule") for k in sampled),
          "the space searches temperature schedules (VarCon only) and loss.name choices other than varcon: "
          "split it into two sweeps")
+    for corner in corners(spec.space):  # every extreme of the space must make a valid experiment
+        try:
+            spec.trial_config(corner, "check")
+        except ConfigError as exc:
+            shown = ", ".join(f"{k}={SweepSpec.label(v)}" for k, v in corner.items())
+            raise ConfigError(f"the space's corner {shown} does not make a valid experiment: {exc}") from None
     need(s.searcher != "grid" or any(p.type == "grid" for p in spec.space),
          "tune.searcher=grid needs a key of type grid in the space")
     if s.baseline:
@@ -316,14 +328,17 @@ def grid_configurations(space: list[Param]) -> list[str]:
             for point in itertools.product(*(p.values for p in grids))]
 
 
-def _probe_values(p: Param) -> list:
-    if p.below:  # sampled below its partner: probe its low end (the high end is clipped at sampling)
-        return [p.low]
-    return list(p.values) if p.type in ("choice", "grid") else [p.low, p.high]
+def corners(space: list[Param]) -> Iterator[dict]:
+    """Every combination of the space's extremes: a range's low and high, each value of a choice or grid; a
+    ``below`` key at its low and at the highest value its partner allows (``BELOW_MARGIN``). Schedules that
+    are possible key by key but not together (a periodic schedule's low tau1 with the largest eps) show here."""
+    def ends(p: Param) -> list:
+        if p.type in ("choice", "grid"):
+            return list(p.values)
+        return [int(p.low), int(p.high)] if p.type == "randint" else [p.low, p.high]
 
-
-def _probe_partner(p: Param, sampled: dict[str, Param], value) -> dict:
-    """Values of the other keys that make ``p=value`` a fair test (a ``below`` pair in its valid order)."""
-    if p.below:
-        return {p.below: sampled[p.below].low}
-    return {q.key: q.low for q in sampled.values() if q.below == p.key}
+    free, below = [p for p in space if not p.below], [p for p in space if p.below]
+    for point in itertools.product(*(ends(p) for p in free)):
+        values = dict(zip([p.key for p in free], point))
+        for under in itertools.product(*([p.low, min(p.high, values[p.below] * BELOW_MARGIN)] for p in below)):
+            yield {**values, **dict(zip([p.key for p in below], under))}

@@ -22,7 +22,7 @@ from pipeline import cluster, faults, plots, storage
 from pipeline.config import ConfigError, to_dict
 from pipeline.data.preflight import prepare
 from pipeline.data.prepare import dataset_key
-from pipeline.names import DIVERGED, EPOCH, KIND_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
+from pipeline.names import DIVERGED, EPOCH, KIND_TAG, PARENT_TAG, REGISTERED_TAG, SWEEP_TAG, TRIAL_ID_TAG
 from pipeline.run_status import COMPLETED, EARLY_STOPPED, Ending, RunStatus
 from pipeline.startup import driver_started
 from pipeline.tracking import TrackedRun, child_runs, find_or_create_run
@@ -64,6 +64,8 @@ class SweepOutcome:
     best_config_path: str | None  # a path or URI (``tune.output_dir``)
     registered: str | None
     compared: list[Compared] = field(default_factory=list)
+    records: dict = field(default_factory=dict)  # trial id -> its final RunRecord (every epoch's metrics)
+    best_config: dict | None = None  # the best trial's standalone experiment (best_config.yaml)
 
 
 def trial_resources(spec: SweepSpec, maximum: cluster.ClusterMaximum | None = None) -> tuple[dict, float, float]:
@@ -103,8 +105,9 @@ def concurrency(spec: SweepSpec, have: dict) -> int:
 
 
 def _scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-    from ray.tune.schedulers.pb2 import PB2
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tune.schedulers import PB2WithinTraining, PopulationWithinTraining
 
     s, epochs = spec.settings, spec.base.optim.epochs
     if s.scheduler == "asha":
@@ -113,15 +116,16 @@ def _scheduler(spec: SweepSpec):
         return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     if s.scheduler == "pbt":
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
-                                       hyperparam_mutations=space.pbt_mutations(spec),
-                                       quantile_fraction=s.quantile_fraction,
-                                       resample_probability=s.resample_probability,
-                                       custom_explore_fn=space.ExploreWithinSpace(spec), synch=True)
+        return PopulationWithinTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                                        hyperparam_mutations=space.pbt_mutations(spec),
+                                        quantile_fraction=s.quantile_fraction,
+                                        resample_probability=s.resample_probability,
+                                        custom_explore_fn=space.ExploreWithinSpace(spec), synch=True,
+                                        last_epoch=epochs)
     if s.scheduler == "pb2":
-        return PB2(time_attr="epoch", perturbation_interval=s.perturbation_interval,
-                   hyperparam_bounds=space.pb2_bounds(spec), quantile_fraction=s.quantile_fraction,
-                   custom_explore_fn=space.ExploreWithinSpace(spec), synch=True)
+        return PB2WithinTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                                 hyperparam_bounds=space.pb2_bounds(spec), quantile_fraction=s.quantile_fraction,
+                                 custom_explore_fn=space.ExploreWithinSpace(spec), synch=True, last_epoch=epochs)
     return FIFOScheduler()
 
 
@@ -193,7 +197,8 @@ def _reporter(spec: SweepSpec):
                        print_intermediate_tables=True)
 
 
-def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome:
+def run_sweep(spec: SweepSpec, log=print, verbose: bool = False, parent_run_id: str = "") -> SweepOutcome:
+    """Run (or resume) the sweep; its MLflow run is nested under ``parent_run_id`` where given (a study's)."""
     spec = spec.with_absolute_paths()
     s, base = spec.settings, spec.base
     tracking_uri = base.tracking.tracking_uri
@@ -208,8 +213,9 @@ def run_sweep(spec: SweepSpec, log=print, verbose: bool = False) -> SweepOutcome
         # that do not fit wait, and synchronous PBT/PB2 let them take turns up to each perturbation
         max_concurrent = s.num_samples if spec.population_based else fits
         prepared = {dataset_key(base.data): data}  # once, before trials start
+        nested = {PARENT_TAG: parent_run_id} if parent_run_id else {}
         parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"sweep:{s.name}", s.name,
-                                             spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep"})
+                                             spec.describe(), tags={SWEEP_TAG: s.name, KIND_TAG: "sweep", **nested})
         tuner, restored = _tuner(spec, parent.run_id, max_concurrent, prepared, maximum)
         log(f"{'resuming' if restored else 'starting'} sweep {s.name}: {s.num_samples} trials, searcher "
             f"{s.searcher}, scheduler {s.scheduler}, up to {fits} at a time (MLflow parent run "
@@ -243,14 +249,14 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
     best = best_trial(compared, s.metric, s.mode)
     print_trial_table(rows, s.metric, best, log)
     out = storage.location(s.output_dir) / s.name
-    best_path, registered = None, None
+    best_path, registered, chosen = None, None, None
     with tempfile.TemporaryDirectory(prefix="varcon-sweep-") as staged:
         staged = Path(staged)
         write_trials_csv(rows, staged / "trials.csv")
         write_comparisons(spec, rows, compared, staged, log)
         if best is not None:
-            (staged / "best_config.yaml").write_text(
-                yaml.safe_dump(best_config(spec, best, records[best.trial_id]), sort_keys=False))
+            chosen = best_config(spec, best, records[best.trial_id])
+            (staged / "best_config.yaml").write_text(yaml.safe_dump(chosen, sort_keys=False))
             best_path = (out / "best_config.yaml").uri
         for name in sorted(p.name for p in staged.iterdir()):
             parent.log_artifact(staged / name)
@@ -270,7 +276,7 @@ def summarise(spec: SweepSpec, results, parent: TrackedRun, prepared: dict, log=
     counts = {ending.value: sum(r.status.ending is ending for r in rows) for ending in Ending}
     parent.log_metrics({f"trials_{k.replace('-', '_')}": v for k, v in counts.items()}, step=0)
     parent.end()
-    return SweepOutcome(parent.run_id, rows, best, best_path, registered, compared)
+    return SweepOutcome(parent.run_id, rows, best, best_path, registered, compared, records, chosen)
 
 
 def _finish_trial(spec: SweepSpec, result, trial_id: str, run_id: str, status: RunStatus, prepared: dict):

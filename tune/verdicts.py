@@ -34,9 +34,10 @@ PAYS, HURTS, NO_EVIDENCE = "pays", "hurts", "no evidence"
 
 @dataclass(frozen=True)
 class Paired:
-    """One configuration against the baseline on one metric."""
+    """One configuration against a baseline on one metric."""
 
     configuration: str
+    baseline: str
     metric: str
     differences: tuple[float, ...]  # per complete pair, in replicate order
     replicates: tuple[int, ...]  # the replicates of those pairs
@@ -84,41 +85,61 @@ def verdict(mean: float, p_adjusted: float, min_gain: float) -> str:
     return HURTS if mean < 0 else NO_EVIDENCE
 
 
-def paired_verdicts(rows: list, baseline: str, metrics: list[str], min_gain: float) -> list[Paired]:
-    """Every configuration of ``rows`` (``tune.results.TrialRow``) but ``baseline`` against it, per metric that
-    both report, Holm-adjusted within each metric."""
-    def values(configuration: str, metric: str) -> dict[int, float]:
-        return {int(r.sampled.get(REPLICATE) or 0): float(r.final[metric]) for r in rows
-                if r.configuration == configuration and r.status.completed
-                and isinstance(r.final.get(metric), (int, float)) and not math.isnan(r.final[metric])}
+def paired(configuration: str, baseline: str, metric: str, mine: dict[int, float], base: dict[int, float]
+           ) -> Paired | None:
+    """``mine`` against ``base`` (``{replicate: value}``) over the replicates both hold; None without a pair."""
+    pairs = sorted(set(mine) & set(base))
+    if not pairs:
+        return None
+    differences = [mine[r] - base[r] for r in pairs]
+    mean, low, high, p = paired_interval(differences)
+    return Paired(configuration, baseline, metric, tuple(differences), tuple(pairs), len(set(mine) ^ set(base)),
+                  mean, low, high, p)
 
-    others = list(dict.fromkeys(r.configuration for r in rows if r.configuration != baseline))
+
+def judged(found: list[Paired], min_gain: float) -> list[Paired]:
+    """``found`` with Holm-adjusted p-values (within each metric: one family per metric) and verdicts."""
+    out = list(found)
+    for metric in dict.fromkeys(f.metric for f in found):
+        members = [i for i, f in enumerate(found) if f.metric == metric]
+        for i, adjusted in zip(members, holm([found[i].p for i in members])):
+            out[i] = replace(found[i], p_adjusted=adjusted, verdict=verdict(found[i].mean, adjusted, min_gain))
+    return out
+
+
+def final_values(rows: list, configuration: str, metric: str) -> dict[int, float]:
+    """``{replicate: final metric}`` of the completed replicates of ``configuration`` that report ``metric``."""
+    return {int(r.sampled.get(REPLICATE) or 0): float(r.final[metric]) for r in rows
+            if r.configuration == configuration and r.status.completed
+            and isinstance(r.final.get(metric), (int, float)) and not math.isnan(r.final[metric])}
+
+
+def paired_verdicts(rows: list, comparisons: list[tuple[str, str]], metrics: list[str], min_gain: float
+                    ) -> list[Paired]:
+    """Each ``(configuration, baseline)`` of ``comparisons`` over the rows (``tune.results.TrialRow``), per metric
+    that both report; all comparisons on one metric are one Holm family."""
     found = []
     for metric in metrics:
-        base = values(baseline, metric)
-        compared = []
-        for configuration in others:
-            mine = values(configuration, metric)
-            pairs = sorted(set(mine) & set(base))
-            if not pairs:
-                continue
-            differences = [mine[r] - base[r] for r in pairs]
-            mean, low, high, p = paired_interval(differences)
-            dropped = len(set(mine) ^ set(base))
-            compared.append(Paired(configuration, metric, tuple(differences), tuple(pairs), dropped, mean, low,
-                                   high, p))
-        for paired, adjusted in zip(compared, holm([c.p for c in compared])):
-            found.append(replace(paired, p_adjusted=adjusted, verdict=verdict(paired.mean, adjusted, min_gain)))
-    return found
+        for configuration, baseline in comparisons:
+            one = paired(configuration, baseline, metric, final_values(rows, configuration, metric),
+                         final_values(rows, baseline, metric))
+            if one is not None:
+                found.append(one)
+    return judged(found, min_gain)
 
 
-def verdict_table(verdicts: list[Paired], baseline: str, min_gain: float) -> str:
-    """One line per configuration and metric: mean paired difference, 95% interval, pairs, Holm-adjusted p,
+def against(rows: list, baseline: str) -> list[tuple[str, str]]:
+    """Every configuration of ``rows`` but ``baseline``, against it."""
+    return [(c, baseline) for c in dict.fromkeys(r.configuration for r in rows) if c != baseline]
+
+
+def verdict_table(verdicts: list[Paired], min_gain: float) -> str:
+    """One line per comparison and metric: mean paired difference, 95% interval, pairs, Holm-adjusted p,
     verdict."""
-    lines = [["configuration", "metric", f"minus {baseline}", f"{LEVEL:.0%} interval", "pairs", "dropped",
+    lines = [["configuration", "minus", "metric", "mean difference", f"{LEVEL:.0%} interval", "pairs", "dropped",
               "p (Holm)", f"verdict (min gain {min_gain:g})"]]
     for v in verdicts:
-        lines.append([v.configuration, v.metric, f"{v.mean:+.4f}", f"[{v.low:+.4f}, {v.high:+.4f}]",
+        lines.append([v.configuration, v.baseline, v.metric, f"{v.mean:+.4f}", f"[{v.low:+.4f}, {v.high:+.4f}]",
                       str(len(v.differences)), str(v.dropped), f"{v.p_adjusted:.3g}", v.verdict])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
@@ -127,15 +148,15 @@ def verdict_table(verdicts: list[Paired], baseline: str, min_gain: float) -> str
 def write_verdicts_csv(verdicts: list[Paired], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["configuration", "metric", "mean_difference", "low", "high", "pairs", "dropped", "p",
-                         "p_holm", "verdict", "differences"])
+        writer.writerow(["configuration", "baseline", "metric", "mean_difference", "low", "high", "pairs", "dropped",
+                         "p", "p_holm", "verdict", "differences"])
         for v in verdicts:
-            writer.writerow([v.configuration, v.metric, v.mean, v.low, v.high, len(v.differences), v.dropped, v.p,
-                             v.p_adjusted, v.verdict, " ".join(f"{d:.6g}" for d in v.differences)])
+            writer.writerow([v.configuration, v.baseline, v.metric, v.mean, v.low, v.high, len(v.differences),
+                             v.dropped, v.p, v.p_adjusted, v.verdict, " ".join(f"{d:.6g}" for d in v.differences)])
 
 
-def plot_differences(verdicts: list[Paired], baseline: str, path: Path) -> None:
-    """Per metric, each configuration's per-seed differences from the baseline (dots) with its 95% interval."""
+def plot_differences(verdicts: list[Paired], path: Path) -> None:
+    """Per metric, each comparison's per-seed differences (dots) with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,8 +172,9 @@ def plot_differences(verdicts: list[Paired], baseline: str, path: Path) -> None:
                 ax.plot([v.low, v.high], [y, y], color="black", linewidth=2)
             ax.plot([v.mean], [y], marker="|", markersize=12, color="black")
         ax.axvline(0.0, color="grey", linewidth=1, linestyle="--")
-        ax.set_yticks(range(len(shown)), [f"{v.configuration}\n{v.verdict}" for v in shown], fontsize=7)
-        ax.set_xlabel(f"{metric} minus {baseline}", fontsize=8)
+        ax.set_yticks(range(len(shown)), [f"{v.configuration}\nminus {v.baseline}: {v.verdict}" for v in shown],
+                      fontsize=7)
+        ax.set_xlabel(f"{metric}: paired difference", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
