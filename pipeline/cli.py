@@ -160,8 +160,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
         own = {"sweep": describe_keys(TuneSettings, "tune."), "study": describe_keys(StudySettings, "study.")}
         rows = own.get(kind, []) + describe_keys()
         width = max(len(key) for key, *_ in rows)
-        for key, kind, default, text in rows:
-            print(f"{key.ljust(width)}  {kind} = {default}\n{' ' * (width + 2)}{text}")
+        for key, type_name, default, text in rows:
+            print(f"{key.ljust(width)}  {type_name} = {default}\n{' ' * (width + 2)}{text}")
         return 0
     if kind == "sweep":
         from dataclasses import asdict

@@ -54,9 +54,25 @@ def init_ray(verbose: bool = False, log: Callable[[str], None] = print) -> None:
                               f"running, and does this process have its token? (RAY_AUTH_MODE=token and "
                               f"RAY_AUTH_TOKEN_PATH=<the cluster's token file>, or ~/.ray/auth_token)") from None
         _started_locally = address in (None, "local")
+        others = other_ray_instances() if _started_locally else []
+        if others:
+            log(f"varcon: warning: this machine runs another Ray instance ({', '.join(others)}): Ray Train's clean-up "
+                f"of a run that ends ungracefully (a paused or stopped sweep trial) asks Ray's state API, which "
+                f"cannot choose between them, so the run's CPUs/GPUs stay reserved; join it (RAY_ADDRESS=ADDRESS) "
+                f"or stop it before a PBT/PB2 sweep or a study")
         if not verbose:
             log(f"Ray's own output (workers, Train controller, autoscaler): {ray_logs_folder()}  (--verbose shows "
                 f"it here)")
+
+
+def other_ray_instances() -> list[str]:
+    """GCS addresses on this machine other than the connected instance's (``ray._private.services``: the scan
+    Ray's own address resolution makes, no public API)."""
+    import ray
+    from ray._private.services import find_gcs_addresses
+
+    own = ray.get_runtime_context().gcs_address
+    return sorted(address for address in find_gcs_addresses() if address != own)
 
 
 def ray_logs_folder() -> str:

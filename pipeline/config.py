@@ -585,14 +585,12 @@ def config_hash(config: ExperimentConfig) -> str:
 
 def flatten(config: ExperimentConfig) -> dict[str, str]:
     """``{"loss.tau1": "0.1", ...}``: the resolved config as MLflow params."""
-    flat: dict[str, str] = {}
+    return {key: str(value) for key, value in dotted_values(to_dict(config)).items()}
 
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = str(value)
 
-    walk(to_dict(config), "")
-    return flat
+def dotted_values(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"loss.tau1": 0.1, ...}``: the leaves of nested sections under their dotted keys (lists are leaves)."""
+    found: dict[str, Any] = {}
+    for key, value in tree.items():
+        found.update(dotted_values(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return found

@@ -77,16 +77,61 @@ def test_a_study_that_cannot_give_its_verdicts_is_refused(overrides, message):
         load_study(CI_STUDY, overrides)
 
 
-def test_an_impossible_periodic_schedule_in_the_space_is_refused(tmp_path):
-    """Each key alone is fine; their corner (the low tau1 bound with the largest eps) leaves tau1 - eps < 0.02."""
+def study_file(folder, change) -> str:
+    """The CI study written to ``folder/study.yaml`` after ``change(raw)`` (its experiment an absolute path)."""
     raw = yaml.safe_load(CI_STUDY.read_text())
     raw["experiment"] = str(REPO_ROOT / "configs" / "digits.yaml")
-    raw["schedule"]["loss.eps"]["high"] = 0.04
-    path = tmp_path / "study.yaml"
+    change(raw)
+    path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def impossible_periodic(raw: dict) -> None:
+    """Each key's bounds are fine alone; the low tau1 with the largest eps leaves tau1 - eps < 0.02."""
+    raw["schedule"]["loss.eps"]["high"] = 0.04
+
+
+def test_an_impossible_periodic_schedule_in_the_space_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"schedule arm: the space's corner loss.schedule.kind=periodic.*tau1 - eps "
                                           r"must stay >= 0.02"):
-        load_study(path)
+        load_study(study_file(tmp_path, impossible_periodic))
+
+
+def test_an_arm_space_holds_temperature_keys_only(tmp_path):
+    def with_lr(raw):
+        raw["constant"]["optim.lr"] = {"type": "loguniform", "low": 0.1, "high": 1.0}
+
+    with pytest.raises(ConfigError, match="the constant arm's space holds optim.lr: a study compares ways of "
+                                          "choosing the temperature"):
+        load_study(study_file(tmp_path, with_lr))
+
+
+def test_a_below_key_under_another_below_key_is_one_line(tmp_path):
+    def chained(raw):
+        raw["schedule"]["loss.schedule.tau1_end"] = {"type": "uniform", "low": 0.0, "high": 0.3, "below": "loss.eps"}
+
+    with pytest.raises(ConfigError, match="names a key that is itself below loss.tau1: one level of below only"):
+        load_study(study_file(tmp_path, chained))
+
+
+def test_a_study_run_again_with_other_settings_is_refused_before_ray_starts(varcon_home, capsys):
+    """The study run of the name records what the study was; another study of that name would resume its sweeps as
+    they were (their spaces, their seeds), so it is refused in one line, before Ray starts or a run is written."""
+    from pipeline.cli import main
+    from pipeline.tracking import create_run, resolve_tracking_uri
+    from tune.study import DIGEST_TAG, STUDY_TAG
+
+    study = load_study(CI_STUDY)
+    uri = resolve_tracking_uri(study.base.tracking.tracking_uri)
+    create_run(uri, study.base.tracking.experiment, f"study:{study.settings.name}", study.settings.name, {},
+               tags={STUDY_TAG: study.settings.name, DIGEST_TAG: load_study(CI_STUDY, ["study.seeds=4"]).digest()})
+    capsys.readouterr()
+    assert main(["study", "--config", str(CI_STUDY)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("varcon: error: study digits-study-ci ran before with other settings") and len(
+        err.splitlines()) == 1
+    assert not (varcon_home / ".cache" / "ray_results").exists()  # no sweep started
 
 
 def test_an_arm_chooses_what_its_best_trial_changed():

@@ -306,14 +306,18 @@ def test_an_interrupted_sweep_resumes_without_repeating_a_trial(varcon_home, tmp
 
 
 @pytest.mark.cluster
-def test_the_ci_study_runs_every_arm_and_only_its_retrainings_read_the_test_split(varcon_home):
+def test_the_ci_study_runs_every_arm_and_only_its_retrainings_read_the_test_split(varcon_home, ray_session):
     """configs/study/digits_ci.yaml: three 2-trial searches (FIFO, FIFO, PBT) of 2 epochs each and the four arms'
     choices retrained with seeds 1-3, nested in one study run. Searches read no test split and train equal
     trial-epochs; PBT's exploit after epoch 1 leaves every epoch once in MLflow (none at the last epoch, which
     would hand the receiver the donor's run); the discovered schedule replays; the verdicts and the gains over
-    random initialisation logged to the study run are the retrained runs' own figures, paired by seed."""
+    random initialisation logged to the study run are the retrained runs' own figures, paired by seed.
+
+    The study joins the session's cluster: a Ray instance of its own beside it would be a second one on this
+    machine, where Ray Train's placement-group cleaner (its state-API query) cannot tell which is its own, and a
+    paused PBT trial's worker group would keep its CPU (seen here: the restarted trials waited for it forever)."""
     printed = succeeded(varcon("study", "--config", str(REPO_ROOT / "configs" / "study" / "digits_ci.yaml"),
-                               *SHORT_EVAL))
+                               *SHORT_EVAL, env={"RAY_ADDRESS": ray_session.address}))
     assert printed.index("estimated GPU-hours: 0") < printed.index("starting study digits-study-ci")
     client = store(varcon_home)
     experiment = client.get_experiment_by_name("varcon").experiment_id
@@ -348,6 +352,12 @@ def test_the_ci_study_runs_every_arm_and_only_its_retrainings_read_the_test_spli
         arm: [1, 2, 3] for arm in ("paper", "constant", "schedule", "population")}  # fresh seeds, paired
     assert {r.data.params["loss.schedule.kind"] for r in runs["population"].values()} == {"piecewise"}
     assert {r.data.params["loss.tau1"] for r in runs["paper"].values()} == {"0.1"}
+    with open(client.download_artifacts(retrain.info.run_id, "comparison.csv", str(varcon_home))) as handle:
+        compared = {row["configuration"]: row for row in csv.DictReader(handle)}  # mean +- sd over the seeds
+    for arm, seeds in runs.items():
+        values = [run.data.metrics["test_knn_top1_k20"] for run in seeds.values()]
+        assert float(compared[f"arm={arm}"]["test_knn_top1_k20_mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(compared[f"arm={arm}"]["test_knn_top1_k20_sd"]) == pytest.approx(statistics.stdev(values))
     with open(client.download_artifacts(study.info.run_id, "verdicts.csv", str(varcon_home))) as handle:
         verdicts = {(row["configuration"], row["baseline"], row["metric"]): row for row in csv.DictReader(handle)}
     assert {(c, b) for c, b, _ in verdicts} == {("arm=constant", "arm=paper"), ("arm=schedule", "arm=paper"),

@@ -187,16 +187,23 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] | tuple[str,
         raise ConfigError(f"sweep file {path} must hold experiment: FILE, space: {{key: {{type: ...}}}} and "
                           f"optionally experiment_overrides and tune" + (f" (unknown: {sorted(unknown)})" if unknown
                                                                          else ""))
-    tune_raw = dict(raw.get("tune") or {})
-    experiment_overrides = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if key.startswith("tune.") and sep:
-            tune_raw[key.removeprefix("tune.")] = yaml.safe_load(value) if value.strip() else ""
-        else:
-            experiment_overrides.append(item)
+    tune_raw, experiment_overrides = split_overrides(raw.get("tune"), overrides, "tune.")
     experiment = load_experiment(path, raw, experiment_overrides)
     return sweep_spec(tune_raw, experiment, raw["space"], str(path))
+
+
+def split_overrides(settings: dict | None, overrides: list[str] | tuple[str, ...], prefix: str
+                    ) -> tuple[dict, list[str]]:
+    """``settings`` (a file's ``tune:`` or ``study:`` mapping) with the ``<prefix><key>=value`` overrides applied,
+    and the other overrides (experiment values)."""
+    settings, experiment = dict(settings or {}), []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key.startswith(prefix) and sep:
+            settings[key.removeprefix(prefix)] = yaml.safe_load(value) if value.strip() else ""
+        else:
+            experiment.append(item)
+    return settings, experiment
 
 
 def load_experiment(path: Path, raw: dict, overrides: list[str]) -> dict:
@@ -272,6 +279,8 @@ def _validate(spec: SweepSpec) -> None:
             need(p.type != "loguniform" or p.low > 0, f"space.{p.key}: a loguniform range needs low > 0")
         if p.below:
             target = sampled.get(p.below)
+            need(target is None or not target.below, f"space.{p.key}.below={p.below!r} names a key that is itself "
+                                                     f"below {target and target.below}: one level of below only")
             need(target is not None and target.type in ("uniform", "loguniform") and p.type == "uniform",
                  f"space.{p.key}.below={p.below!r} must name another uniform/loguniform key of the space, and "
                  f"{p.key} must be uniform")
@@ -329,16 +338,28 @@ def grid_configurations(space: list[Param]) -> list[str]:
 
 
 def corners(space: list[Param]) -> Iterator[dict]:
-    """Every combination of the space's extremes: a range's low and high, each value of a choice or grid; a
-    ``below`` key at its low and at the highest value its partner allows (``BELOW_MARGIN``). Schedules that
-    are possible key by key but not together (a periodic schedule's low tau1 with the largest eps) show here."""
+    """The space's extremes that must each make a valid experiment: every combination of the loss keys' and
+    recipes' ends (a range's low and high, each value of a choice or grid; a ``below`` key at its low and at the
+    highest value its partner allows, ``BELOW_MARGIN``), each other key's ends alone beside the first of them.
+    Schedules that are possible key by key but not together (a periodic schedule's low tau1 with the largest
+    eps) show here; the keys that cannot interact with them are not multiplied in."""
     def ends(p: Param) -> list:
         if p.type in ("choice", "grid"):
             return list(p.values)
         return [int(p.low), int(p.high)] if p.type == "randint" else [p.low, p.high]
 
-    free, below = [p for p in space if not p.below], [p for p in space if p.below]
-    for point in itertools.product(*(ends(p) for p in free)):
-        values = dict(zip([p.key for p in free], point))
+    def joint(p: Param) -> bool:
+        return p.key.startswith("loss.") or any(isinstance(v, dict) for v in p.values)
+
+    crossed, alone = [p for p in space if joint(p) and not p.below], [p for p in space if not joint(p)]
+    below = [p for p in space if p.below and joint(p)]
+    first = None
+    for point in itertools.product(*(ends(p) for p in crossed)):
+        values = dict(zip([p.key for p in crossed], point))
         for under in itertools.product(*([p.low, min(p.high, values[p.below] * BELOW_MARGIN)] for p in below)):
+            first = first or {**values, **dict(zip([p.key for p in below], under))}
             yield {**values, **dict(zip([p.key for p in below], under))}
+    first = first or {}
+    for p in alone:
+        for end in ends(p):
+            yield {**first, p.key: end}

@@ -25,9 +25,10 @@ from pathlib import Path
 import yaml
 
 from pipeline import storage
+from pipeline.config import ConfigError, dotted_values
 from pipeline.names import KIND_TAG, monitor_source
 from pipeline.run_status import RunStatus
-from pipeline.tracking import TrackedRun, find_or_create_run, resolve_tracking_uri
+from pipeline.tracking import TrackedRun, find_or_create_run, find_run, resolve_tracking_uri
 from pipeline.tracking_check import check_reachable
 from pipeline.train_job import end_run
 from tune.results import comparison_metrics
@@ -46,6 +47,7 @@ from tune.verdicts import (
 )
 
 STUDY_TAG = "varcon.study"
+DIGEST_TAG = "varcon.study_digest"  # StudySpec.digest(): a re-run of the same name must be the same study
 RANDOM_INIT = "random init"
 
 
@@ -65,13 +67,7 @@ class StudyOutcome:
 def choice(search: SweepSpec, chosen: dict, experiment: dict) -> dict:
     """What an arm's search chose, as ``{dotted key: value}``: the keys of the best trial's ``loss`` section and of
     the search's space whose values differ from the study's ``experiment`` (D: its discovered schedule)."""
-    def leaves(tree: dict, prefix: str = "") -> dict:
-        found = {}
-        for key, value in tree.items():
-            found.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return found
-
-    best, base = leaves(chosen), leaves(experiment)
+    best, base = dotted_values(chosen), dotted_values(experiment)
     keys = [k for k in best if k.startswith("loss.")] + [p.key for p in search.space if p.key in best]
     return {k: best[k] for k in dict.fromkeys(keys) if best[k] != base.get(k)}
 
@@ -114,9 +110,14 @@ def run_study(study: StudySpec, log=print, verbose: bool = False) -> StudyOutcom
     log(study.plan())
     tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
     check_reachable(tracking_uri, base.tracking.experiment)
+    earlier = find_run(tracking_uri, base.tracking.experiment, f"study:{s.name}")
+    if earlier is not None and earlier.tags.get(DIGEST_TAG) != study.digest():
+        raise ConfigError(f"study {s.name} ran before with other settings, spaces or experiment values (MLflow run "
+                          f"{earlier.run_id}): its sweeps would resume as they were; give this one another "
+                          f"study.name, or run the earlier command again")
     params = {f"study.{k}": str(v) for k, v in vars(s).items()} | {"study.source": study.source}
     parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"study:{s.name}", s.name, params,
-                                         tags={STUDY_TAG: s.name, KIND_TAG: "study"})
+                                         tags={STUDY_TAG: s.name, KIND_TAG: "study", DIGEST_TAG: study.digest()})
     log(f"{'resuming' if resumed else 'starting'} study {s.name} (MLflow parent run {parent.run_id})")
     try:
         choices, sources = {"paper": dict(PAPER)}, {"paper": "the paper's constant"}
@@ -126,7 +127,8 @@ def run_study(study: StudySpec, log=print, verbose: bool = False) -> StudyOutcom
             found = run_sweep(search, log, verbose, parent_run_id=parent.run_id)
             if found.best is None or found.best_config is None:
                 raise StudyFailed(f"the {arm} arm's search ({search.settings.name}) has no completed trial: see its "
-                                  f"table above")
+                                  f"table above; a re-run would restore the same trials, so give the study another "
+                                  f"study.name once the cause is fixed")
             choices[arm] = choice(search, found.best_config, study.experiment)
             sources[arm] = f"trial {found.best.trial_id} (MLflow run {found.best.run_id})"
             log(f"{arm} arm chooses {choices[arm]}")
@@ -173,4 +175,5 @@ def report(study: StudySpec, parent: TrackedRun, choices: dict, sources: dict, v
         (storage.location(s.output_dir) / s.name).upload(staged)
     values = {f"{v.configuration}_minus_{v.baseline}/{v.metric}".replace("arm=", ""): v.mean for v in verdicts}
     values.update({f"gain_over_init/{g.configuration.removeprefix('arm=')}": g.mean for g in gains})
-    parent.log_metrics(values, step=study.epochs)
+    if not any(parent.metric_history(key) for key in list(values)[:1]):  # a re-run of a finished study: logged
+        parent.log_metrics(values, step=study.epochs)

@@ -16,9 +16,9 @@ Four arms (``ARMS``), each a way to choose VarCon's temperature:
 
 Equal budgets: B, C and D each train ``search_trials`` trials of ``optim.epochs`` epochs (FIFO stops none; D's
 population is ``search_trials``), exactly ``search_trials x optim.epochs`` trial-epochs each. Every search trial
-trains with the study's ``seed``, selects on the validation monitor and reads no test split
+trains with the experiment's ``seed``, selects on the validation monitor and reads no test split
 (``eval.final_split=val``, no final probe or few-shot episodes: ``SEARCH_EVAL``). Each arm's choice is then
-retrained, identically for every arm, with ``seeds`` fresh seeds (seed + 1 ... seed + seeds, one grid sweep:
+retrained, identically for every arm, with ``seeds`` fresh seeds (the experiment's seed + 1 ... + seeds, one grid sweep:
 replicate r of every arm trains with the same seed, hence the same initialisation and data order): only these
 retrainings read the test split. Every arm is compared with each of ``baselines`` that comes before it in
 ``ARMS`` order, seed by seed (``tune.verdicts``).
@@ -26,6 +26,8 @@ retrainings read the test split. Every arm is compared with each of ``baselines`
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from pipeline.config import (
     to_dict,
     yaml_problem,
 )
-from tune.spec import POPULATION_KEYS, SweepSpec, load_experiment, sweep_spec, with_values
+from tune.spec import POPULATION_KEYS, SweepSpec, load_experiment, split_overrides, sweep_spec, with_values
 
 DEFAULT_STUDY = REPO_ROOT / "configs" / "study" / "digits.yaml"
 ARMS = ("paper", "constant", "schedule", "population")
@@ -65,7 +67,7 @@ class StudySettings:
     search_trials: int = setting(4, "trials of each search (B, C) and D's population: each searched arm trains "
                                     "search_trials x optim.epochs trial-epochs")
     searcher: str = setting("random", "random | optuna (TPE): the searcher of B and C")
-    seed: int = setting(0, "searcher seed")
+    seed: int = setting(0, "the searchers' seed (B, C; D's population); the runs train with the experiment's seed")
     perturbation_interval: int = setting(2, "D: epochs between PBT's exploit/explore steps")
     quantile_fraction: float = setting(0.25, "D: bottom fraction that copies the top fraction")
     resample_probability: float = setting(0.25, "D: chance to resample instead of perturbing by 0.8/1.2")
@@ -119,6 +121,11 @@ class StudySpec:
                 "seeds": s.seeds, "max_concurrent_trials": s.max_concurrent_trials,
                 "trial_driver_cpus": s.trial_driver_cpus, "output_dir": s.output_dir}
         return sweep_spec(tune, experiment, space, self.source)
+
+    def digest(self) -> str:
+        """What the study is (settings, spaces, experiment): a re-run resumes only the same study."""
+        text = json.dumps(resolved_study(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def comparisons(self) -> list[tuple[str, str]]:
         """``(configuration, baseline)`` labels: every arm against each baseline before it."""
@@ -175,13 +182,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | tuple[str,
         raise ConfigError(f"study file {path} must hold experiment: FILE, the search spaces {', '.join(SEARCHED)} "
                           f"(each {{key: {{type: ...}}}}) and optionally experiment_overrides and study"
                           + (f" (unknown: {sorted(unknown)})" if unknown else ""))
-    settings_raw, experiment_overrides = dict(raw.get("study") or {}), []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if key.startswith("study.") and sep:
-            settings_raw[key.removeprefix("study.")] = yaml.safe_load(value) if value.strip() else ""
-        else:
-            experiment_overrides.append(item)
+    settings_raw, experiment_overrides = split_overrides(raw.get("study"), overrides, "study.")
     settings = build_dataclass(StudySettings, settings_raw, "study.")
     study = StudySpec(settings, load_experiment(path, raw, experiment_overrides), {a: raw[a] for a in SEARCHED},
                       str(path))
@@ -215,6 +216,11 @@ def _validate(study: StudySpec) -> None:
     need(base.loss.schedule.kind == "constant", f"loss.schedule.kind={base.loss.schedule.kind}: the arms choose the "
                                                 f"schedule; keep the experiment's constant")
     spaces = study.spaces
+    for arm in ("constant", "schedule"):
+        other = [k for k in spaces[arm] if k not in POPULATION_KEYS and not k.startswith("loss.schedule.")]
+        need(not other, f"the {arm} arm's space holds {', '.join(other)}: a study compares ways of choosing the "
+                        f"temperature, so its spaces hold loss.tau1, loss.eps and loss.schedule.* only (set other "
+                        f"values for every arm in experiment_overrides)")
     need(not any(k.startswith("loss.schedule") for k in spaces["constant"]),
          "the constant arm's space holds loss.schedule keys: move them to the schedule arm")
     need(any(k.startswith("loss.schedule") for k in spaces["schedule"]),

@@ -1,4 +1,4 @@
-"""Paired verdicts: does a configuration beat the sweep's baseline, seed by seed?
+"""Paired verdicts: does a configuration beat a baseline (a sweep's, or a study's arms), seed by seed?
 
 Replicate r of every configuration trains with seed ``seed + r`` (``tune.seeds``): the same initialisation and data
 order as the baseline's replicate r, so the two are a pair and their difference d_r = x_r - b_r removes what the
@@ -8,7 +8,8 @@ pair is dropped and counted):
     mean d, sd s (n - 1 in the denominator), interval  mean d +- t(0.975, n - 1) s / sqrt(n)
     p = 2 (1 - F_t(|mean d| / (s / sqrt(n)), n - 1))                         (the paired t-test)
 
-With m configurations compared with the baseline on one metric, the p-values are Holm-adjusted (step-down:
+With m comparisons on one metric (every configuration against the baseline; a study's arms against each of
+its baselines), the p-values are Holm-adjusted (step-down:
 p_(i) (m - i + 1), made monotone, capped at 1). Verdict, with ``tune.min_gain`` declared before the sweep:
 
     pays        adjusted p < 0.05, mean d > 0 and mean d >= min_gain
