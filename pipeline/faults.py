@@ -65,6 +65,13 @@ def for_run(run_key: str) -> dict:
         return faults if position in faults["runs"] else {}
 
 
+def fails_after_epoch(faults: dict, epoch: int, resumed: bool) -> bool:
+    """Whether rank 0 fails after epoch ``epoch`` (``fail_after_epoch``, once: a resumed run trains on). That
+    epoch's checkpoint is committed first (the worker reports it synchronously): with asynchronous uploads the
+    failure could overtake the upload, and the retry, finding no checkpoint, would start over and fail again."""
+    return not resumed and faults.get("fail_after_epoch") == epoch
+
+
 def after_epoch(faults: dict, epoch: int, resumed: bool, model: torch.nn.Module) -> None:
     """Rank 0's hook after epoch ``epoch`` was reported (``model``: the plain module)."""
     import torch
@@ -72,7 +79,7 @@ def after_epoch(faults: dict, epoch: int, resumed: bool, model: torch.nn.Module)
     if faults.get("nan_after_epoch") == epoch:
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
-    if not resumed and faults.get("fail_after_epoch") == epoch:
+    if fails_after_epoch(faults, epoch, resumed):
         raise RuntimeError(f"injected failure after epoch {epoch} (fail_after_epoch)")
 
 

@@ -125,25 +125,28 @@ class EpochReporter:
             self.watch.check()  # at least once an epoch, however short (a collective: every rank is here)
         due = epoch > 0 and (epoch % config.ray.checkpoint_every == 0 or epoch == config.optim.epochs
                              or epoch in config.ray.checkpoint_at_epochs or self.watch.noticed)
+        failing = faults.fails_after_epoch(self.argument.faults, epoch, self.resumed)  # every rank: one mode
         if due:
             rank = max(self.last.get(MONITOR, float(epoch)), EPOCH_RANK_FLOOR)
             self.report_checkpoint(_checkpointed(self.last, rank),
-                                   lambda: checkpoint.capture(training, epoch, to_dict(config)))
+                                   lambda: checkpoint.capture(training, epoch, to_dict(config)), persist_now=failing)
         else:
             self.session.report(dict(self.last), None)
         if self.rank == 0:
             faults.after_epoch(self.argument.faults, epoch, self.resumed, unwrap(training.model))
 
-    def report_checkpoint(self, report: dict, state_of: Callable[[], dict]) -> None:
-        """Report on every rank, rank 0 with the state (``state_of()``) and the record as a checkpoint."""
+    def report_checkpoint(self, report: dict, state_of: Callable[[], dict], persist_now: bool = False) -> None:
+        """Report on every rank, rank 0 with the state (``state_of()``) and the record as a checkpoint; committed
+        before this returns after a preemption notice or with ``persist_now`` (an injected failure follows)."""
+        persist_now = persist_now or self.watch.noticed
         if self.rank != 0:
-            self.session.report(report, None, persist_now=self.watch.noticed)
+            self.session.report(report, None, persist_now=persist_now)
             return
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save(folder, state_of(), self.record)
             if any(self.plots_folder.iterdir()):
                 shutil.copytree(self.plots_folder, Path(folder) / checkpoint.PLOTS_FOLDER)
-            self.session.report(report, folder, persist_now=self.watch.noticed)
+            self.session.report(report, folder, persist_now=persist_now)
 
     def diverged(self, reason: str) -> None:
         """One more report, the last one's metrics with ``diverged``: the reason (it reaches a sweep through
