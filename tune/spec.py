@@ -353,13 +353,13 @@ def corners(space: list[Param]) -> Iterator[dict]:
 
     crossed, alone = [p for p in space if joint(p) and not p.below], [p for p in space if not joint(p)]
     below = [p for p in space if p.below and joint(p)]
-    first = None
+    first = {}
     for point in itertools.product(*(ends(p) for p in crossed)):
         values = dict(zip([p.key for p in crossed], point))
         for under in itertools.product(*([p.low, min(p.high, values[p.below] * BELOW_MARGIN)] for p in below)):
-            first = first or {**values, **dict(zip([p.key for p in below], under))}
-            yield {**values, **dict(zip([p.key for p in below], under))}
-    first = first or {}
+            corner = {**values, **dict(zip([p.key for p in below], under))}
+            first = first or corner
+            yield corner
     for p in alone:
         for end in ends(p):
             yield {**first, p.key: end}

@@ -110,14 +110,14 @@ def run_study(study: StudySpec, log=print, verbose: bool = False) -> StudyOutcom
     log(study.plan())
     tracking_uri = resolve_tracking_uri(base.tracking.tracking_uri)
     check_reachable(tracking_uri, base.tracking.experiment)
-    earlier = find_run(tracking_uri, base.tracking.experiment, f"study:{s.name}")
-    if earlier is not None and earlier.tags.get(DIGEST_TAG) != study.digest():
+    earlier, digest = find_run(tracking_uri, base.tracking.experiment, f"study:{s.name}"), study.digest()
+    if earlier is not None and earlier.tags.get(DIGEST_TAG) != digest:
         raise ConfigError(f"study {s.name} ran before with other settings, spaces or experiment values (MLflow run "
                           f"{earlier.run_id}): its sweeps would resume as they were; give this one another "
                           f"study.name, or run the earlier command again")
     params = {f"study.{k}": str(v) for k, v in vars(s).items()} | {"study.source": study.source}
     parent, resumed = find_or_create_run(tracking_uri, base.tracking.experiment, f"study:{s.name}", s.name, params,
-                                         tags={STUDY_TAG: s.name, KIND_TAG: "study", DIGEST_TAG: study.digest()})
+                                         tags={STUDY_TAG: s.name, KIND_TAG: "study", DIGEST_TAG: digest})
     log(f"{'resuming' if resumed else 'starting'} study {s.name} (MLflow parent run {parent.run_id})")
     try:
         choices, sources = {"paper": dict(PAPER)}, {"paper": "the paper's constant"}
